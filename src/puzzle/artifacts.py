@@ -1,0 +1,149 @@
+"""Run-directory artifacts: atomic writes, content hashes, and 'is this stage current?' stamps.
+
+Every stage writes its outputs through these helpers so that a crash or kill never leaves a half-written
+file: data goes to a temporary file in the same directory and is renamed into place (atomic on POSIX).
+A stage records a stamp (`<dir>/.stage.json`) holding the hash of its inputs and config; when the stamp
+matches, the stage has nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from puzzle.errors import PuzzleError
+
+STAMP = ".stage.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PuzzleError(f"{path} does not exist; run the stage that writes it first") from None
+    except json.JSONDecodeError as e:
+        raise PuzzleError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun") from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors, written atomically; tensors are made contiguous CPU copies (shared storage is split)."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise PuzzleError(f"{path} does not exist")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise PuzzleError(f"{path} is not a readable safetensors file ({e}); it may be truncated: re-create it") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temporary name; it replaces `path` only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def hash_paths(paths: list[str | Path]) -> str:
+    """One hash over files (and directories, recursively, skipping hidden temporaries)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p.parent)).encode())
+            h.update(hash_file(f).encode())
+    return h.hexdigest()
+
+
+def stage_is_current(out_dir: str | Path, inputs_hash: str) -> bool:
+    stamp = Path(out_dir) / STAMP
+    if not stamp.exists():
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("inputs_hash") == inputs_hash
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_stage_done(out_dir: str | Path, stage: str, inputs_hash: str, **info: Any) -> None:
+    write_json(Path(out_dir) / STAMP, {"stage": stage, "inputs_hash": inputs_hash, **info})
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")

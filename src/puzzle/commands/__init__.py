@@ -1,0 +1,1 @@
+"""One module per `puzzle` subcommand (see puzzle.cli)."""
