@@ -1,0 +1,34 @@
+"""A small byte-level BPE tokenizer trained on the demo corpus with HF `tokenizers`.
+
+Saved as a normal HF tokenizer directory (tokenizer.json + tokenizer_config.json), so that the exported
+child loads with AutoTokenizer, as a user's model would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from puzzle.artifacts import atomic_dir
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = 2048) -> Path:
+    """Train (deterministically) and save; reuse an existing `out_dir`."""
+    if (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(p) for p in sorted(corpus_dir.glob("*.txt"))], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    with atomic_dir(out_dir) as tmp:
+        fast.save_pretrained(str(tmp))
+    return out_dir
