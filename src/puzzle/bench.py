@@ -1,0 +1,232 @@
+"""Throughput and latency of models on named workloads, side by side, with roofline and cost-model checks.
+
+For each model and workload: prefill (time to first token), decode (inter-token latency), output and
+total tokens/s, measured with the runtime (static cache, CUDA graphs on GPU). The first model is the
+reference; the others get ratios to it. Optional: transformers' own `generate` as a baseline (static
+cache where supported), the decode-step memory-bandwidth floor (weights + KV-cache bytes / measured
+copy bandwidth) and the throughput predicted from per-block costs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from puzzle.blocks import ModelConfig
+from puzzle.costs import mean_decode_context, predict
+from puzzle.errors import PuzzleError
+from puzzle.memory import activation_bytes, kv_cache_bytes, max_batch_size
+from puzzle.model import PuzzleModel
+from puzzle.runtime.engine import Engine, GraphMode
+from puzzle.runtime.timing import device_name, measure_bandwidth, sync
+from puzzle.workloads import Workload
+
+DEFAULT_BUCKET = 128
+
+
+def check_fits(model: PuzzleModel, w: Workload) -> None:
+    """Refuse a workload whose KV cache + activations exceed free device memory, naming the largest batch."""
+    device = model.embed_tokens.weight.device
+    if device.type != "cuda":
+        return
+    eb = model.embed_tokens.weight.element_size()
+    cfg = model.config
+    need = kv_cache_bytes(cfg, w.batch_size, w.max_seq_len, eb) + activation_bytes(cfg, w.batch_size, w.prompt_len, eb)
+    free = torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        weights = cfg.param_count() * eb
+        largest = max_batch_size(cfg, w.prompt_len, w.gen_len, free + weights, eb)
+        raise PuzzleError(
+            f"workload {w.name!r} (batch {w.batch_size}, {w.prompt_len}+{w.gen_len} tokens) needs "
+            f"{need / 2**30:.1f} GiB beyond the weights but {free / 2**30:.1f} GiB are free; the largest batch "
+            f"that fits is {largest}"
+        )
+
+
+def oom_error(model: PuzzleModel, w: Workload) -> PuzzleError:
+    device = model.embed_tokens.weight.device
+    torch.cuda.empty_cache()
+    eb = model.embed_tokens.weight.element_size()
+    total = torch.cuda.get_device_properties(device).total_memory
+    largest = max_batch_size(model.config, w.prompt_len, w.gen_len, total, eb)
+    return PuzzleError(f"workload {w.name!r} ran out of device memory at batch {w.batch_size}; by the memory "
+                       f"model the largest batch that fits is {largest}")
+
+
+@torch.inference_mode()
+def run_workload(model: PuzzleModel, w: Workload, graphs: GraphMode = "auto", repeats: int = 2,
+                 seed: int = 0, bucket: int = DEFAULT_BUCKET) -> dict[str, Any]:
+    """Greedy generation of w.gen_len tokens for w.batch_size random prompts; the last repeat's timings
+    (the first one warms up and captures the CUDA graphs)."""
+    if w.max_seq_len > model.config.max_position_embeddings:
+        raise PuzzleError(f"workload {w.name!r} needs {w.max_seq_len} tokens but the model's context is "
+                          f"{model.config.max_position_embeddings}; pick a shorter workload")
+    check_fits(model, w)
+    device = model.embed_tokens.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(device)
+    try:
+        engine = Engine(model, w.batch_size, w.max_seq_len, graphs=graphs, bucket=bucket)
+        runs = []
+        for _ in range(max(1, repeats)):
+            sync(device)
+            t0 = time.perf_counter()
+            tok = engine.prefill(ids).argmax(-1)
+            sync(device)
+            t1 = time.perf_counter()
+            for _ in range(w.gen_len - 1):
+                tok = engine.decode(tok).argmax(-1)
+            sync(device)
+            runs.append((t1 - t0, time.perf_counter() - t1))
+    except torch.cuda.OutOfMemoryError:
+        raise oom_error(model, w) from None
+    ttft, decode = runs[-1] if len(runs) == 1 else min(runs[1:], key=lambda r: r[0] + r[1])
+    total = ttft + decode
+    return {
+        "ttft_s": ttft, "decode_s": decode, "total_s": total,
+        "inter_token_s": decode / max(1, w.gen_len - 1),
+        "output_tokens_per_s": w.batch_size * w.gen_len / total,
+        "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total,
+        "graphs": engine.graph_mode,
+    }
+
+
+def decode_step_bytes(config: ModelConfig, w: Workload, dtype_bytes: int, bucket: int = DEFAULT_BUCKET) -> int:
+    """Bytes one decode step must read: every weight but the embedding table (B rows of it) + the KV cache."""
+    weights = config.param_count() * dtype_bytes
+    embed = config.vocab_size * config.hidden_size * dtype_bytes
+    if not config.tie_word_embeddings:
+        weights -= embed  # only B rows of the embedding are read
+    ctx = mean_decode_context(w, bucket)
+    return weights + w.batch_size * config.hidden_size * dtype_bytes + kv_cache_bytes(config, w.batch_size, ctx,
+                                                                                       dtype_bytes)
+
+
+def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth: float, dtype_bytes: int,
+             bucket: int = DEFAULT_BUCKET) -> dict[str, float]:
+    nbytes = decode_step_bytes(config, w, dtype_bytes, bucket)
+    floor = nbytes / bandwidth
+    return {"decode_step_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth, "floor_s": floor,
+            "measured_step_s": measured_step_s, "ratio_to_floor": measured_step_s / floor}
+
+
+# ---- transformers baseline ------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: int = 2, seed: int = 0
+                         ) -> dict[str, Any]:
+    """transformers' generate, greedy, exactly gen_len tokens, with its static cache where supported."""
+    device = next(hf_model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    cache_impl = "static"
+
+    def run(n: int) -> float:
+        nonlocal cache_impl
+        kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "attention_mask": mask,
+                  "pad_token_id": 0}
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            hf_model.generate(ids, cache_implementation=cache_impl, **kwargs)
+        except (ValueError, TypeError, NotImplementedError):
+            cache_impl = "dynamic"  # this model has no static cache support
+            sync(device)
+            t0 = time.perf_counter()
+            hf_model.generate(ids, **kwargs)
+        sync(device)
+        return time.perf_counter() - t0
+
+    times = [run(w.gen_len) for _ in range(max(1, repeats))]
+    ttft = min(run(1) for _ in range(max(1, repeats)))
+    total = min(times[1:] if len(times) > 1 else times)
+    return {"total_s": total, "ttft_s": ttft, "inter_token_s": (total - ttft) / max(1, w.gen_len - 1),
+            "output_tokens_per_s": w.batch_size * w.gen_len / total,
+            "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total, "cache": cache_impl}
+
+
+def hf_llama_like(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """A random-weight transformers LlamaForCausalLM of a homogeneous config (speed needs no real weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    b = config.blocks[0]
+    if any(x != b for x in config.blocks) or b.attention.kind != "gqa" or b.ffn.kind != "swiglu":
+        raise PuzzleError("a Llama baseline needs a homogeneous GQA + SwiGLU model; export the child with "
+                          "`puzzle export` and bench the exported directory instead")
+    hf_cfg = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=b.ffn.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=b.attention.num_kv_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, tie_word_embeddings=config.tie_word_embeddings,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_cfg).to(dtype)
+    return model.eval()
+
+
+# ---- several models, one table ---------------------------------------------------------------------------
+
+
+def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: GraphMode = "auto", repeats: int = 2,
+          hf_models: dict[str, Any] | None = None, costs: dict[str, dict[str, Any]] | None = None,
+          measure_bw: bool = True) -> dict[str, Any]:
+    """Bench every model on every workload; the first model is the reference.
+
+    hf_models: name -> transformers model for the baseline; costs: workload name -> costs JSON (predict).
+    """
+    if not models:
+        raise PuzzleError("bench needs at least one model")
+    first = next(iter(models.values()))
+    device = first.embed_tokens.weight.device
+    dtype_bytes = first.embed_tokens.weight.element_size()
+    bandwidth = measure_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (64 << 20)) if measure_bw \
+        else None
+    results: list[dict[str, Any]] = []
+    ref_name = next(iter(models))
+    for w in workloads:
+        ref = None
+        for name, model in models.items():
+            r: dict[str, Any] = {"model": name, "workload": w.to_dict(), **run_workload(model, w, graphs, repeats)}
+            ref = ref or r
+            r["speedup_vs_reference"] = r["output_tokens_per_s"] / ref["output_tokens_per_s"]
+            if bandwidth:
+                r["roofline"] = roofline(model.config, w, r["inter_token_s"], bandwidth, dtype_bytes)
+            if costs and w.name in costs:
+                p = predict(model.config, costs[w.name], w)
+                p["measured_over_predicted"] = r["output_tokens_per_s"] / p["output_tokens_per_s"]
+                r["predicted"] = p
+            if hf_models and name in hf_models:
+                hf = hf_generate_baseline(hf_models[name], w, model.config.vocab_size, repeats)
+                hf["runtime_speedup"] = r["output_tokens_per_s"] / hf["output_tokens_per_s"]
+                r["hf_generate"] = hf
+            results.append(r)
+    return {"device": device_name(device), "torch": torch.__version__, "reference": ref_name,
+            "bandwidth_bytes_per_s": bandwidth, "results": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (f"{'model':<18} {'workload':<16} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT ms':>9} {'ITL ms':>8} "
+            f"{'x ref':>6} {'floor x':>8} {'pred tok/s':>12} {'HF tok/s':>9} {'x HF':>6}")
+    lines = [f"device: {report['device']}, torch {report['torch']}, reference: {report['reference']}", head,
+             "-" * len(head)]
+    for r in report["results"]:
+        pred = r.get("predicted")
+        pred_s = "-" if pred is None else f"{pred['output_tokens_per_s']:.0f}" + ("~est" if pred["kind"] ==
+                                                                                      "estimate" else "")
+        hf = r.get("hf_generate")
+        lines.append(
+            f"{r['model'][:18]:<18} {r['workload']['name'][:16]:<16} {r['output_tokens_per_s']:>10.1f} "
+            f"{r['total_tokens_per_s']:>10.1f} {r['ttft_s'] * 1e3:>9.2f} {r['inter_token_s'] * 1e3:>8.3f} "
+            f"{r['speedup_vs_reference']:>6.2f} "
+            f"{(r['roofline']['ratio_to_floor'] if 'roofline' in r else float('nan')):>8.2f} {pred_s:>12} "
+            f"{(hf['output_tokens_per_s'] if hf else float('nan')):>9.1f} "
+            f"{(hf['runtime_speedup'] if hf else float('nan')):>6.2f}"
+        )
+    if any(r.get("predicted", {}).get("kind") == "estimate" for r in report["results"]):
+        lines.append("~est: predicted from analytic (roofline) costs, an ESTIMATE, not a measurement")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Nemotron-NAS (DeciLM) configuration, written by the `puzzle` package; needs only transformers.
+
+Each entry of `block_configs` describes one layer:
+    attention: {n_heads_in_group: int | None, no_op: bool, replace_with_linear: bool, ...}
+    ffn:       {intermediate_size: int | None, ffn_mult: float | None, no_op: bool, replace_with_linear: bool, ...}
+RoPE settings are kept in `rope_parameters` (rope_theta plus the llama3 scaling fields when present).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+try:  # transformers >= 5 spells it PreTrainedConfig; the old alias remains for a while
+    from transformers import PreTrainedConfig as _BaseConfig
+except ImportError:  # pragma: no cover
+    from transformers import PretrainedConfig as _BaseConfig
+
+
+def _rope_parameters(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Merge transformers-5 `rope_parameters` and legacy `rope_theta` + `rope_scaling` into one dict."""
+    theta = kwargs.pop("rope_theta", None)
+    scaling = kwargs.pop("rope_scaling", None)
+    params = kwargs.pop("rope_parameters", None)
+    merged: dict[str, Any] = {}
+    if isinstance(scaling, dict):
+        merged.update(scaling)
+    if isinstance(params, dict):
+        merged.update(params)
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged.pop("type")
+    merged.pop("type", None)
+    merged.setdefault("rope_type", "default")
+    merged.setdefault("rope_theta", float(theta) if theta is not None else 10000.0)
+    return merged
+
+
+class DeciLMConfig(_BaseConfig):
+    model_type = "nemotron-nas"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        num_attention_heads: int = 32,
+        num_hidden_layers: int = 32,
+        head_dim: int | None = None,
+        max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-5,
+        attention_bias: bool = False,
+        tie_word_embeddings: bool = False,
+        block_configs: list[dict[str, Any]] | None = None,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        hidden_act: str = "silu",
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_hidden_layers = num_hidden_layers
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_bias = attention_bias
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.hidden_act = hidden_act
+        self.block_configs = [dict(b) if isinstance(b, dict) else _as_dict(b) for b in (block_configs or [])]
+        # Set as a plain attribute (never through the deprecated `rope_scaling` property of transformers 5).
+        rope = _rope_parameters(kwargs)
+        self.rope_parameters = rope
+        self.rope_theta = rope["rope_theta"]
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.rope_parameters = rope  # the base __init__ may standardise it; keep our exact values
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return dict(vars(obj))

@@ -1,0 +1,33 @@
+"""`puzzle eval RUN_DIR [--config YAML] [key=value ...]`: parent and children side by side -> eval/eval.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from puzzle.config import load_config
+from puzzle.evaluate import EvalConfig, run_eval
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="run directory (reads parent/, data/, children/)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config; its `eval` section is used")
+    parser.add_argument("--task", action="append", default=[], metavar="PATH",
+                        help="task file (HellaSwag .txt[.bz2], LAMBADA .jsonl, or context/choices/gold .jsonl)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. task_limit=500 children=[a,b]")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(EvalConfig, args.config, args.overrides, section="eval")
+    if args.task:
+        from puzzle.tasks import TaskSpec
+
+        cfg.tasks = [*cfg.tasks, *(TaskSpec(path=p) for p in args.task)]
+    result = run_eval(args.run_dir, cfg)
+    for name, m in result["models"].items():
+        retained = m.get("mean_retention_pct")
+        extra = f"  retained {retained:.1f}%" if retained is not None else ""
+        print(f"{name:32s} loss {m['lm_loss']:.4f}  ppl {m['perplexity']:.2f}  KL {m['kl_to_parent']:.4f}  "
+              f"agree {m['agreement']:.3f}{extra}")
+    print(f"wrote {args.run_dir / 'eval' / 'eval.json'}")
+    return 0

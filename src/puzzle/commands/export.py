@@ -1,0 +1,37 @@
+"""`puzzle export MODEL OUT_DIR [--format nemotron-nas|llama]`: write a normal Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from puzzle.checkpoints import export_hf, load_model
+from puzzle.checkpoints.export import EXPORT_FORMATS
+from puzzle.errors import PuzzleError
+from puzzle.tokenizers import load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="any model this package reads (native, HF, Nemotron-NAS, llama2.c)")
+    parser.add_argument("out_dir", help="directory to write (replaced atomically)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="nemotron-nas",
+                        help="nemotron-nas (any child; loads with trust_remote_code) or llama (homogeneous only)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: as stored)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except PuzzleError as e:  # a model without a tokenizer still exports; say so
+        print(f"puzzle export: note: exporting without a tokenizer ({e})", file=sys.stderr)
+        tokenizer = None
+    out = export_hf(model, args.out_dir, tokenizer_source=tokenizer, format=args.format,
+                    max_shard_size=args.max_shard_size, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out} ({args.format})")
+    return 0

@@ -1,0 +1,30 @@
+"""`puzzle inspect [PATH] [--json]`: per-layer table and totals; reads the config only (meta device)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from puzzle.checkpoints import detect_format, load_model_config
+from puzzle.inspection import format_report, inspect_config
+from puzzle.presets import tiny_llama_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", default=None,
+                        help="model directory, llama2.c .bin, or config.json (default: a small built-in model)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.path is None:
+        config, title, fmt = tiny_llama_config(), "built-in tiny Llama (random weights; pass a PATH to inspect yours)", "builtin"
+    else:
+        config, fmt = load_model_config(args.path), detect_format(args.path)
+        title = f"{args.path} ({fmt}, {config.source_architecture})"
+    report = inspect_config(config)
+    if args.json:
+        print(json.dumps({"path": args.path, "format": fmt, "config": config.to_dict(), **report}, indent=2))
+    else:
+        print(format_report(title, config, report))
+    return 0

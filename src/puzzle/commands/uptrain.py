@@ -1,0 +1,39 @@
+"""`puzzle uptrain RUN_DIR [--child NAME ...] [--config YAML] [key=value ...]`: GKD of children from the parent.
+
+Distributed: `torchrun --nproc-per-node N -m puzzle.cli uptrain RUN_DIR ...` (FSDP2 for large children).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from puzzle.config import load_config
+from puzzle.errors import PuzzleError
+from puzzle.uptrain import UptrainConfig, run_uptrain
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="run directory (reads parent/, data/, children/<name>/)")
+    parser.add_argument("--child", action="append", default=None,
+                        help="child name under children/ (repeatable); default: every realized child")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config; its `uptrain` section is used")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. steps=500 lr=5e-5 lm_weight=0.5")
+
+
+def children(run_dir: Path, names: list[str] | None) -> list[Path]:
+    root = run_dir / "children"
+    if names:
+        return [root / n for n in names]
+    found = sorted(p for p in root.glob("*") if p.is_dir() and (p / "config.json").exists()) if root.is_dir() else []
+    if not found:
+        raise PuzzleError(f"no realized children in {root}; run `puzzle realize {run_dir}` first")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(UptrainConfig, args.config, args.overrides, section="uptrain")
+    for child_dir in children(args.run_dir, args.child):
+        out = run_uptrain(args.run_dir, child_dir, cfg)
+        print(f"uptrained child written to {out}")
+    return 0

@@ -1,0 +1,397 @@
+"""Per-sub-block costs on the target device, the analytic fallback, the loader, and `predict`.
+
+`run_costs(run_dir, cfg, search_space_blocks)` writes one file per workload:
+`costs/<device>-<workload>.json`, where <device> is e.g. `nvidia-h200` (measured) or `estimate` (analytic).
+
+JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
+    kind            "measured" | "estimate"  (an estimate must be labelled as such wherever shown)
+    device          device name ("NVIDIA H200", or "estimate (roofline ...)")
+    device_key      the <device> part of the file name
+    device_memory_bytes   total device memory (estimate: null)
+    dtype, torch, created, inputs_hash
+    workload        {name, batch_size, prompt_len, gen_len}
+    decode_context  cache slots a decode step reads, averaged over the generated tokens
+    model           {hidden_size, num_attention_heads, head_dim, vocab_size, num_layers}
+    fixed           {prefill_s, decode_step_s, sampling_s, params}: embedding, final norm, LM head, sampling
+    attention       {variant name ("gqa8", "linear", "no_op"): VARIANT}
+    ffn             {variant name ("swiglu14336", "linear", "no_op"): VARIANT}
+      VARIANT = {prefill_s, decode_step_s, params, kv_bytes_per_token, prefill_rel_spread,
+                 decode_rel_spread, stack, oom}; times are per layer; null times when oom is true
+    timing          {repeats, warmup, input_sets, median_rel_spread} (rel spread = IQR / median)
+    roofline        {peak_flops, mem_bandwidth} (estimate only)
+    parent_memory   memory model of the parent for this workload + {fits, max_batch_size}
+A model's time for the workload is fixed + the sum of its layers' attention and FFN variants
+(`predict`). Costs measured on another device are never used silently: `load_costs` raises unless that
+device is asked for by name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from puzzle.artifacts import hash_json, read_json, write_json
+from puzzle.blocks import (
+    AttentionConfig,
+    BlockConfig,
+    FFNConfig,
+    ModelConfig,
+    attention_param_count,
+    ffn_param_count,
+)
+from puzzle.config import to_dict
+from puzzle.errors import PuzzleError
+from puzzle.memory import max_batch_size, memory_model
+from puzzle.workloads import DEFAULT_WORKLOADS, Workload
+
+SCHEMA = "puzzle-costs/1"
+ESTIMATE_KEY = "estimate"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class CostsConfig:
+    workloads: list[Workload] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
+    mode: Literal["auto", "measure", "estimate"] = "auto"  # auto: measure on a GPU, estimate without one
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    repeats: int = 10
+    warmup: int = 3
+    input_sets: int = 3
+    decode_inner: int = 10  # decode steps timed back to back per sample
+    stack_bytes: int = 256 << 20  # decode: stack distinct copies of a variant until weights exceed the L2
+    max_stack: int = 8
+    bucket: int = 128  # the runtime's decode bucket (cache prefix rounding), to match its attended length
+    peak_flops: float = 989e12  # analytic roofline (H100/H200 dense bf16)
+    mem_bandwidth: float = 4.8e12  # analytic roofline (H200 HBM3e)
+
+
+# ---- variants ----------------------------------------------------------------------------------------
+
+
+def split_variants(blocks: list[BlockConfig]) -> tuple[list[AttentionConfig], list[FFNConfig]]:
+    att = list(dict.fromkeys(b.attention for b in blocks))
+    ffn = list(dict.fromkeys(b.ffn for b in blocks))
+    return att, ffn
+
+
+def attention_kv_bytes(att: AttentionConfig, head_dim: int, dtype_bytes: int) -> int:
+    return 2 * att.num_kv_heads * head_dim * dtype_bytes if att.kind == "gqa" else 0
+
+
+def mean_decode_context(workload: Workload, bucket: int) -> int:
+    """Cache slots a decode step reads, averaged over the workload's decode steps (bucketed like the runtime)."""
+    s = workload.max_seq_len
+    lengths = [min(s, -(-(workload.prompt_len + i + 1) // bucket) * bucket) for i in range(workload.gen_len - 1)]
+    return round(statistics.mean(lengths)) if lengths else workload.prompt_len + 1
+
+
+def _variant_record(params: int, kv: int) -> dict[str, Any]:
+    return {"prefill_s": None, "decode_step_s": None, "params": params, "kv_bytes_per_token": kv,
+            "prefill_rel_spread": 0.0, "decode_rel_spread": 0.0, "stack": 0, "oom": False}
+
+
+# ---- analytic fallback -----------------------------------------------------------------------------
+
+
+def _roofline(flops: float, nbytes: float, cfg: CostsConfig) -> float:
+    return max(flops / cfg.peak_flops, nbytes / cfg.mem_bandwidth)
+
+
+def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
+                      cfg: CostsConfig, ctx: int) -> dict[str, Any]:
+    """FLOPs and bytes of each variant against the roofline (peak_flops, mem_bandwidth): an estimate."""
+    eb = DTYPES[cfg.dtype].itemsize
+    h, d, nq, b, p = model.hidden_size, model.head_dim, model.num_attention_heads, w.batch_size, w.prompt_len
+    act = lambda tokens: 4 * tokens * h * eb  # read + write of a few hidden-sized tensors
+    out: dict[str, Any] = {"attention": {}, "ffn": {}}
+    for att in atts:
+        params = attention_param_count(att, h, d, nq, model.attention_bias)
+        kv = attention_kv_bytes(att, d, eb)
+        rec = _variant_record(params, kv)
+        if att.kind != "no_op":
+            attn_pf = 2 * b * nq * d * p * p if att.kind == "gqa" else 0  # causal QK^T + PV
+            rec["prefill_s"] = _roofline(2 * params * b * p + attn_pf, params * eb + act(b * p) + b * p * kv, cfg)
+            rec["decode_step_s"] = _roofline(2 * params * b + 4 * b * nq * d * ctx,
+                                             params * eb + act(b) + b * ctx * kv, cfg)
+        else:
+            rec["prefill_s"] = rec["decode_step_s"] = 0.0
+        out["attention"][att.name] = rec
+    for ffn in ffns:
+        params = ffn_param_count(ffn, h)
+        rec = _variant_record(params, 0)
+        if ffn.kind != "no_op":
+            rec["prefill_s"] = _roofline(2 * params * b * p, params * eb + act(b * p), cfg)
+            rec["decode_step_s"] = _roofline(2 * params * b, params * eb + act(b), cfg)
+        else:
+            rec["prefill_s"] = rec["decode_step_s"] = 0.0
+        out["ffn"][ffn.name] = rec
+    head = model.vocab_size * h
+    out["fixed"] = {
+        "prefill_s": _roofline(2 * head * b, head * eb + act(b * p), cfg),  # LM head on the last token only
+        "decode_step_s": _roofline(2 * head * b, head * eb + b * model.vocab_size * 4, cfg),
+        "sampling_s": 0.0, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
+    }
+    return out
+
+
+# ---- measurement (the runtime's kernels and CUDA graphs) -----------------------------------------------
+
+
+def _stack_config(model: ModelConfig, block: BlockConfig, k: int, seq: int, vocab: int = 64) -> ModelConfig:
+    return replace(model, vocab_size=vocab, blocks=tuple(block for _ in range(k)),
+                   max_position_embeddings=max(model.max_position_embeddings, seq), tie_word_embeddings=False)
+
+
+def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, device: torch.device,
+                gen: torch.Generator) -> tuple[list[float], list[float]]:
+    """Prefill and decode-step samples (seconds) of a whole model with the runtime engine."""
+    from puzzle.model import build_model
+    from puzzle.runtime.engine import Engine
+    from puzzle.runtime.timing import time_calls
+
+    model = build_model(config, device=device, dtype=DTYPES[cfg.dtype], seed=0).eval()
+    b, p = w.batch_size, w.prompt_len
+    engine = Engine(model, b, max(p, ctx) + 1, graphs="auto", bucket=1)
+    prefill, decode = [], []
+    for _ in range(cfg.input_sets):
+        ids = torch.randint(0, config.vocab_size, (b, p), generator=gen).to(device)
+        prefill += time_calls(lambda: engine.prefill(ids), device, cfg.repeats, cfg.warmup)  # noqa: B023
+    engine.valid.fill_(True)  # decode reads `ctx` filled slots, as at the workload's mean context
+    for _ in range(cfg.input_sets):
+        tok = torch.randint(0, config.vocab_size, (b,), generator=gen).to(device)
+
+        def step() -> None:
+            engine.length = ctx - 1  # the step writes slot ctx-1 and reads slots [0, ctx)
+            engine.decode(tok)  # noqa: B023
+
+        decode += time_calls(step, device, cfg.repeats, cfg.warmup, inner=cfg.decode_inner)
+    return prefill, decode
+
+
+def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
+                     cfg: CostsConfig, ctx: int, device: torch.device) -> dict[str, Any]:
+    from puzzle.runtime.timing import summarize
+
+    eb = DTYPES[cfg.dtype].itemsize
+    gen = torch.Generator().manual_seed(0)
+    empty = BlockConfig(AttentionConfig.no_op(), FFNConfig.no_op())
+    base_pf, base_dec = _time_model(_stack_config(model, empty, 1, ctx + 1), w, ctx, cfg, device, gen)
+    base_pf_s, base_dec_s = statistics.median(base_pf), statistics.median(base_dec)
+    out: dict[str, Any] = {"attention": {}, "ffn": {}}
+    spreads: list[float] = []
+    variants = [("attention", a, BlockConfig(a, FFNConfig.no_op())) for a in atts]
+    variants += [("ffn", f, BlockConfig(AttentionConfig.no_op(), f)) for f in ffns]
+    for part, variant, block in variants:
+        params = model.block_param_count(block)
+        rec = _variant_record(params, attention_kv_bytes(block.attention, model.head_dim, eb))
+        out[part][variant.name] = rec
+        if params == 0:  # no-op: costs nothing by construction
+            rec["prefill_s"] = rec["decode_step_s"] = 0.0
+            continue
+        k = max(1, min(cfg.max_stack, math.ceil(cfg.stack_bytes / (params * eb))))
+        rec["stack"] = k
+        try:
+            pf, dec = _time_model(_stack_config(model, block, k, ctx + 1), w, ctx, cfg, device, gen)
+        except torch.cuda.OutOfMemoryError:
+            rec["oom"] = True
+            torch.cuda.empty_cache()
+            print(f"costs: {w.name}: {variant.name} does not fit in device memory at batch {w.batch_size}")
+            continue
+        spf, sdec = summarize(pf), summarize(dec)
+        rec["prefill_s"] = max(0.0, (spf["median_s"] - base_pf_s) / k)
+        rec["decode_step_s"] = max(0.0, (sdec["median_s"] - base_dec_s) / k)
+        rec["prefill_rel_spread"], rec["decode_rel_spread"] = spf["rel_spread"], sdec["rel_spread"]
+        spreads += [spf["rel_spread"], sdec["rel_spread"]]
+    # Fixed costs: the real vocabulary with one empty layer (embedding, final norm, LM head), plus sampling.
+    fixed_pf, fixed_dec = _time_model(_stack_config(model, empty, 1, ctx + 1, model.vocab_size), w, ctx, cfg,
+                                      device, gen)
+    logits = torch.randn(w.batch_size, model.vocab_size, device=device)
+    from puzzle.runtime.timing import time_calls
+    sampling = statistics.median(time_calls(lambda: logits.argmax(-1), device, cfg.repeats, cfg.warmup))
+    out["fixed"] = {
+        "prefill_s": statistics.median(fixed_pf), "decode_step_s": statistics.median(fixed_dec) + sampling,
+        "sampling_s": sampling, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
+    }
+    out["median_rel_spread"] = statistics.median(spreads) if spreads else 0.0
+    return out
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+
+def resolve_mode(cfg: CostsConfig) -> tuple[str, torch.device | None]:
+    if cfg.dtype not in DTYPES:
+        raise PuzzleError(f"costs.dtype {cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    if cfg.mode == "estimate" or (cfg.mode == "auto" and not torch.cuda.is_available()):
+        return "estimate", None
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PuzzleError("costs.mode=measure needs a CUDA GPU here; use costs.mode=estimate (analytic) or "
+                          "costs.device=cpu")
+    return "measured", device
+
+
+def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workload, cfg: CostsConfig
+                       ) -> dict[str, Any]:
+    from puzzle.runtime.timing import device_key, device_name
+
+    kind, device = resolve_mode(cfg)
+    atts, ffns = split_variants(blocks)
+    ctx = mean_decode_context(w, cfg.bucket)
+    eb = DTYPES[cfg.dtype].itemsize
+    mem = memory_model(model, w, eb)
+    if kind == "estimate":
+        body = estimate_workload(model, atts, ffns, w, cfg, ctx)
+        name = f"estimate (roofline {cfg.peak_flops / 1e12:.0f} TFLOP/s, {cfg.mem_bandwidth / 1e12:.2f} TB/s)"
+        key, total = ESTIMATE_KEY, None
+    else:
+        body = measure_workload(model, atts, ffns, w, cfg, ctx, device)
+        name, key = device_name(device), device_key(device)
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    spread = body.pop("median_rel_spread", None)
+    if total is not None:
+        mem["fits"] = mem["total_bytes"] <= total
+        mem["max_batch_size"] = max_batch_size(model, w.prompt_len, w.gen_len, total, eb)
+    return {
+        "schema": SCHEMA, "kind": kind, "device": name, "device_key": key, "device_memory_bytes": total,
+        "dtype": cfg.dtype, "torch": torch.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "workload": w.to_dict(), "decode_context": ctx,
+        "model": {"hidden_size": model.hidden_size, "num_attention_heads": model.num_attention_heads,
+                  "head_dim": model.head_dim, "vocab_size": model.vocab_size, "num_layers": model.num_layers},
+        **body,
+        "timing": {"repeats": cfg.repeats, "warmup": cfg.warmup, "input_sets": cfg.input_sets,
+                   "median_rel_spread": spread},
+        "roofline": {"peak_flops": cfg.peak_flops, "mem_bandwidth": cfg.mem_bandwidth} if kind == "estimate" else None,
+        "parent_memory": mem,
+    }
+
+
+def _default_blocks(run_dir: Path, model: ModelConfig) -> list[BlockConfig]:
+    library_dir = run_dir / "library"
+    if not library_dir.exists():
+        return list(model.blocks)
+    from puzzle.library.store import Library  # engineer B's library
+
+    lib = Library.open(library_dir)
+    return [b for i in range(model.num_layers) for b in lib.candidates(i)] + list(model.blocks)
+
+
+def run_costs(run_dir: Path, cfg: CostsConfig, search_space_blocks: list[BlockConfig] | None = None,
+              model_config: ModelConfig | None = None) -> dict[str, Path]:
+    """Write costs/<device>-<workload>.json for every workload; a current file is kept (resumable)."""
+    run_dir = Path(run_dir)
+    if model_config is None:
+        from puzzle.checkpoints import load_model_config
+
+        if not (run_dir / "parent").exists():
+            raise PuzzleError(f"{run_dir / 'parent'} does not exist; run `puzzle import` first")
+        model_config = load_model_config(run_dir / "parent")
+    blocks = list(search_space_blocks) if search_space_blocks is not None else _default_blocks(run_dir, model_config)
+    if not blocks:
+        raise PuzzleError("costs: the search space has no blocks; build the library first")
+    if not cfg.workloads:
+        raise PuzzleError("costs.workloads is empty; name at least one workload")
+    kind, device = resolve_mode(cfg)
+    from puzzle.runtime.timing import device_key
+
+    key = ESTIMATE_KEY if kind == "estimate" else device_key(device)
+    written: dict[str, Path] = {}
+    for w in cfg.workloads:
+        path = run_dir / "costs" / f"{key}-{w.name}.json"
+        inputs = hash_json({"model": model_config.to_dict(), "blocks": [b.to_dict() for b in blocks],
+                            "cfg": to_dict(cfg), "workload": w.to_dict(), "kind": kind})
+        if path.exists() and read_json(path).get("inputs_hash") == inputs:
+            written[w.name] = path
+            continue
+        data = costs_for_workload(model_config, blocks, w, cfg)
+        data["inputs_hash"] = inputs
+        write_json(path, data)
+        label = " (ESTIMATE)" if kind == "estimate" else ""
+        print(f"costs: wrote {path}{label}")
+        written[w.name] = path
+    return written
+
+
+# ---- loading and prediction -----------------------------------------------------------------------------
+
+
+def current_device_key() -> str:
+    from puzzle.runtime.timing import device_key
+
+    return device_key("cuda") if torch.cuda.is_available() else ESTIMATE_KEY
+
+
+def load_costs(costs_dir: Path, workload: str, device: str | None = None) -> dict[str, Any]:
+    """Costs of `workload` for `device` (a device key such as 'nvidia-h200', or 'estimate').
+
+    device None means this machine's device ('estimate' without a GPU). Costs of another device are used
+    only when that device is named explicitly, never silently.
+    """
+    costs_dir = Path(costs_dir)
+    if (costs_dir / "costs").is_dir():
+        costs_dir = costs_dir / "costs"
+    explicit = device is not None
+    device = device or current_device_key()
+    path = costs_dir / f"{device}-{workload}.json"
+    if not path.exists():
+        others = sorted(p.name[: -len(f"-{workload}.json")] for p in costs_dir.glob(f"*-{workload}.json"))
+        if others and not explicit:
+            raise PuzzleError(
+                f"costs for workload {workload!r} were made on {others}, not on this device ({device}); rerun "
+                f"`puzzle costs` here, or name the target device explicitly (e.g. device={others[0]!r})"
+            )
+        raise PuzzleError(f"no costs for workload {workload!r} on {device} in {costs_dir}; run `puzzle costs` first")
+    data = read_json(path)
+    if data.get("schema") != SCHEMA:
+        raise PuzzleError(f"{path} is not a {SCHEMA} file; rerun `puzzle costs`")
+    if data.get("device_key") != device:
+        raise PuzzleError(f"{path} holds costs of {data.get('device_key')!r}, not {device!r}; rerun `puzzle costs`")
+    return data
+
+
+def _variant(costs: dict[str, Any], part: str, name: str) -> dict[str, Any]:
+    rec = costs[part].get(name)
+    if rec is None:
+        if name == "no_op":
+            return {"prefill_s": 0.0, "decode_step_s": 0.0, "params": 0, "kv_bytes_per_token": 0}
+        raise PuzzleError(f"costs have no {part} variant {name!r} (known: {sorted(costs[part])}); rerun "
+                          "`puzzle costs` with this block in the search space")
+    if rec.get("oom") or rec.get("decode_step_s") is None:
+        raise PuzzleError(f"{part} variant {name!r} did not fit in device memory for workload "
+                          f"{costs['workload']['name']!r}; lower the batch size")
+    return rec
+
+
+def predict(model: ModelConfig | list[BlockConfig] | tuple[BlockConfig, ...], costs: dict[str, Any],
+            workload: Workload | None = None) -> dict[str, Any]:
+    """Predicted prefill, decode and total time and throughput of a model from per-block costs.
+
+    The first token comes from the prefill; the other gen_len - 1 come from decode steps.
+    """
+    blocks = model.blocks if isinstance(model, ModelConfig) else tuple(model)
+    w = workload or Workload(**costs["workload"])
+    prefill = costs["fixed"]["prefill_s"]
+    step = costs["fixed"]["decode_step_s"]
+    kv_per_token = 0
+    for b in blocks:
+        a, f = _variant(costs, "attention", b.attention.name), _variant(costs, "ffn", b.ffn.name)
+        prefill += a["prefill_s"] + f["prefill_s"]
+        step += a["decode_step_s"] + f["decode_step_s"]
+        kv_per_token += a["kv_bytes_per_token"]
+    decode = step * (w.gen_len - 1)
+    total = prefill + decode
+    return {
+        "kind": costs["kind"], "device": costs["device"], "workload": w.name,
+        "prefill_s": prefill, "decode_step_s": step, "decode_s": decode, "total_s": total,
+        "output_tokens_per_s": w.batch_size * w.gen_len / total,
+        "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total,
+        "kv_cache_bytes": kv_per_token * w.batch_size * w.max_seq_len,
+    }

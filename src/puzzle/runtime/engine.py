@@ -1,0 +1,215 @@
+"""Batched prefill and decode of any Puzzle child on a static per-layer KV cache, with CUDA graphs.
+
+The model (`puzzle.model.PuzzleModel`) owns the weights; this module owns the inference kernels:
+- GQA attention reads its own layer's cache without expanding K/V to the query heads: the queries of
+  one KV group are folded into the query-length dimension, so SDPA reads each cached byte once.
+- Linear attention and every FFN run as the model's own modules (they need no cache).
+- Prompts of different lengths are left-padded: every row writes cache slot t at step t, each row has its
+  own positions (slot - pad) and a key mask that hides its pad slots, so a batched row equals the same
+  prompt run alone.
+- A decode step has static shapes (token ids, slot index and mask live in fixed tensors; attention reads a
+  fixed-length prefix of the cache, rounded up to `bucket` slots), so it is captured once per prefix
+  length in a `torch.cuda.CUDAGraph` ("manual", the default: measured faster than torch.compile's
+  "reduce-overhead" on the H200, see benchmarks/) or compiled with torch.compile ("compile").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from puzzle.errors import PuzzleError
+from puzzle.model import AttentionBlock, PuzzleModel, apply_rope
+from puzzle.runtime.kv_cache import LayerCache, StaticKVCache
+
+GraphMode = Literal["auto", "manual", "fused", "compile", "none"]
+
+
+def gqa_attention(block: AttentionBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  mask: torch.Tensor | None, cache: LayerCache) -> torch.Tensor:
+    """norm -> q/k/v -> RoPE -> cache write -> attention -> o_proj; returns the residual update [B, T, H].
+
+    mask None means a fresh causal prefill (nothing cached before, no padding): attention over the new
+    keys only, which lets SDPA use its flash kernel. Otherwise mask is bool [B, 1, T, L] over the first
+    L = cache.owner.attend_len slots.
+    """
+    op = block.op
+    x = block.norm(h)
+    b, t, _ = x.shape
+    nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
+    q = op.q_proj(x).view(b, t, nq, d).transpose(1, 2)  # [B, Nq, T, D]
+    k = op.k_proj(x).view(b, t, nkv, d).transpose(1, 2)  # [B, Nkv, T, D]
+    v = op.v_proj(x).view(b, t, nkv, d).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cache.write(k, v)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=nq != nkv)  # [B, Nq, T, D]
+    else:
+        n = cache.owner.attend_len
+        group = nq // nkv
+        # Fold each KV group's queries into the query axis: [B, Nkv, G*T, D]; the mask repeats per group.
+        qg = q.reshape(b, nkv, group * t, d)
+        m = mask if t == 1 else mask.repeat(1, 1, group, 1)  # [B, 1, G*T, L] (broadcast when T == 1)
+        out = F.scaled_dot_product_attention(qg, cache.k[:, :, :n], cache.v[:, :, :n], attn_mask=m)
+        out = out.view(b, nq, t, d)
+    return op.o_proj(out.transpose(1, 2).reshape(b, t, nq * d))
+
+
+def forward_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor | None, cache: StaticKVCache) -> torch.Tensor:
+    """Every layer of `model` with the runtime's kernels: [B, T, H] -> [B, T, H]."""
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        if layer.attention is not None:
+            if layer_cache is not None:
+                h = h + gqa_attention(layer.attention, h, cos, sin, mask, layer_cache)
+            else:
+                h = h + layer.attention(h, cos, sin)  # linear attention: no keys, no cache
+        if layer.ffn is not None:
+            h = h + layer.ffn(h)
+    return h
+
+
+def resolve_graph_mode(mode: GraphMode, device: torch.device) -> str:
+    if mode not in ("auto", "manual", "fused", "compile", "none"):
+        raise PuzzleError(f"unknown graph mode {mode!r}; use auto, manual, fused, compile or none")
+    if device.type != "cuda":
+        return "none"  # CUDA graphs exist only on CUDA; CPU runs eagerly
+    return "manual" if mode == "auto" else mode
+
+
+class Engine:
+    """Prefill + decode for one batch size and maximum sequence length (prompt + generated)."""
+
+    def __init__(self, model: PuzzleModel, batch_size: int, max_seq_len: int, graphs: GraphMode = "auto",
+                 bucket: int = 256) -> None:
+        config = model.config
+        if max_seq_len > config.max_position_embeddings:
+            raise PuzzleError(
+                f"prompt + generated tokens = {max_seq_len} exceeds the model's context of "
+                f"{config.max_position_embeddings}; shorten the prompt or generate fewer tokens"
+            )
+        self.model = model
+        self.batch_size, self.max_seq_len, self.bucket = batch_size, max_seq_len, bucket
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.graph_mode = resolve_graph_mode(graphs, self.device)
+        self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype)
+        b, s, dev = batch_size, max_seq_len, self.device
+        self.valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # [B, S] slots holding real tokens
+        self.pad = torch.zeros(b, dtype=torch.long, device=dev)  # [B] left-padding per row
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)  # [1] the slot this decode step writes
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=dev)  # [B, 1] this step's input tokens
+        self.logits = torch.zeros(b, config.vocab_size, dtype=torch.float32, device=dev)  # [B, V]
+        self.length = 0  # slots filled so far (same for every row thanks to left-padding)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._compiled = None
+        # "fused": torch.compile fuses the small element-wise kernels (norms, RoPE), then the manual capture.
+        self._step_fn = torch.compile(self._step) if self.graph_mode == "fused" else self._step
+
+    # ---- prefill ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Left-padded prompts [B, P] (pad_lens [B] pad tokens at the front of each row) -> last logits [B, V]."""
+        b, p = input_ids.shape
+        if b != self.batch_size:
+            raise PuzzleError(f"engine built for batch {self.batch_size}, got {b} prompts")
+        if p >= self.max_seq_len:
+            raise PuzzleError(f"prompt of {p} tokens leaves no room to generate within {self.max_seq_len}")
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        padded = pad_lens is not None and bool((pad_lens > 0).any())
+        self.pad.copy_(pad_lens.to(dev) if pad_lens is not None else torch.zeros_like(self.pad))
+        ar = torch.arange(p, device=dev)
+        self.valid.zero_()
+        self.valid[:, :p] = ar[None, :] >= self.pad[:, None]
+        positions = (ar[None, :] - self.pad[:, None]).clamp(min=0)  # [B, P]
+        self.cache.set_slots(ar, attend_len=p)
+        mask = None
+        if padded:
+            causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+            mask = causal[None] & self.valid[:, None, :p]  # [B, P, P]
+            # A pad query sees only itself, so its (ignored) state stays finite and cannot poison K/V.
+            mask = (mask | torch.eye(p, dtype=torch.bool, device=dev)[None])[:, None]  # [B, 1, P, P]
+        h = self.model.embed(input_ids)
+        cos, sin = self.model.rope(positions, h.dtype)
+        h = forward_layers(self.model, h, cos, sin, mask, self.cache)
+        self.length = p
+        self.logits.copy_(self.model.head(h[:, -1:])[:, 0].float())
+        return self.logits
+
+    # ---- decode ----------------------------------------------------------------------------------
+
+    def attend_len(self, length: int) -> int:
+        """Cache prefix a step at `length` filled slots reads: exact when eager, bucketed for graphs."""
+        if self.graph_mode == "none":
+            return length + 1
+        return min(self.max_seq_len, -(-(length + 1) // self.bucket) * self.bucket)
+
+    def _step(self, attend_len: int) -> None:
+        """One decode step on the static buffers (graph-capturable: no host sync, fixed shapes)."""
+        self.valid.index_fill_(1, self.slot, True)
+        positions = (self.slot - self.pad)[:, None]  # [B, 1]
+        h = self.model.embed(self.ids)  # [B, 1, H]
+        cos, sin = self.model.rope(positions, h.dtype)
+        mask = self.valid[:, None, None, :attend_len]  # [B, 1, 1, L]
+        h = forward_layers(self.model, h, cos, sin, mask, self.cache)
+        self.logits.copy_(self.model.head(h)[:, 0].float())
+
+    def _replay(self, attend_len: int) -> None:
+        graph = self._graphs.get(attend_len)
+        if graph is None:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up (the step is idempotent: same slot, same values)
+                    self._step_fn(attend_len)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._step_fn(attend_len)
+            self._graphs[attend_len] = graph
+        graph.replay()
+
+    def _run_compiled(self, attend_len: int) -> None:
+        if self._compiled is None:
+            for t in [self.valid, self.pad, self.slot, self.ids, self.logits, *self.cache.tensors()]:
+                torch._dynamo.mark_static_address(t)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._compiled = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
+        self._compiled(attend_len)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B]); returns the next-token logits [B, V] (a buffer reused each step)."""
+        if self.length >= self.max_seq_len:
+            raise PuzzleError(f"the KV cache is full ({self.max_seq_len} tokens); build the engine longer")
+        self.ids.copy_(tokens.view(self.batch_size, 1))
+        self.slot.fill_(self.length)
+        n = self.attend_len(self.length)
+        self.cache.set_slots(self.slot, attend_len=n)
+        if self.graph_mode in ("manual", "fused"):
+            self._replay(n)
+        elif self.graph_mode == "compile":
+            self._run_compiled(n)
+        else:
+            self._step(n)
+        self.length += 1
+        return self.logits
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids [B, P] and pad counts [B]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PuzzleError("every prompt needs at least one token (add a BOS token to an empty prompt)")
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+    pads = torch.tensor([p - len(x) for x in prompts], dtype=torch.long)
+    return ids, pads

@@ -1,0 +1,77 @@
+"""Tiny parent / damaged child / token arrays shared by the uptrain, evaluation and report tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from puzzle.model import PuzzleModel, build_model
+from puzzle.presets import tiny_llama_config
+
+VOCAB = 64
+SEQ = 16
+
+
+def tiny_parent(seed: int = 0, vocab: int = VOCAB) -> PuzzleModel:
+    model = build_model(tiny_llama_config(num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2,
+                                          intermediate_size=64, vocab_size=vocab), seed=seed)
+    # A larger init than Llama's 0.02 gives the random parent peaked, input-dependent predictions,
+    # so that a damaged child is measurably far from it.
+    model.init_weights(std=0.15, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def damaged_child(parent: PuzzleModel, layers: tuple[int, ...] = (1, 2)) -> PuzzleModel:
+    """The parent with no-op attention in `layers` (the rest copied)."""
+    child = copy.deepcopy(parent)
+    for i in layers:
+        child.set_layer(i, None, child.layers[i].ffn)
+    return child
+
+
+def token_arrays(n_train: int = 64, n_valid: int = 16, seq: int = SEQ, vocab: int = VOCAB,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, vocab, size=(n_train, seq), dtype=np.int64),
+            rng.integers(0, vocab, size=(n_valid, seq), dtype=np.int64))
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer: one id per UTF-8 byte, offset by 2 (0 = pad, 1 = BOS)."""
+
+    bos_id: int | None = 1
+    eos_id: int | None = None
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 2 for b in text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
+
+
+CORPUS = (
+    "The cat sat on the mat. The dog sat on the log. A bird sang in the tree and the sun rose over the hill.\n"
+    "Once upon a time there was a little girl who liked to read books about the sea and the stars.\n"
+) * 40
+
+
+def make_run_dir(root: Path, vocab: int = 300) -> tuple[Path, PuzzleModel]:
+    """A run directory with a tiny parent (trained BPE tokenizer), packed data and one damaged child."""
+    from puzzle.checkpoints import export_hf, save_model
+    from puzzle.data import DataConfig, run_data
+    from puzzle.demo.tokenizer import train_tokenizer
+
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "text.txt").write_text(CORPUS)
+    tok_dir = train_tokenizer(corpus, root / "tokenizer", vocab_size=vocab)
+    run = root / "run"
+    parent = tiny_parent(vocab=vocab)
+    save_model(parent, run / "parent", tokenizer_source=tok_dir)
+    run_data(run, DataConfig(sources=[str(corpus)], seq_len=16, valid_fraction=0.3, txt_documents="lines"))
+    export_hf(damaged_child(parent), run / "children" / "noattn12", tokenizer_source=tok_dir)
+    return run, parent

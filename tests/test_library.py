@@ -1,0 +1,192 @@
+"""BLD: initialisation, training, library store, modes, resume, NaN handling, bad search spaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import puzzle.library.init as lib_init
+from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.library import Library, LibraryConfig, SearchSpaceConfig, build_library
+from puzzle.library.init import init_attention
+from puzzle.library.search_space import layer_spaces
+from puzzle.model import build_model
+from puzzle.presets import tiny_llama_config
+
+CONFIG = tiny_llama_config(num_layers=2)  # 4 query heads, 2 KV heads, SwiGLU 128, hidden 64
+
+
+def tokens(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (n, 32)).astype(np.uint16)
+
+
+def lib_cfg(**space: object) -> LibraryConfig:
+    return LibraryConfig(search_space=SearchSpaceConfig(round_to=16, **space), tokens_per_variant=60 * 8 * 32,
+                         lr=3e-4, init_batches=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def parent() -> torch.nn.Module:
+    return build_model(CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def decoupled(tmp_path_factory: pytest.TempPathFactory, parent: torch.nn.Module) -> Library:
+    out = tmp_path_factory.mktemp("lib") / "library"
+    build_library(out, parent, tokens(64, 0), tokens(8, 1), lib_cfg())
+    return Library.open(out)
+
+
+def test_trained_variants_improve_and_parent_variants_are_exact(decoupled: Library) -> None:
+    trained = [e for e in decoupled.entries if e.metrics["tokens"] > 0]
+    assert {e.variant for e in trained} >= {"gqa1", "linear", "swiglu16", "swiglu64", "swiglu112"}
+    for e in trained:
+        assert e.metrics["val_nmse_after"] < e.metrics["val_nmse_init"], e.name
+    parents = [e for e in decoupled.entries if e.metrics["init"] == "parent"]
+    assert {e.variant for e in parents} == {"gqa2", "swiglu128"}
+    assert all(e.metrics["val_nmse_init"] == 0.0 and e.metrics["tokens"] == 0 for e in parents)
+    no_ops = [e for e in decoupled.entries if e.variant == "no_op"]
+    assert len(no_ops) == 4 and all(abs(e.metrics["val_nmse_init"] - 1) < 1e-6 and e.file is None for e in no_ops)
+
+
+def test_decoupled_has_a_plus_f_entries_per_layer(decoupled: Library) -> None:
+    spaces = layer_spaces(SearchSpaceConfig(round_to=16), CONFIG)
+    for s in spaces:
+        entries = decoupled.entries_for(s.layer)
+        assert len(entries) == len(s.attention) + len(s.ffn) == 4 + 10
+        assert len(decoupled.candidates(s.layer)) == 4 * 10
+
+
+def test_library_blocks_load_and_match_the_parent(decoupled: Library, parent: torch.nn.Module) -> None:
+    h = torch.randn(2, 5, CONFIG.hidden_size)
+    cos, sin = parent.rope(parent.default_positions(torch.zeros(2, 5, dtype=torch.long)), h.dtype)
+    att = decoupled.attention_block(1, AttentionConfig.gqa(2), CONFIG)
+    ffn = decoupled.ffn_block(1, FFNConfig.swiglu(128), CONFIG)
+    assert torch.equal(att(h, cos, sin), parent.layers[1].attention(h, cos, sin))
+    assert torch.equal(ffn(h), parent.layers[1].ffn(h))
+    small = decoupled.ffn_block(0, FFNConfig.swiglu(48), CONFIG)
+    assert small.op.up_proj.weight.shape == (48, CONFIG.hidden_size)
+    assert decoupled.ffn_block(0, FFNConfig.no_op(), CONFIG) is None
+    with pytest.raises(PuzzleError, match="no attention 'gqa4'"):
+        decoupled.attention_block(0, AttentionConfig.gqa(4), CONFIG)
+
+
+def test_kv_mean_pool_with_parent_heads_is_exact_and_pools_groups(parent: torch.nn.Module) -> None:
+    block = parent.layers[0].attention
+    h = torch.randn(2, 7, CONFIG.hidden_size)
+    cos, sin = parent.rope(parent.default_positions(torch.zeros(2, 7, dtype=torch.long)), h.dtype)
+    same = init_attention(block, AttentionConfig.gqa(2), CONFIG, None, 1e-3)
+    assert torch.equal(same(h, cos, sin), block(h, cos, sin))
+    one = init_attention(block, AttentionConfig.gqa(1), CONFIG, None, 1e-3)
+    k = block.op.k_proj.weight.view(2, CONFIG.head_dim, -1)
+    assert torch.allclose(one.op.k_proj.weight, (k[0] + k[1]) / 2)
+
+
+def test_coupled_mode(tmp_path: Path, parent: torch.nn.Module) -> None:
+    cfg = lib_cfg(mode="coupled", pairs=["gqa1+swiglu64", "no_op+linear"], layers=[1])
+    build_library(tmp_path / "library", parent, tokens(64, 0), tokens(8, 1), cfg)
+    lib = Library.open(tmp_path / "library")
+    assert lib.mode == "coupled" and lib.layers == [1]
+    names = {e.variant for e in lib.entries}
+    assert names == {"gqa2+swiglu128", "gqa1+swiglu64", "no_op+linear"}
+    for e in lib.entries:
+        if e.metrics["tokens"]:
+            assert e.metrics["val_nmse_after"] < e.metrics["val_nmse_init"]
+    assert set(lib.candidates(1)) == {BlockConfig(e.attention, e.ffn) for e in lib.entries}
+    att, ffn = lib.block(1, BlockConfig(AttentionConfig.gqa(1), FFNConfig.swiglu(64)), CONFIG)
+    assert att.op.num_kv_heads == 1 and ffn.op.down_proj.weight.shape == (CONFIG.hidden_size, 64)
+
+
+def test_resume_trains_only_missing_entries(tmp_path: Path, parent: torch.nn.Module,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from puzzle import library
+
+    cfg = lib_cfg(layers=[0], ffn_fractions=[1.0, 0.5])
+    cfg.tokens_per_variant = 4 * 8 * 32
+    out = tmp_path / "library"
+    build_library(out, parent, tokens(64, 0), tokens(8, 1), cfg)
+    sidecars = sorted(out.glob("layer000/*.json"))
+    before = {p.name: p.stat().st_mtime_ns for p in sidecars}
+    # simulate a kill: one entry and the index/stamp are gone
+    (out / "layer000" / "ffn-swiglu64.json").unlink()
+    (out / ".stage.json").unlink()
+    seen: list[str] = []
+    real = library.train_wave
+
+    def spy(parent, items, *args, **kwargs):
+        seen.extend(it.name for it in items)
+        return real(parent, items, *args, **kwargs)
+
+    monkeypatch.setattr(library, "train_wave", spy)
+    build_library(out, parent, tokens(64, 0), tokens(8, 1), cfg)
+    assert seen == ["layer0/ffn-swiglu64"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("layer000/*.json")}
+    assert after.keys() == before.keys()
+    assert all(after[n] == before[n] for n in before if n != "ffn-swiglu64.json")
+    seen.clear()
+    build_library(out, parent, tokens(64, 0), tokens(8, 1), cfg)  # current: nothing at all
+    assert seen == []
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_nan_stops_only_that_item(tmp_path: Path, parent: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lib_init, "ridge_fit", lambda xtx, xty, ridge: torch.full_like(xty.T, float("nan")))
+    cfg = lib_cfg(layers=[0], ffn_fractions=[1.0, 0.5], attention_linear=False)
+    cfg.tokens_per_variant = 4 * 8 * 32
+    with pytest.raises(PuzzleError, match="layer0/ffn-linear"):
+        build_library(tmp_path / "library", parent, tokens(64, 0), tokens(8, 1), cfg)
+    kept = {p.stem for p in (tmp_path / "library" / "layer000").glob("*.json")}
+    assert kept == {"attention-gqa2", "attention-gqa1", "attention-no_op", "ffn-swiglu128", "ffn-swiglu64",
+                    "ffn-no_op"}
+    assert not (tmp_path / "library" / "library.json").exists()
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"attention_kv_heads": [3]}, "do not fit the parent"),
+    ({"attention_kv_heads": [4]}, "do not fit the parent"),
+    ({"ffn_fractions": [1.5]}, "larger than the parent"),
+    ({"ffn_fractions": [0.0]}, "outside"),
+    ({"round_to": 0}, "round_to"),
+    ({"mode": "coupled", "pairs": ["gqa1+swiglu256"]}, "larger than the parent"),
+    ({"mode": "coupled", "pairs": ["gqa1"]}, "must look like"),
+    ({"pairs": ["gqa1+linear"]}, "mode=coupled"),
+    ({"layers": [7]}, "must name layers"),
+])
+def test_bad_search_spaces(space: dict, match: str) -> None:
+    with pytest.raises(PuzzleError, match=match):
+        layer_spaces(SearchSpaceConfig(**space), CONFIG)
+
+
+def test_defaults_resemble_the_paper() -> None:
+    from puzzle.presets import llama31_8b_config
+
+    s = layer_spaces(SearchSpaceConfig(round_to=256), llama31_8b_config())[0]
+    assert [a.name for a in s.attention] == ["gqa8", "gqa4", "gqa2", "gqa1", "linear", "no_op"]
+    sizes = [f.intermediate_size for f in s.ffn if f.kind == "swiglu"]
+    assert sizes[0] == 14336 and len(sizes) == 8 and all(n % 256 == 0 for n in sizes)
+    assert [f.kind for f in s.ffn][-2:] == ["linear", "no_op"]
+
+
+def test_cli_runs_the_stage(tmp_path: Path, parent: torch.nn.Module) -> None:
+    import json
+
+    from puzzle.checkpoints import save_model
+    from puzzle.cli import main
+
+    run = tmp_path / "run"
+    save_model(parent, run / "parent")
+    data = run / "data"
+    data.mkdir(parents=True)
+    for split, arr in (("train", tokens(32, 0)), ("valid", tokens(8, 1))):
+        arr.tofile(data / f"{split}.bin")
+    (data / "manifest.json").write_text(json.dumps({"seq_len": 32, "dtype": "uint16", "splits": {
+        "train": {"sequences": 32}, "valid": {"sequences": 8}}}))
+    args = ["library", str(run), "tokens_per_variant=512", "progress=false", "search_space.layers=[0]",
+            "search_space.ffn_fractions=[1.0,0.5]"]
+    assert main(args) == 0
+    assert len(Library.open(run / "library").entries) == 4 + 4
+    assert main(["library", str(run), "search_space.attention_kv_heads=[3]"]) == 2

@@ -1,0 +1,158 @@
+"""The inference runtime: exact against full recompute, batching, per-layer cache, sampling, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.model import build_model
+from puzzle.presets import tiny_llama_config
+from puzzle.runtime import Engine, SamplingConfig, StaticKVCache, generate
+from puzzle.runtime.sampling import filter_logits, sample
+
+A, F = AttentionConfig, FFNConfig
+# Every sub-block kind, with different KV-head counts per layer.
+CHILD_BLOCKS = [
+    BlockConfig(A.gqa(2), F.swiglu(128)),
+    BlockConfig(A.gqa(1), F.swiglu(48)),
+    BlockConfig(A.linear(), F.linear()),
+    BlockConfig(A.no_op(), F.swiglu(64)),
+    BlockConfig(A.gqa(4), F.no_op()),
+    BlockConfig(A.no_op(), F.no_op()),
+]
+
+
+def child_model(seed: int = 0):
+    config = tiny_llama_config(num_layers=len(CHILD_BLOCKS)).with_blocks(CHILD_BLOCKS)
+    model = build_model(config, seed=seed)
+    # Larger weights than Llama's 0.02 so that logits are far apart and greedy has no near-ties.
+    model.init_weights(std=0.15, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@torch.no_grad()
+def full_recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_runtime_matches_full_recompute_for_every_block_kind():
+    model = child_model()
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    expected = full_recompute_greedy(model, prompt, 20)
+    result = generate(model, [prompt], max_new_tokens=20)
+    assert result.tokens[0] == expected
+    assert result.finish_reasons == ["length"]
+
+
+def test_engine_logits_match_model_forward():
+    model = child_model(seed=1)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    full = model(ids).logits[0]  # [T, V]
+    engine = Engine(model, batch_size=1, max_seq_len=10)
+    first = engine.prefill(ids[:, :3]).clone()
+    torch.testing.assert_close(first[0], full[2], rtol=1e-4, atol=1e-4)
+    for t in range(3, 6):
+        logits = engine.decode(ids[:, t])
+        torch.testing.assert_close(logits[0], full[t], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_different_lengths_equals_unbatched():
+    model = child_model(seed=2)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2], [200], [11, 12, 13, 14, 15]]
+    batched = generate(model, prompts, max_new_tokens=12)
+    for prompt, tokens in zip(prompts, batched.tokens):
+        alone = generate(model, [prompt], max_new_tokens=12)
+        assert tokens == alone.tokens[0]
+        assert tokens == full_recompute_greedy(model, prompt, 12)
+
+
+def test_kv_cache_allocates_only_for_gqa_layers():
+    model = child_model()
+    cache = StaticKVCache(model.config, batch_size=3, max_seq_len=16)
+    kinds = [b.attention.kind for b in CHILD_BLOCKS]
+    for kind, block, layer in zip(kinds, CHILD_BLOCKS, cache.layers):
+        if kind == "gqa":
+            assert layer is not None
+            assert layer.k.shape == (3, block.attention.num_kv_heads, 16, model.config.head_dim)
+        else:
+            assert layer is None
+    expected = sum(2 * 3 * b.attention.num_kv_heads * 16 * model.config.head_dim * 4
+                   for b in CHILD_BLOCKS if b.attention.kind == "gqa")
+    assert cache.nbytes() == expected == 16 * 3 * model.config.kv_cache_bytes_per_token(dtype_bytes=4)
+
+
+def test_stop_tokens_end_rows_independently():
+    model = child_model(seed=3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    free = generate(model, prompts, max_new_tokens=10)
+    stop = free.tokens[0][3]  # the 4th token of row 0
+    streamed: list[tuple[int, list[int]]] = []
+    result = generate(model, prompts, max_new_tokens=10, stop_tokens=[stop],
+                      on_token=lambda step, toks, done: streamed.append((step, toks)))
+    assert result.tokens[0] == free.tokens[0][:free.tokens[0].index(stop)]
+    assert result.finish_reasons[0] == "stop"
+    row1 = free.tokens[1]
+    if stop in row1:
+        assert result.tokens[1] == row1[:row1.index(stop)]
+    else:
+        assert result.tokens[1] == row1 and result.finish_reasons[1] == "length"
+    assert [s for s, _ in streamed] == list(range(len(streamed)))
+    assert [toks[0] for _, toks in streamed][:len(result.tokens[0])] == result.tokens[0]
+
+
+def test_sampling_knobs():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
+    # probs of the top two ~0.64 + 0.24 = 0.88 < 0.9: the third token is needed, the rest are dropped.
+    assert torch.isinf(filter_logits(logits, top_p=0.9)).tolist() == [[False, False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True, True]]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, SamplingConfig(temperature=1.0, top_k=2), gen) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {0, 1}
+    cold = torch.stack([sample(logits, SamplingConfig(temperature=1e-3), gen) for _ in range(20)])
+    assert set(cold.flatten().tolist()) == {0}
+    hot = torch.stack([sample(logits, SamplingConfig(temperature=100.0), gen) for _ in range(300)])
+    assert len(set(hot.flatten().tolist())) == 5
+    assert sample(logits, SamplingConfig()).tolist() == [0]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = child_model(seed=4)
+    cfg = SamplingConfig(temperature=0.8, top_k=50, top_p=0.95)
+    a = generate(model, [[1, 2, 3]], max_new_tokens=8, sampling=cfg, seed=123)
+    b = generate(model, [[1, 2, 3]], max_new_tokens=8, sampling=cfg, seed=123)
+    assert a.tokens == b.tokens
+
+
+def test_bad_input():
+    model = child_model()
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(PuzzleError, match="exceeds the model's context"):
+        generate(model, [[1] * (ctx - 2)], max_new_tokens=5)
+    with pytest.raises(PuzzleError, match="empty"):
+        generate(model, [[]], max_new_tokens=5)
+    with pytest.raises(PuzzleError, match="outside the vocabulary"):
+        generate(model, [[model.config.vocab_size]], max_new_tokens=5)
+    with pytest.raises(PuzzleError, match="top_p"):
+        SamplingConfig(temperature=1.0, top_p=0.0)
+    engine = Engine(model, batch_size=1, max_seq_len=4)
+    engine.prefill(torch.tensor([[1, 2, 3]]))
+    engine.decode(torch.tensor([4]))
+    with pytest.raises(PuzzleError, match="cache is full"):
+        engine.decode(torch.tensor([5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_matches_eager():
+    model = child_model().to("cuda")
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    eager = generate(model, prompts, max_new_tokens=16, graphs="none")
+    graphed = generate(model, prompts, max_new_tokens=16, graphs="manual")
+    assert graphed.tokens == eager.tokens
