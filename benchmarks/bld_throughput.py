@@ -31,7 +31,7 @@ import torch
 
 from puzzle.artifacts import write_json
 from puzzle.blocks import ModelConfig, uniform_blocks
-from puzzle.distributed import distributed
+from puzzle.distributed import all_gather_objects, barrier, distributed
 from puzzle.library import LibraryConfig, SearchSpaceConfig, build_library
 from puzzle.model import build_model
 from puzzle.presets import llama31_8b_config, tiny_llama_config
@@ -52,16 +52,12 @@ def measure(model: ModelConfig, layers: list[int], round_to: int, seq_len: int, 
                         tokens_per_variant=steps * batch * seq_len, batch_size=batch, init_batches=1,
                         valid_batches=1, max_items_per_wave=1 if one_at_a_time else 0, device=device)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    parent = build_model(model, device="meta")
 
-    def load(d: torch.device, dt: torch.dtype):  # noqa: ANN202 - random weights straight onto the device
+    def load(d: torch.device, dt: torch.dtype) -> torch.nn.Module:  # random weights straight onto the device
         return build_model(model, device=d, dtype=dt, seed=seed)
 
-    del parent
     with tempfile.TemporaryDirectory() as tmp:
         # every rank needs the same directory: rank 0's temporary name is shared through the process group
-        from puzzle.distributed import all_gather_objects
-
         out = Path(all_gather_objects(tmp)[0]) / "library"
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -71,8 +67,6 @@ def measure(model: ModelConfig, layers: list[int], round_to: int, seq_len: int, 
         wall = time.perf_counter() - start
         entries = json.loads((out / "library.json").read_text())["entries"] if out.exists() else []
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-        from puzzle.distributed import barrier
-
         barrier()  # keep rank 0's directory until everyone is done
     trained = sum(1 for e in entries if e["metrics"]["tokens"] > 0)
     return {"mode": "one_at_a_time" if one_at_a_time else "fused", "layers": layers, "entries": len(entries),

@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    ap.add_argument("--modes-only", action="store_true", help="only compare the graph modes at batch 1")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -72,6 +73,8 @@ def main() -> None:
     out["graph_modes"] = {}
     graph_modes(parent, w1, ["manual", "none"], out)
     save(args.out, out)
+    if args.modes_only:
+        batches = []
 
     # 2. parent and children at each batch; roofline; predicted vs measured.
     child_cfgs = children(parent_cfg)
@@ -102,7 +105,7 @@ def main() -> None:
         save(args.out, out)
     # 3. torch.compile(reduce-overhead) last: its compile time is long and it may fail on some versions.
     if not args.no_compile and device.type == "cuda":
-        graph_modes(parent, w1, ["compile"], out)
+        graph_modes(parent, w1, ["fused", "compile"], out)
     save(args.out, out)
     print(f"wrote {args.out}")
 

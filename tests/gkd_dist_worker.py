@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from gkd_helpers import damaged_child, tiny_parent, token_arrays
 from puzzle.config import from_dict
 from puzzle.distributed import distributed
@@ -16,6 +18,7 @@ from puzzle.uptrain import UptrainConfig, train_gkd
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     out, mode, micro, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
     cfg = from_dict(UptrainConfig, {"steps": 4, "micro_batch_size": micro, "lr": 3e-3, "warmup_steps": 1, "val_every": 2,
                                         "val_batches": 2, "checkpoint_every": 2, "parallel": mode, "device": "cpu"})

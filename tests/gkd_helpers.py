@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from puzzle.model import PuzzleModel, build_model
 from puzzle.presets import tiny_llama_config
 
 VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: intra-op threads only add barrier waits, which explode on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 SEQ = 16
 
 

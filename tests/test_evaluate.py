@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gkd_helpers import ByteTokenizer, damaged_child, make_run_dir, tiny_parent, token_arrays
+from gkd_helpers import (
+    ByteTokenizer,
+    damaged_child,
+    make_run_dir,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
+    tiny_parent,
+    token_arrays,
+)
 from puzzle.config import from_dict
 from puzzle.errors import PuzzleError
 from puzzle.evaluate import EvalConfig, evaluate_models, heldout_metrics, run_eval
@@ -147,3 +154,33 @@ def test_run_eval_writes_eval_json(tmp_path: Path) -> None:
     mtime = (run / "eval" / "eval.json").stat().st_mtime_ns
     run_eval(run, cfg)
     assert (run / "eval" / "eval.json").stat().st_mtime_ns == mtime
+
+
+def test_exported_child_works_through_lm_eval_hf_interface(tmp_path: Path) -> None:
+    """What lm-eval's `hf` model does: AutoModelForCausalLM + AutoTokenizer (trust_remote_code), then
+    loglikelihood of a continuation from one forward pass. It must agree with this package's scorer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.checkpoints import load_model
+    from puzzle.tokenizers import load_tokenizer
+
+    run, _ = make_run_dir(tmp_path)
+    child_dir = run / "children" / "noattn12"
+    hf_model = AutoModelForCausalLM.from_pretrained(str(child_dir), trust_remote_code=True).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(child_dir), trust_remote_code=True)
+    ours = load_model(child_dir).eval()
+    tok = load_tokenizer(run / "parent")
+    pairs = [("The cat sat on the", " mat."), ("Once upon a time there was", " a little girl")]
+    for context, continuation in pairs:
+        # lm-eval HFLM._encode_pair: whole = encode(context + continuation), split at len(encode(context))
+        ctx = hf_tok.encode(context, add_special_tokens=False)
+        whole = hf_tok.encode(context + continuation, add_special_tokens=False)
+        cont = whole[len(ctx):]
+        ids = torch.tensor([(ctx + cont)[:-1]])
+        with torch.no_grad():
+            lp = F.log_softmax(hf_model(ids).logits[0].float(), -1)[len(ctx) - 1:]
+        hf_ll = float(lp.gather(-1, torch.tensor(cont)[:, None]).sum())
+        req = split_request(tok.encode, context, continuation, None)
+        assert req == (ctx, cont), "same tokenisation as lm-eval's"
+        (our_ll, _), = score_requests(lambda x: ours(x).logits, [req], CPU, 1, 512)
+        assert our_ll == pytest.approx(hf_ll, rel=1e-4, abs=1e-4)

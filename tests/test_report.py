@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from gkd_helpers import make_run_dir
+from gkd_helpers import (
+    make_run_dir,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
+)
 from puzzle import report_plots
 from puzzle.artifacts import write_json
 from puzzle.errors import PuzzleError

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gkd_helpers import damaged_child, tiny_parent, token_arrays
+from gkd_helpers import (
+    damaged_child,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
+    tiny_parent,
+    token_arrays,
+)
 from puzzle.config import from_dict
 from puzzle.distributed import DistInfo
 from puzzle.errors import PuzzleError
@@ -135,7 +140,7 @@ def test_run_uptrain_exports_hf_dir_with_log_and_is_current_after(tmp_path: Path
     from puzzle.checkpoints import load_model
     from puzzle.uptrain import run_uptrain
 
-    run, parent = make_run_dir(tmp_path)
+    run, _ = make_run_dir(tmp_path)
     child_dir = run / "children" / "noattn12"
     cfg = small_cfg(steps=4, checkpoint_every=2, val_every=2, micro_batch_size=2)
     out = run_uptrain(run, child_dir, cfg)

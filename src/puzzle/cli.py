@@ -36,13 +36,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzle", description="Make a pretrained LLM faster on its target GPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == only:
-            importlib.import_module(module).add_arguments(p)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    module, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"puzzle {name}", description=help_text)
+    importlib.import_module(module).add_arguments(parser)
     return parser
 
 
@@ -50,13 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
-        parser = build_parser(only=command)
-        args = parser.parse_args(argv)
-        if args.command is None:
+        if command is None:
+            parser = build_parser()
+            parser.parse_args(argv)  # handles --help and reports an unknown command
             parser.print_help()
             return 2
-        module = importlib.import_module(COMMANDS[args.command][0])
-        return int(module.run(args) or 0)
+        # Intermixed parsing lets `key=value` overrides come before or after options.
+        args = command_parser(command).parse_intermixed_args(argv[1:])
+        args.command = command
+        return int(importlib.import_module(COMMANDS[command][0]).run(args) or 0)
     except PuzzleError as e:
         print(f"puzzle {command or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
         return e.exit_code

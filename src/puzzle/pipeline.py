@@ -1,0 +1,183 @@
+"""`puzzle run`: every stage in order, each skipped when its outputs are current and resumed when interrupted.
+
+import -> data -> library -> score -> costs -> search -> realize -> uptrain -> eval -> report
+
+Under torchrun every rank runs this; the distributed stages (library, uptrain) use every rank and the rest
+run on rank 0 while the others wait. World size 1 is the same code path.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from puzzle.config import from_dict, to_dict
+from puzzle.costs import CostsConfig
+from puzzle.data import DataConfig
+from puzzle.distributed import all_gather_objects, barrier, init_distributed
+from puzzle.errors import PuzzleError
+from puzzle.evaluate import EvalConfig
+from puzzle.library import LibraryConfig
+from puzzle.report import ReportConfig
+from puzzle.scoring import ScoreConfig
+from puzzle.search import SearchConfig
+from puzzle.uptrain import UptrainConfig
+
+STAGES = ("import", "data", "library", "score", "costs", "search", "realize", "uptrain", "eval", "report")
+DISTRIBUTED_STAGES = {"library", "uptrain"}
+
+
+@dataclass
+class RealizeConfig:
+    solutions: list[str] = field(default_factory=list)  # names in search/solutions.json; empty = best per target
+    max_children: int = 3
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    parent: str = ""  # a model directory, llama2.c .bin, or anything `puzzle inspect` reads
+    data: DataConfig = field(default_factory=DataConfig)
+    library: LibraryConfig = field(default_factory=LibraryConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    costs: CostsConfig = field(default_factory=CostsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    realize: RealizeConfig = field(default_factory=RealizeConfig)
+    uptrain: UptrainConfig = field(default_factory=UptrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def load_run_config(data: dict[str, Any]) -> RunConfig:
+    cfg = from_dict(RunConfig, data, where="config")
+    if not cfg.parent:
+        raise PuzzleError("config: `parent` is required (a model directory or llama2.c .bin); e.g. parent=path/to/model")
+    return cfg
+
+
+def chosen_solutions(run_dir: Path, cfg: RealizeConfig) -> list[str]:
+    """The solutions to realize: the configured names, else the best MIP solution of each target."""
+    from puzzle.artifacts import read_json
+
+    solutions = read_json(run_dir / "search" / "solutions.json")["solutions"]
+    if cfg.solutions:
+        return list(cfg.solutions)
+    best = [s["name"] for s in solutions if s.get("rank", 0) == 0]
+    return best[: cfg.max_children]
+
+
+def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], object]]:
+    """Each stage as a no-argument callable (imports stay local so `--until data` loads little)."""
+
+    def realize() -> None:
+        from puzzle.realize import run_realize
+
+        for name in chosen_solutions(run_dir, cfg.realize):
+            run_realize(run_dir, name)
+
+    def uptrain() -> None:
+        from puzzle.uptrain import run_uptrain
+
+        for name in chosen_solutions(run_dir, cfg.realize):
+            run_uptrain(run_dir, run_dir / "children" / name, cfg.uptrain)
+
+    def _import() -> None:
+        from puzzle.importer import run_import
+
+        run_import(run_dir, cfg.parent)
+
+    def data() -> None:
+        from puzzle.data import run_data
+
+        run_data(run_dir, cfg.data)
+
+    def library() -> None:
+        from puzzle.library import run_library
+
+        run_library(run_dir, cfg.library)
+
+    def score() -> None:
+        from puzzle.scoring import run_score
+
+        run_score(run_dir, cfg.score)
+
+    def costs() -> None:
+        from puzzle.costs import run_costs
+
+        run_costs(run_dir, cfg.costs)
+
+    def search() -> None:
+        from puzzle.search import run_search
+
+        run_search(run_dir, cfg.search)
+
+    def evaluate() -> None:
+        from puzzle.evaluate import run_eval
+
+        run_eval(run_dir, cfg.eval)
+
+    def report() -> None:
+        from puzzle.report import run_report
+
+        run_report(run_dir, cfg.report)
+
+    return {"import": _import, "data": data, "library": library, "score": score, "costs": costs,
+            "search": search, "realize": realize, "uptrain": uptrain, "eval": evaluate, "report": report}
+
+
+def select_stages(start: str | None, until: str | None) -> list[str]:
+    for name in (start, until):
+        if name is not None and name not in STAGES:
+            raise PuzzleError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    first = STAGES.index(start) if start else 0
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    if first > last:
+        raise PuzzleError(f"--from {start} comes after --until {until}")
+    return list(STAGES[first : last + 1])
+
+
+def _run_on_main(fn: Callable[[], object], is_main: bool) -> None:
+    """Run `fn` on rank 0; every rank then learns whether it failed, so no rank waits forever."""
+    error: str | None = None
+    if is_main:
+        try:
+            fn()
+        except PuzzleError as e:
+            error = str(e)
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        raise PuzzleError(str(errors[0]))
+
+
+def run_pipeline(cfg: RunConfig, start: str | None = None, until: str | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Run the selected stages; returns seconds spent per stage."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run_dir = Path(cfg.run_dir)
+    stages = select_stages(start, until)
+    info = init_distributed(cfg.library.device if cfg.library.device != "auto" else None)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from puzzle.artifacts import write_json
+
+        write_json(run_dir / "config.json", to_dict(cfg))  # what this run was asked to do, for the report
+    barrier()
+    functions = stage_functions(cfg, run_dir)
+    timings: dict[str, float] = {}
+    for name in stages:
+        if info.is_main:
+            log(f"== stage {name} ({STAGES.index(name) + 1}/{len(STAGES)})")
+        t0 = time.perf_counter()
+        if name in DISTRIBUTED_STAGES:
+            functions[name]()
+            barrier()
+        else:
+            _run_on_main(functions[name], info.is_main)
+        timings[name] = time.perf_counter() - t0
+        if info.is_main:
+            log(f"== stage {name}: done in {timings[name]:.1f} s")
+    return timings

@@ -1,0 +1,79 @@
+"""The table printed at the end of `puzzle run`: parent vs chosen children, from the run's artifacts.
+
+Columns: parameters, weights + KV memory of the reference workload, predicted and measured throughput,
+held-out KL / agreement, and task accuracy retained. Absent artifacts show as '-'.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from puzzle.distributed import init_distributed
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]:
+    """(header, rows, workload) of the summary table."""
+    evaluation = _load(run_dir / "eval" / "eval.json").get("models", {})
+    solutions = _load(run_dir / "search" / "solutions.json")
+    predicted_parent = solutions.get("parent", {})
+    workload = next(iter(predicted_parent), None)
+    # Prefer the workload the search was constrained on.
+    for c in solutions.get("constraints", []):
+        if c.get("workload") in predicted_parent:
+            workload = c["workload"]
+            break
+    predicted = {s["name"]: s["predicted"] for s in solutions.get("solutions", [])}
+    header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "meas. tok/s", "KL", "top-1", "ppl",
+              "retained %"]
+    rows = []
+    names = list(evaluation) or ["parent"]
+    for name in names:
+        res = evaluation.get(name, {})
+        base = name.split("/")[0]
+        pred = (predicted_parent if name == "parent" else predicted.get(base, {})).get(workload, {})
+        measured = res.get("throughput", {}).get(workload, {}) if workload else {}
+        speedup = 1.0 if name == "parent" and pred else pred.get("speedup")
+        rows.append([
+            name,
+            _fmt(res.get("params", pred.get("params")) and res.get("params", pred.get("params")) / 1e6, ".2f"),
+            _fmt(pred.get("throughput_tok_s"), ".0f"),
+            _fmt(speedup, ".2f"),
+            _fmt(measured.get("output_tokens_per_s"), ".0f"),
+            _fmt(res.get("kl_to_parent"), ".4f"),
+            _fmt(res.get("agreement"), ".3f"),
+            _fmt(res.get("perplexity"), ".2f"),
+            _fmt(res.get("mean_retention_pct"), ".1f"),
+        ])
+    return header, rows, workload
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def print_summary(run_dir: Path) -> None:
+    if not init_distributed().is_main:
+        return
+    header, rows, workload = summary_rows(run_dir)
+    print(f"\nSummary of {run_dir} (throughput: workload {workload or '-'}; "
+          "predicted from measured or estimated per-block costs)")
+    print(format_table(header, rows))
+    report = run_dir / "report.md"
+    if report.exists():
+        print(f"\nReport: {report}")
