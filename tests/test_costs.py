@@ -122,3 +122,35 @@ def test_bad_config(tmp_path):
             run_costs(tmp_path, CostsConfig(workloads=[WL], mode="measure"), SPACE, model_config=PARENT)
     with pytest.raises(PuzzleError, match="import"):
         run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE)
+
+
+def test_calibration_fits_the_whole_parent_and_search_agrees(tmp_path):
+    """Measured costs carry the parent timed whole; calibrated predictions of the parent reproduce it, and the
+    search's CostTable adds up exactly what `predict` does."""
+    from puzzle.costs import block_costs
+    from puzzle.search_costs import cost_table_from_json
+
+    cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=3, warmup=1,
+                      input_sets=1, decode_inner=1, max_stack=2)
+    child = PARENT.with_blocks([BlockConfig(A.gqa(2), F.swiglu(64)), BlockConfig(A.no_op(), F.linear()),
+                                BlockConfig(A.gqa(4), F.no_op())])
+    blocks = list(PARENT.blocks) + list(child.blocks)
+    data = json.loads(run_costs(tmp_path, cfg, blocks, model_config=PARENT)["small"].read_text())
+    cal = data["calibration"]
+    assert data["graphs"] == "none" and cal["method"] == "scale"
+    measured = cal["parent_measured"]
+    for method in ("scale", "offset"):
+        costs = {**data, "calibration": {**cal, "method": method}}
+        p = predict(PARENT, costs)
+        assert p["decode_step_s"] == pytest.approx(measured["decode_step_s"], rel=1e-9)
+        assert p["prefill_s"] == pytest.approx(measured["prefill_s"], rel=1e-9)
+        for model in (PARENT, child):
+            table = cost_table_from_json(costs, [[b] for b in model.blocks], tmp_path, "cpu", WL.name)
+            assert table.predict([0] * model.num_layers)["latency_s"] == pytest.approx(predict(model, costs)["total_s"])
+    raw = predict(PARENT, {**data, "calibration": None})
+    assert raw["decode_step_s"] == pytest.approx(cal["parent_uncalibrated"]["decode_step_s"])
+    # "scale" multiplies each block's time by one factor per phase; no-op blocks stay free.
+    b = block_costs(data, child.blocks[0])
+    unscaled = block_costs({**data, "calibration": None}, child.blocks[0])
+    assert b["decode_step_s"] == pytest.approx(unscaled["decode_step_s"] * cal["decode_scale"])
+    assert block_costs(data, BlockConfig(A.no_op(), F.no_op()))["total_s"] == 0.0

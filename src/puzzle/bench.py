@@ -116,25 +116,34 @@ def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth
 
 
 @torch.inference_mode()
-def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: int = 2, seed: int = 0
-                         ) -> dict[str, Any]:
-    """transformers' generate, greedy, exactly gen_len tokens, with its static cache where supported."""
+def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: int = 2, seed: int = 0,
+                         cache: str = "static") -> dict[str, Any]:
+    """transformers' generate, greedy, exactly gen_len tokens.
+
+    cache "static": its static cache (transformers then compiles the decode step itself), falling back to
+    the dynamic cache where the model has none; "dynamic": the default cache most users run.
+    """
     device = next(hf_model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    cache_impl = "static"
+    cache_impl = cache
 
     def run(n: int) -> float:
         nonlocal cache_impl
         kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "attention_mask": mask,
                   "pad_token_id": 0}
+        if cache_impl == "static":
+            kwargs["cache_implementation"] = "static"
         sync(device)
         t0 = time.perf_counter()
         try:
-            hf_model.generate(ids, cache_implementation=cache_impl, **kwargs)
+            hf_model.generate(ids, **kwargs)
         except (ValueError, TypeError, NotImplementedError):
+            if cache_impl != "static":
+                raise
             cache_impl = "dynamic"  # this model has no static cache support
+            kwargs.pop("cache_implementation")
             sync(device)
             t0 = time.perf_counter()
             hf_model.generate(ids, **kwargs)
@@ -199,6 +208,7 @@ def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: Gra
             if costs and w.name in costs:
                 p = predict(model.config, costs[w.name], w)
                 p["measured_over_predicted"] = r["output_tokens_per_s"] / p["output_tokens_per_s"]
+                p["same_graph_mode"] = p["graphs"] in (None, r["graphs"])  # like for like (None: estimate)
                 r["predicted"] = p
             if hf_models and name in hf_models:
                 hf = hf_generate_baseline(hf_models[name], w, model.config.vocab_size, repeats)

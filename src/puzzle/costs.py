@@ -18,11 +18,16 @@ JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
       VARIANT = {prefill_s, decode_step_s, params, kv_bytes_per_token, prefill_rel_spread,
                  decode_rel_spread, stack, oom}; times are per layer; null times when oom is true
     timing          {repeats, warmup, input_sets, median_rel_spread} (rel spread = IQR / median)
+    graphs          the runtime's decode mode the times were measured with ("fused", "manual", ...; null: estimate)
+    calibration     null (estimate) or {method: "scale"|"offset"|"none", parent_measured {prefill_s,
+                    decode_step_s, *_rel_spread}, parent_uncalibrated {prefill_s, decode_step_s},
+                    prefill_scale, decode_scale, prefill_offset_s, decode_offset_s} or {method: "none", reason}
     roofline        {peak_flops, mem_bandwidth} (estimate only)
     parent_memory   memory model of the parent for this workload + {fits, max_batch_size}
-A model's time for the workload is fixed + the sum of its layers' attention and FFN variants
-(`predict`). Costs measured on another device are never used silently: `load_costs` raises unless that
-device is asked for by name.
+A model's time for the workload is fixed + the sum of its layers' attention and FFN variants, corrected by
+the calibration against the whole parent timed the same way (`block_costs`, `fixed_costs`, `predict`).
+Costs measured on another device are never used silently: `load_costs` raises unless that device is asked
+for by name.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from puzzle.blocks import (
 from puzzle.config import to_dict
 from puzzle.errors import PuzzleError
 from puzzle.memory import max_batch_size, memory_model
+from puzzle.runtime.engine import GraphMode, resolve_graph_mode
 from puzzle.workloads import DEFAULT_WORKLOADS, Workload
 
 SCHEMA = "puzzle-costs/1"
@@ -68,6 +74,10 @@ class CostsConfig:
     stack_bytes: int = 256 << 20  # decode: stack distinct copies of a variant until weights exceed the L2
     max_stack: int = 8
     bucket: int = 128  # the runtime's decode bucket (cache prefix rounding), to match its attended length
+    graphs: GraphMode = "auto"  # the runtime's decode mode to measure with (auto = the runtime's default)
+    # Correct the per-block sums with the parent timed whole on the device: "scale" multiplies every block's
+    # time (the MIP stays linear), "offset" adds the difference to the fixed costs, "none" keeps raw sums.
+    calibrate: Literal["scale", "offset", "none"] = "scale"
     peak_flops: float = 989e12  # analytic roofline (H100/H200 dense bf16)
     mem_bandwidth: float = 4.8e12  # analytic roofline (H200 HBM3e)
 
@@ -151,14 +161,14 @@ def _stack_config(model: ModelConfig, block: BlockConfig, k: int, seq: int, voca
 
 def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, device: torch.device,
                 gen: torch.Generator) -> tuple[list[float], list[float]]:
-    """Prefill and decode-step samples (seconds) of a whole model with the runtime engine."""
+    """Prefill and decode-step samples (seconds) of a whole model (random weights) with the runtime engine."""
     from puzzle.model import build_model
     from puzzle.runtime.engine import Engine
     from puzzle.runtime.timing import time_calls
 
     model = build_model(config, device=device, dtype=DTYPES[cfg.dtype], seed=0).eval()
     b, p = w.batch_size, w.prompt_len
-    engine = Engine(model, b, max(p, ctx) + 1, graphs="auto", bucket=1)
+    engine = Engine(model, b, max(p, ctx) + 1, graphs=cfg.graphs, bucket=1)
     prefill, decode = [], []
     for _ in range(cfg.input_sets):
         ids = torch.randint(0, config.vocab_size, (b, p), generator=gen).to(device)
@@ -220,6 +230,48 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
         "sampling_s": sampling, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
     }
     out["median_rel_spread"] = statistics.median(spreads) if spreads else 0.0
+    if cfg.calibrate != "none":
+        out["calibration"] = calibrate(model, out, w, cfg, ctx, device, gen)
+    return out
+
+
+def calibrate(model: ModelConfig, body: dict[str, Any], w: Workload, cfg: CostsConfig, ctx: int,
+              device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+    """Time the whole parent like a variant and fit the per-block sums to it (`cfg.calibrate`).
+
+    The sums of per-variant times miss what only a whole model shows (cache effects between different
+    layers, launch gaps). One measured model fixes one number per phase; "scale" spreads the difference over
+    the blocks in proportion to their time (a child with half the block time gets half the correction),
+    "offset" treats it as a fixed cost. Both keep the MIP linear.
+    """
+    from puzzle.runtime.timing import summarize
+
+    raw = {"attention": body["attention"], "ffn": body["ffn"], "fixed": body["fixed"], "workload": w.to_dict()}
+    try:  # the parent's own variants must have been measured (and fit) for the sums to exist
+        parts = [(_variant(raw, "attention", b.attention.name), _variant(raw, "ffn", b.ffn.name))
+                 for b in model.blocks]
+        pf, dec = _time_model(model, w, ctx, cfg, device, gen)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"method": "none", "reason": f"the parent does not fit in device memory at batch {w.batch_size}"}
+    except PuzzleError as e:
+        return {"method": "none", "reason": str(e)}
+    spf, sdec = summarize(pf), summarize(dec)
+    fixed = raw["fixed"]
+    blocks_pf = sum(a["prefill_s"] + f["prefill_s"] for a, f in parts)
+    blocks_dec = sum(a["decode_step_s"] + f["decode_step_s"] for a, f in parts)
+    out: dict[str, Any] = {
+        "method": cfg.calibrate,
+        "parent_measured": {"prefill_s": spf["median_s"], "decode_step_s": sdec["median_s"],
+                            "prefill_rel_spread": spf["rel_spread"], "decode_rel_spread": sdec["rel_spread"]},
+        "parent_uncalibrated": {"prefill_s": fixed["prefill_s"] + blocks_pf,
+                                "decode_step_s": fixed["decode_step_s"] + blocks_dec},
+    }
+    for phase, blocks in (("prefill", blocks_pf), ("decode", blocks_dec)):
+        key = "prefill_s" if phase == "prefill" else "decode_step_s"
+        measured = out["parent_measured"][key]
+        out[f"{phase}_offset_s"] = measured - out["parent_uncalibrated"][key]
+        out[f"{phase}_scale"] = (measured - fixed[key]) / blocks if blocks > 0 else 1.0
     return out
 
 
@@ -256,12 +308,14 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
         name, key = device_name(device), device_key(device)
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     spread = body.pop("median_rel_spread", None)
+    body.setdefault("calibration", None)
     if total is not None:
         mem["fits"] = mem["total_bytes"] <= total
         mem["max_batch_size"] = max_batch_size(model, w.prompt_len, w.gen_len, total, eb)
     return {
         "schema": SCHEMA, "kind": kind, "device": name, "device_key": key, "device_memory_bytes": total,
         "dtype": cfg.dtype, "torch": torch.__version__,
+        "graphs": resolve_graph_mode(cfg.graphs, device) if device is not None else None,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "workload": w.to_dict(), "decode_context": ctx,
         "model": {"hidden_size": model.hidden_size, "num_attention_heads": model.num_attention_heads,
@@ -370,6 +424,50 @@ def _variant(costs: dict[str, Any], part: str, name: str) -> dict[str, Any]:
     return rec
 
 
+def _correction(costs: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    cal = costs.get("calibration") or {}
+    method = cal.get("method", "none")
+    if method == "scale":
+        return method, {"prefill_s": cal["prefill_scale"], "decode_step_s": cal["decode_scale"]}
+    if method == "offset":
+        return method, {"prefill_s": cal["prefill_offset_s"], "decode_step_s": cal["decode_offset_s"]}
+    return "none", {}
+
+
+def workload_time(prefill_s: float, decode_step_s: float, w: Workload) -> float:
+    """A part's time over the workload: its prefill share (first token) + gen_len - 1 decode steps."""
+    return prefill_s + (w.gen_len - 1) * decode_step_s
+
+
+def block_costs(costs: dict[str, Any], block: BlockConfig, workload: Workload | None = None) -> dict[str, float]:
+    """One layer's (calibrated) costs: prefill_s, decode_step_s, total_s (over the workload), params, KV bytes.
+
+    The one place that turns a costs JSON into a block's time; `predict` and the search's `CostTable` use it.
+    """
+    w = workload or Workload(**costs["workload"])
+    a, f = _variant(costs, "attention", block.attention.name), _variant(costs, "ffn", block.ffn.name)
+    method, corr = _correction(costs)
+    out = {key: a[key] + f[key] for key in ("prefill_s", "decode_step_s")}
+    if method == "scale":
+        out = {key: value * corr[key] for key, value in out.items()}
+    out["total_s"] = workload_time(out["prefill_s"], out["decode_step_s"], w)
+    out["params"] = a["params"] + f["params"]
+    out["kv_bytes_per_token"] = a.get("kv_bytes_per_token", 0) + f.get("kv_bytes_per_token", 0)
+    return out
+
+
+def fixed_costs(costs: dict[str, Any], workload: Workload | None = None) -> dict[str, float]:
+    """Embedding, final norm, LM head and sampling (+ an "offset" calibration): prefill_s, decode_step_s, total_s."""
+    w = workload or Workload(**costs["workload"])
+    fixed = costs["fixed"]
+    method, corr = _correction(costs)
+    out = {key: float(fixed.get(key, 0.0)) + (corr[key] if method == "offset" else 0.0)
+           for key in ("prefill_s", "decode_step_s")}
+    out["total_s"] = workload_time(out["prefill_s"], out["decode_step_s"], w)
+    out["params"] = int(fixed.get("params", 0))
+    return out
+
+
 def predict(model: ModelConfig | list[BlockConfig] | tuple[BlockConfig, ...], costs: dict[str, Any],
             workload: Workload | None = None) -> dict[str, Any]:
     """Predicted prefill, decode and total time and throughput of a model from per-block costs.
@@ -378,19 +476,19 @@ def predict(model: ModelConfig | list[BlockConfig] | tuple[BlockConfig, ...], co
     """
     blocks = model.blocks if isinstance(model, ModelConfig) else tuple(model)
     w = workload or Workload(**costs["workload"])
-    prefill = costs["fixed"]["prefill_s"]
-    step = costs["fixed"]["decode_step_s"]
+    fixed = fixed_costs(costs, w)
+    prefill, step = fixed["prefill_s"], fixed["decode_step_s"]
     kv_per_token = 0
     for b in blocks:
-        a, f = _variant(costs, "attention", b.attention.name), _variant(costs, "ffn", b.ffn.name)
-        prefill += a["prefill_s"] + f["prefill_s"]
-        step += a["decode_step_s"] + f["decode_step_s"]
-        kv_per_token += a["kv_bytes_per_token"]
-    decode = step * (w.gen_len - 1)
-    total = prefill + decode
+        c = block_costs(costs, b, w)
+        prefill += c["prefill_s"]
+        step += c["decode_step_s"]
+        kv_per_token += c["kv_bytes_per_token"]
+    total = workload_time(prefill, step, w)
     return {
-        "kind": costs["kind"], "device": costs["device"], "workload": w.name,
-        "prefill_s": prefill, "decode_step_s": step, "decode_s": decode, "total_s": total,
+        "kind": costs["kind"], "device": costs["device"], "workload": w.name, "graphs": costs.get("graphs"),
+        "calibration": _correction(costs)[0],
+        "prefill_s": prefill, "decode_step_s": step, "decode_s": total - prefill, "total_s": total,
         "output_tokens_per_s": w.batch_size * w.gen_len / total,
         "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total,
         "kv_cache_bytes": kv_per_token * w.batch_size * w.max_seq_len,

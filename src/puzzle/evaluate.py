@@ -22,6 +22,7 @@ from puzzle.errors import PuzzleError
 from puzzle.gkd import loss_terms
 from puzzle.model import PuzzleModel
 from puzzle.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_task, load_task, task_name
+from puzzle.workloads import Workload, resolve_workloads
 
 Items = list[MultipleChoiceItem] | list[LastWordItem]
 
@@ -36,6 +37,7 @@ class EvalConfig:
     task_limit: int | None = None  # cap on items per task unless the task sets its own limit
     throughput: bool = True  # measured with the runtime; GPU only
     workloads: list[str] = field(default_factory=lambda: ["batch1"])
+    graphs: str = "auto"  # the runtime's decode mode; keep it equal to costs.graphs so predictions compare
     device: str | None = None  # default: cuda when present
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     parent: str = "parent"
@@ -82,26 +84,26 @@ def add_retention(results: dict[str, dict[str, Any]], reference: str = "parent")
                           for w in tp if "output_tokens_per_s" in tp[w] and "output_tokens_per_s" in ref_tp.get(w, {})}
 
 
-def measure_throughput(model: PuzzleModel, workloads: list[str]) -> dict[str, Any]:
+def measure_throughput(model: PuzzleModel, workloads: list[Workload], graphs: str = "auto") -> dict[str, Any]:
     """Output tokens/s per workload with the runtime (static cache, CUDA graphs); skipped without a GPU."""
     if model.embed_tokens.weight.device.type != "cuda":
         return {"skipped": "no GPU: throughput is measured on CUDA only"}
     try:
         from puzzle.bench import run_workload
-        from puzzle.workloads import workload_by_name
     except ImportError as e:  # the runtime is optional
         return {"skipped": f"runtime unavailable ({e})"}
     out: dict[str, Any] = {}
-    for name in workloads:
+    for w in workloads:
         try:
-            out[name] = run_workload(model, workload_by_name(name))
+            out[w.name] = run_workload(model, w, graphs=graphs)  # records the mode it ran with
         except PuzzleError as e:  # e.g. the workload does not fit this model: record, do not abort the eval
-            out[name] = {"error": str(e)}
+            out[w.name] = {"error": str(e)}
     return out
 
 
 def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, valid: np.ndarray,
-                    tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+                    tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device,
+                    workloads: list[Workload] | None = None) -> dict[str, Any]:
     """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent."""
     results: dict[str, dict[str, Any]] = {}
     for name, load in loaders.items():
@@ -114,7 +116,7 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
         if tasks:
             res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.batch_size, device)
         if cfg.throughput:
-            res["throughput"] = measure_throughput(model, cfg.workloads)
+            res["throughput"] = measure_throughput(model, workloads or resolve_workloads(cfg.workloads), cfg.graphs)
         results[name] = res
         if model is not parent:
             del model
@@ -191,7 +193,8 @@ def run_eval(run_dir: Path, cfg: EvalConfig) -> dict[str, Any]:
     loaders: dict[str, Callable[[], PuzzleModel]] = {"parent": lambda: parent}
     for name, path in children.items():
         loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
-    models = evaluate_models(loaders, parent, valid, tasks, tokenizer, cfg, device)
+    workloads = resolve_workloads(cfg.workloads, run_dir)  # custom shapes from the run's costs files
+    models = evaluate_models(loaders, parent, valid, tasks, tokenizer, cfg, device, workloads)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
               "tasks": {name: len(items) for name, items in tasks.items()}, "models": models,
               "config": to_dict(cfg)}

@@ -8,6 +8,7 @@ run on rank 0 while the others wait. World size 1 is the same code path.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 from puzzle.config import from_dict, to_dict
 from puzzle.costs import CostsConfig
 from puzzle.data import DataConfig
-from puzzle.distributed import all_gather_objects, barrier, init_distributed
+from puzzle.distributed import all_gather_objects, barrier, distributed
 from puzzle.errors import PuzzleError
 from puzzle.evaluate import EvalConfig
 from puzzle.library import LibraryConfig
@@ -159,25 +160,32 @@ def run_pipeline(cfg: RunConfig, start: str | None = None, until: str | None = N
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(cfg.run_dir)
     stages = select_stages(start, until)
-    info = init_distributed(cfg.library.device if cfg.library.device != "auto" else None)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from puzzle.artifacts import write_json
+    if "import" in stages and not Path(cfg.parent).exists():  # fail before anything is written
+        raise PuzzleError(f"parent {cfg.parent} does not exist; pass a model directory or a llama2.c .bin")
+    # The group lives for the whole run and is torn down at its end: a rank that exits while gloo peers
+    # still hold the group aborts them ("terminate called without an active exception").
+    with distributed(cfg.library.device if cfg.library.device != "auto" else None) as info:
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from puzzle.artifacts import write_json
 
-        write_json(run_dir / "config.json", to_dict(cfg))  # what this run was asked to do, for the report
-    barrier()
-    functions = stage_functions(cfg, run_dir)
-    timings: dict[str, float] = {}
-    for name in stages:
-        if info.is_main:
-            log(f"== stage {name} ({STAGES.index(name) + 1}/{len(STAGES)})")
-        t0 = time.perf_counter()
-        if name in DISTRIBUTED_STAGES:
-            functions[name]()
-            barrier()
-        else:
-            _run_on_main(functions[name], info.is_main)
-        timings[name] = time.perf_counter() - t0
-        if info.is_main:
-            log(f"== stage {name}: done in {timings[name]:.1f} s")
+            config_path, config = run_dir / "config.json", to_dict(cfg)
+            if not config_path.exists() or json.loads(config_path.read_text()) != config:  # rerun: leave it untouched
+                write_json(config_path, config)  # what this run was asked to do, for the report
+        barrier()
+        functions = stage_functions(cfg, run_dir)
+        timings: dict[str, float] = {}
+        for name in stages:
+            if info.is_main:
+                log(f"== stage {name} ({STAGES.index(name) + 1}/{len(STAGES)})")
+            t0 = time.perf_counter()
+            if name in DISTRIBUTED_STAGES:
+                functions[name]()
+                barrier()
+            else:
+                _run_on_main(functions[name], info.is_main)
+            timings[name] = time.perf_counter() - t0
+            if info.is_main:
+                log(f"== stage {name}: done in {timings[name]:.1f} s")
+        barrier()  # every rank finishes before any tears the group down
     return timings

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from puzzle import report_plots
-from puzzle.artifacts import write_text
+from puzzle.artifacts import hash_file, hash_json, mark_stage_done, stage_is_current, write_text
 from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.config import to_dict
 from puzzle.errors import PuzzleError
 
 
@@ -237,9 +238,13 @@ def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PuzzleError(f"run directory {run_dir} does not exist; pass the directory `puzzle run` wrote")
-    inp = gather(run_dir)
     plots_dir = run_dir / "report"
     plots = cfg.plots and report_plots.available()
+    inputs_hash = _inputs_hash(run_dir, cfg, plots)
+    out = run_dir / "report.md"
+    if out.exists() and stage_is_current(plots_dir, inputs_hash):
+        return out  # nothing it reads has changed: a second `puzzle run` leaves the report untouched
+    inp = gather(run_dir)
     if cfg.plots and not plots:
         inp.notes.append("plots skipped: matplotlib is not installed (pip install 'puzzle-llm[plots]')")
     workload = _workload(inp, cfg)
@@ -299,6 +304,15 @@ def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{t}](report/{p.name})" for t, p in figures) + "\n")
     if inp.notes:
         parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in inp.notes) + "\n")
-    out = run_dir / "report.md"
     write_text(out, "\n".join(parts))
+    mark_stage_done(plots_dir, "report", inputs_hash)
     return out
+
+
+def _inputs_hash(run_dir: Path, cfg: ReportConfig, plots: bool) -> str:
+    """Every file `gather` reads (small JSON files only), the config and whether plots can be drawn."""
+    patterns = ["eval/eval.json", "search/solutions.json", "costs/*.json", "library/layer*/*.json",
+                "parent/config.json", "children/*/config.json", "children/*/uptrained/training_log.json"]
+    files = sorted(p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file())
+    return hash_json({"files": {str(p.relative_to(run_dir)): hash_file(p) for p in files},
+                      "config": to_dict(cfg), "plots": plots})

@@ -23,7 +23,8 @@ class CostTable:
     """Costs of every candidate of every layer for one (device, workload); the MIP adds them up.
 
     total_s = the block's prefill time for the workload's prompt + (gen_len - 1) decode steps (seconds; the
-    first token comes from the prefill, as in `puzzle.costs.predict`);
+    first token comes from the prefill), from `puzzle.costs.block_costs`, the same numbers `predict` adds up
+    (calibrated against the whole parent when the costs file carries a calibration);
     throughput = batch * gen_len / (fixed_total_s + sum of the chosen blocks' total_s).
     Memory = weights + KV cache for batch x (prompt + generated) tokens, plus the parent's activation
     estimate from `puzzle.memory` as a fixed margin (so "fits" agrees with the costs stage's memory model).
@@ -95,17 +96,18 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
     dtype = str(data.get("dtype", "bfloat16")).removeprefix("torch.")
     if dtype not in DTYPE_BYTES:
         raise PuzzleError(f"{path}: unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    steps = workload.gen_len - 1  # decode steps after the prefill's first token
-    fixed = data["fixed"]
+    # Times come from `puzzle.costs.block_costs` / `fixed_costs` (calibration included), as `predict` does.
+    from puzzle.costs import block_costs, fixed_costs
+
+    fixed = fixed_costs(data, workload)
     arrays: dict[str, list[np.ndarray]] = {"total": [], "prefill": [], "params": [], "kv": []}
     for layer_cands in candidates:
         rows = []
         for block in layer_cands:
-            a = _variant(data["attention"], block.attention.name, "attention", path, workload.name)
-            f = _variant(data["ffn"], block.ffn.name, "ffn", path, workload.name)
-            prefill = a["prefill_s"] + f["prefill_s"]
-            rows.append((prefill + steps * (a["decode_step_s"] + f["decode_step_s"]), prefill,
-                         a["params"] + f["params"], a.get("kv_bytes_per_token", 0) + f.get("kv_bytes_per_token", 0)))
+            _variant(data["attention"], block.attention.name, "attention", path, workload.name)  # clear errors
+            _variant(data["ffn"], block.ffn.name, "ffn", path, workload.name)
+            c = block_costs(data, block, workload)
+            rows.append((c["total_s"], c["prefill_s"], c["params"], c["kv_bytes_per_token"]))
         cols = np.array(rows, dtype=float).reshape(-1, 4)
         for key, col in zip(arrays, cols.T):
             arrays[key].append(col)
@@ -113,8 +115,7 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
         device=device, workload=workload, dtype_bytes=DTYPE_BYTES[dtype],
         total_s=arrays["total"], prefill_s=arrays["prefill"], params=arrays["params"],
         kv_bytes_per_token=arrays["kv"],
-        fixed_total_s=float(fixed.get("prefill_s", 0.0)) + steps * float(fixed.get("decode_step_s", 0.0)),
-        fixed_prefill_s=float(fixed.get("prefill_s", 0.0)), fixed_params=int(fixed.get("params", 0)),
+        fixed_total_s=fixed["total_s"], fixed_prefill_s=fixed["prefill_s"], fixed_params=fixed["params"],
         fixed_memory_bytes=float((data.get("parent_memory") or {}).get("activation_bytes", 0.0)),
         estimate=data.get("kind") == "estimate",
     )

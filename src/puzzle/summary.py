@@ -7,10 +7,9 @@ held-out KL / agreement, and task accuracy retained. Absent artifacts show as '-
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
-
-from puzzle.distributed import init_distributed
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -68,11 +67,13 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def print_summary(run_dir: Path) -> None:
-    if not init_distributed().is_main:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints (the group is already torn down)
         return
     header, rows, workload = summary_rows(run_dir)
+    parent = _load(run_dir / "search" / "solutions.json").get("parent", {}).get(workload or "", {})
+    source = "ESTIMATED (analytic roofline, not measured)" if parent.get("estimate") else "measured"
     print(f"\nSummary of {run_dir} (throughput: workload {workload or '-'}; "
-          "predicted from measured or estimated per-block costs)")
+          f"predicted from {source} per-block costs)")
     print(format_table(header, rows))
     report = run_dir / "report.md"
     if report.exists():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from puzzle.errors import PuzzleError
 
@@ -47,3 +49,18 @@ def workload_by_name(name: str, workloads: tuple[Workload, ...] | list[Workload]
         if w.name == name:
             return w
     raise PuzzleError(f"unknown workload {name!r}; known: {[w.name for w in workloads]}")
+
+
+def resolve_workloads(names: list[str], run_dir: Path | None = None) -> list[Workload]:
+    """Workloads by name: those defined in the run's costs files first (custom shapes), then the defaults."""
+    known: list[Workload] = []
+    if run_dir is not None:
+        for path in sorted((Path(run_dir) / "costs").glob("*.json")):
+            try:
+                spec = json.loads(path.read_text()).get("workload")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(spec, dict) and spec.get("name") not in {w.name for w in known}:
+                known.append(Workload(**spec))
+    known += [w for w in DEFAULT_WORKLOADS if w.name not in {k.name for k in known}]
+    return [workload_by_name(n, known) for n in names]

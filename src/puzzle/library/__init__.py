@@ -118,6 +118,9 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         spaces = layer_spaces(cfg.search_space, parent.config)
         items = all_items(spaces)
         # Rank 0 decides what is finished, so every rank splits the same pending list.
+        if info.is_main:  # temporaries of a killed run (no rank writes yet): never entries, so drop them
+            for tmp in library_dir.glob("layer*/.*.tmp"):
+                tmp.unlink(missing_ok=True)
         pending = [it for it in items if not _finished(library_dir, it, train_hash)] if info.is_main else None
         pending = all_gather_objects(pending)[0]
         barrier()

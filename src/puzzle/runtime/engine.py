@@ -9,20 +9,21 @@ The model (`puzzle.model.PuzzleModel`) owns the weights; this module owns the in
   prompt run alone.
 - A decode step has static shapes (token ids, slot index and mask live in fixed tensors; attention reads a
   fixed-length prefix of the cache, rounded up to `bucket` slots), so it is captured once per prefix
-  length in a `torch.cuda.CUDAGraph`. Modes: "fused" (default on CUDA: torch.compile fuses the small
-  kernels, then manual capture), "manual" (eager kernels, manual capture), "compile" (torch.compile
+  length in a `torch.cuda.CUDAGraph`. Modes: "fused" (default on CUDA: each sub-block is one
+  torch.compile region that fuses its small kernels, then manual capture), "manual" (eager kernels, manual capture), "compile" (torch.compile
   "reduce-overhead"), "none" (eager; always on CPU). See `resolve_graph_mode` for the measured numbers.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from puzzle.errors import PuzzleError
-from puzzle.model import AttentionBlock, PuzzleModel, apply_rope
+from puzzle.model import AttentionBlock, FFNBlock, PuzzleModel, apply_rope
 from puzzle.runtime.kv_cache import LayerCache, StaticKVCache
 
 GraphMode = Literal["auto", "manual", "fused", "compile", "none"]
@@ -36,14 +37,34 @@ def gqa_attention(block: AttentionBlock, h: torch.Tensor, cos: torch.Tensor, sin
     keys only, which lets SDPA use its flash kernel. Otherwise mask is bool [B, 1, T, L] over the first
     L = cache.owner.attend_len slots.
     """
+    _, q, k, v = gqa_qkv(block, block.norm(h), None, cos, sin, normed=True)
+    return gqa_core(block, q, k, v, mask, cache)
+
+
+def gqa_qkv(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None, cos: torch.Tensor,
+            sin: torch.Tensor, normed: bool = False) -> tuple[torch.Tensor, ...]:
+    """(h + pending update) -> norm -> q [B, Nq, T, D], k, v [B, Nkv, T, D] with RoPE; returns (h, q, k, v).
+
+    The part of a GQA sub-block before the cache: one compiled region in "fused" mode (see `FusedRegions`).
+    """
     op = block.op
-    x = block.norm(h)
+    if update is not None:
+        h = h + update
+    x = h if normed else block.norm(h)
     b, t, _ = x.shape
     nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
     q = op.q_proj(x).view(b, t, nq, d).transpose(1, 2)  # [B, Nq, T, D]
     k = op.k_proj(x).view(b, t, nkv, d).transpose(1, 2)  # [B, Nkv, T, D]
     v = op.v_proj(x).view(b, t, nkv, d).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return h, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def gqa_core(block: AttentionBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+             cache: LayerCache) -> torch.Tensor:
+    """Cache write, attention over the cached prefix, o_proj: the residual update [B, T, H]."""
+    op = block.op
+    b, nq, t, d = q.shape
+    nkv = k.shape[1]
     cache.write(k, v)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=nq != nkv)  # [B, Nq, T, D]
@@ -72,13 +93,88 @@ def forward_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: 
     return h
 
 
+def residual_op(block: AttentionBlock | FFNBlock, h: torch.Tensor, update: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + pending update) -> norm -> op: a linear-attention or FFN sub-block as one region; returns (h, update)."""
+    if update is not None:
+        h = h + update
+    return h, block.op(block.norm(h))  # LinearAttention ignores the RoPE tables
+
+
+def head_logits(model: PuzzleModel, h: torch.Tensor, update: torch.Tensor | None, out: torch.Tensor) -> None:
+    """(h + pending update) -> final norm -> LM head -> fp32 logits written into out [B, V] (T == 1)."""
+    if update is not None:
+        h = h + update
+    weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    out.copy_(F.linear(model.norm(h[:, -1]), weight))
+
+
+class FusedRegions:
+    """The decode step's compiled regions, one per sub-block kind ("regional" compilation).
+
+    Each sub-block is compiled on its own, from the previous sub-block's pending residual add up to its
+    cache write, so the add fuses with the norm and RoPE with the projections, as a whole-step compile
+    would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
+    so compiling a model costs one compile per distinct sub-block variant, whatever its depth and
+    whatever the cached prefix length (the cache read stays outside the regions). And a sub-block runs
+    the same kernels in any model, so per-block costs measured on stacks of one variant add up to the
+    model's time (`puzzle.costs`); a whole-step compile fuses across layers differently per model.
+    """
+
+    def __init__(self, backend: str | None = "inductor") -> None:
+        # backend None: the plain functions (same decomposition, no compile; for tests on CPU)
+        wrap = (lambda fn: fn) if backend is None else (lambda fn: _compile(fn, backend))
+        self.gqa_qkv = wrap(gqa_qkv)
+        self.residual_op = wrap(residual_op)
+        self.head_logits = wrap(head_logits)
+
+
+_COMPILED: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
+
+
+def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    if (fn, backend) not in _COMPILED:
+        cfg = torch._dynamo.config
+        # One graph per distinct sub-block shape and batch size: allow many before falling back to eager.
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 512))
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
+        # dynamic=False: shapes never become symbolic (a second FFN width would otherwise turn every
+        # later compile dynamic, with slower kernels); each shape gets its own static graph.
+        _COMPILED[fn, backend] = torch.compile(fn, dynamic=False, backend=backend)
+    return _COMPILED[fn, backend]
+
+
+def fused_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                 cache: StaticKVCache, regions: FusedRegions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer as compiled regions; returns (h, pending update): h + update is the last hidden state.
+
+    The embedding enters as the first pending update onto zeros, so every region (and the head) always gets
+    a tensor update: one compiled graph per sub-block variant, not one more for the first layer.
+    """
+    h, update = torch.zeros_like(h), h
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        if layer.attention is not None:
+            if layer_cache is not None:
+                h, q, k, v = regions.gqa_qkv(layer.attention, h, update, cos, sin)
+                update = gqa_core(layer.attention, q, k, v, mask, layer_cache)
+            else:
+                h, update = regions.residual_op(layer.attention, h, update)
+        if layer.ffn is not None:
+            h, update = regions.residual_op(layer.ffn, h, update)
+    return h, update
+
+
 def resolve_graph_mode(mode: GraphMode, device: torch.device) -> str:
     if mode not in ("auto", "manual", "fused", "compile", "none"):
         raise PuzzleError(f"unknown graph mode {mode!r}; use auto, manual, fused, compile or none")
     if device.type != "cuda":
         return "none"  # CUDA graphs exist only on CUDA; CPU runs eagerly
-    # fused (torch.compile + manual graph capture) measured fastest on the H200: 5.44 ms/token for Llama-3.1-8B
-    # at batch 1, against 5.45 for torch.compile reduce-overhead, 7.29 for plain manual capture, 22.8 eager.
+    # "fused" (per-sub-block compiled regions + manual capture) is the default: D measured a whole-step
+    # compile at 5.44 ms/token for Llama-3.1-8B at batch 1 on the H200, against 7.29 for plain manual capture
+    # and 22.8 eager; the regions keep those fusions, compile once per sub-block variant, and keep per-block
+    # costs additive (benchmarks/README.md has the current numbers).
     return "fused" if mode == "auto" else mode
 
 
@@ -109,14 +205,8 @@ class Engine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._compiled = None
-        # "fused": torch.compile fuses the small element-wise kernels (norms, RoPE), then the manual capture.
-        self._step_fn = self._step
-        if self.graph_mode == "fused":
-            # Each engine is a new `self` for dynamo's guards: allow many engines before falling back to eager.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 1024)
-            self._step_fn = torch.compile(self._step)
+        # "fused": per-sub-block compiled regions (see FusedRegions), then the manual capture.
+        self._regions = FusedRegions() if self.graph_mode == "fused" else None
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -165,8 +255,12 @@ class Engine:
         h = self.model.embed(self.ids)  # [B, 1, H]
         cos, sin = self.model.rope(positions, h.dtype)
         mask = self.valid[:, None, None, :attend_len]  # [B, 1, 1, L]
-        h = forward_layers(self.model, h, cos, sin, mask, self.cache)
-        self.logits.copy_(self.model.head(h)[:, 0].float())
+        if self._regions is not None:
+            h, update = fused_layers(self.model, h, cos, sin, mask, self.cache, self._regions)
+            self._regions.head_logits(self.model, h, update, self.logits)
+        else:
+            h = forward_layers(self.model, h, cos, sin, mask, self.cache)
+            self.logits.copy_(self.model.head(h)[:, 0].float())
 
     def _replay(self, attend_len: int) -> None:
         graph = self._graphs.get(attend_len)
@@ -175,13 +269,13 @@ class Engine:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up (the step is idempotent: same slot, same values)
-                    self._step_fn(attend_len)
+                    self._step(attend_len)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step_fn(attend_len)
+                self._step(attend_len)
             self._graphs[attend_len] = graph
         graph.replay()
 
