@@ -13,7 +13,7 @@ import torch
 
 from gkd_helpers import damaged_child, tiny_parent, token_arrays
 from puzzle.config import from_dict
-from puzzle.distributed import distributed
+from puzzle.distributed import distributed, finish_process
 from puzzle.uptrain import UptrainConfig, train_gkd
 
 
@@ -33,3 +33,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.exit(finish_process(0))

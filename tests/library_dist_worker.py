@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from puzzle.distributed import finish_process
 from puzzle.library import LibraryConfig, SearchSpaceConfig, build_library
 from puzzle.model import build_model
 from puzzle.presets import tiny_llama_config
@@ -22,3 +23,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.exit(finish_process(0))

@@ -52,6 +52,13 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    # A torchrun worker whose gloo process group outlived its teardown must not finalize the interpreter.
+    dist_module = sys.modules.get("puzzle.distributed")  # imported only by commands that start a process group
+    return dist_module.finish_process(code) if dist_module is not None else code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:

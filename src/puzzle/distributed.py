@@ -7,7 +7,11 @@ LOCAL_RANK, MASTER_ADDR, ...) is all we read. Multi-node is torchrun's rendezvou
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
+import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,13 +63,44 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
+# Set when a gloo process group outlived destroy_process_group(); see finish_process().
+_lingering_gloo = False
+
+
 @contextlib.contextmanager
 def distributed(device: str | None = None) -> Iterator[DistInfo]:
     """init_distributed(), and tear the group down afterwards if this context created it."""
+    global _lingering_gloo
     created = launched_by_torchrun() and not dist.is_initialized()
     info = init_distributed(device)
     try:
         yield info
     finally:
         if created and dist.is_initialized():
+            group = dist.group.WORLD
+            gloo = dist.get_backend(group) == "gloo"
+            alive = weakref.ref(group)
+            del group
             dist.destroy_process_group()
+            gc.collect()
+            # FSDP2's DeviceMesh is held by torch's DTensor caches and holds the group, so a gloo group and its
+            # worker threads can survive destroy_process_group(). Those threads drop their last tensor references
+            # after a collective completes; one that does so while the interpreter finalizes aborts the process
+            # ("terminate called without an active exception", exit -6). finish_process() avoids finalizing then.
+            _lingering_gloo = _lingering_gloo or (gloo and alive() is not None)
+
+
+def lingering_process_group() -> bool:
+    """True when a gloo process group this process created is still alive after its teardown."""
+    return _lingering_gloo
+
+
+def finish_process(code: int) -> int:
+    """The exit code to return; but end the process at once (flushed, no interpreter finalization) when a gloo
+    process group outlived its teardown, because finalizing with its worker threads alive can abort (see above)."""
+    if not _lingering_gloo:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
