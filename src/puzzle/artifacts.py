@@ -123,6 +123,23 @@ def hash_paths(paths: list[str | Path]) -> str:
     return h.hexdigest()
 
 
+def fingerprint_files(path: str | Path, recursive: bool = False) -> list[list[Any]]:
+    """[name relative to `path`, size, mtime_ns] of the files in directory `path` (or of the file itself), sorted;
+    hidden names (temporaries, work directories, stamps) skipped, [] when missing. Cheap change detection:
+    multi-GB weights are not hashed."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = [f for f in found if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(path).parts)]
+    else:
+        return []
+    root = path.parent if path.is_file() else path
+    return sorted([str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files)
+
+
 def stage_is_current(out_dir: str | Path, inputs_hash: str) -> bool:
     stamp = Path(out_dir) / STAMP
     if not stamp.exists():

@@ -21,7 +21,15 @@ from typing import IO, Any, Literal, Protocol
 
 import numpy as np
 
-from puzzle.artifacts import atomic_dir, hash_file, hash_json, read_json, stage_is_current, write_json
+from puzzle.artifacts import (
+    atomic_dir,
+    hash_file,
+    hash_json,
+    hash_paths,
+    read_json,
+    stage_is_current,
+    write_json,
+)
 from puzzle.config import to_dict
 from puzzle.errors import PuzzleError
 
@@ -230,7 +238,9 @@ def run_data(run_dir: str | Path, cfg: DataConfig, tokenizer_path: str | Path | 
         tokenizer = _load_tokenizer(tokenizer_path)
     sources = [{"path": str(f), "sha256": hash_file(f), "bytes": f.stat().st_size} for f in files]
     tok_id = {"path": str(tokenizer_path), "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-              "eos_id": tokenizer.eos_id, "class": type(tokenizer).__name__}
+              "eos_id": tokenizer.eos_id, "class": type(tokenizer).__name__,
+              # the files' contents: a retrained tokenizer of the same size must not reuse the old tokens
+              "files_sha256": hash_paths(list(getattr(tokenizer, "files", [])))}
     inputs_hash = hash_json({"cfg": to_dict(cfg), "sources": sources, "tokenizer": tok_id})
     if stage_is_current(out, inputs_hash):
         print(f"data: {out} is current, nothing to do")

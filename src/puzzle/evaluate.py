@@ -16,7 +16,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from puzzle.artifacts import hash_json, mark_stage_done, read_json, stage_is_current, write_json
+from puzzle.artifacts import (
+    fingerprint_files,
+    hash_json,
+    mark_stage_done,
+    read_json,
+    stage_is_current,
+    write_json,
+)
 from puzzle.config import to_dict
 from puzzle.errors import PuzzleError
 from puzzle.gkd import loss_terms
@@ -41,6 +48,14 @@ class EvalConfig:
     device: str | None = None  # default: cuda when present
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     parent: str = "parent"
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise PuzzleError(f"eval.batch_size must be positive, got {self.batch_size}")
+        for name in ("max_sequences", "task_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise PuzzleError(f"eval.{name} must be positive (or unset), got {value}")
 
 
 @torch.no_grad()
@@ -159,12 +174,8 @@ def _model_dtype(cfg: EvalConfig, device: torch.device) -> torch.dtype:
 
 
 def _inputs_hash(run_dir: Path, models: dict[str, Path], cfg: EvalConfig) -> str:
-    def stamp(p: Path) -> list[Any]:
-        files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p] if p.exists() else []
-        return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files)
-
     paths = [run_dir / cfg.parent, run_dir / "data", *models.values(), *(Path(t.path) for t in cfg.tasks)]
-    return hash_json({"inputs": [[str(p), stamp(p)] for p in paths], "config": to_dict(cfg)})
+    return hash_json({"inputs": [[str(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
 
 
 def run_eval(run_dir: Path, cfg: EvalConfig) -> dict[str, Any]:

@@ -11,11 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from puzzle.artifacts import hash_json, hash_paths, mark_stage_done, read_json, stage_is_current
+from puzzle.artifacts import (
+    fingerprint_files,
+    hash_json,
+    hash_paths,
+    mark_stage_done,
+    read_json,
+    stage_is_current,
+)
 from puzzle.blocks import BlockConfig
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleModel
-from puzzle.scoring import dir_fingerprint, library_provider
+from puzzle.scoring import library_provider
 
 
 def build_child(parent: PuzzleModel, library: Any, blocks: list[BlockConfig]) -> PuzzleModel:
@@ -51,10 +58,12 @@ def run_realize(run_dir: Path, solution_name: str) -> Path:
 
     run_dir = Path(run_dir)
     solutions_path = run_dir / "search" / "solutions.json"
+    if not solutions_path.exists():
+        raise PuzzleError(f"{solutions_path} does not exist; run `puzzle search {run_dir}` first")
     solution = find_solution(read_json(solutions_path), solution_name)
     out_dir = run_dir / "children" / solution_name
     inputs_hash = hash_json({"solution": solution, "library": hash_paths([run_dir / "library" / "library.json"]),
-                             "parent": dir_fingerprint(run_dir / "parent")})
+                             "parent": fingerprint_files(run_dir / "parent", recursive=True)})
     if stage_is_current(out_dir, inputs_hash) and (out_dir / "config.json").exists():
         return out_dir
     parent = load_model(run_dir / "parent")

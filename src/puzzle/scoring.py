@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from puzzle.artifacts import (
+    fingerprint_files,
     hash_json,
     hash_paths,
     mark_stage_done,
@@ -313,21 +314,13 @@ def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
     return provide
 
 
-def dir_fingerprint(path: Path) -> list[tuple[str, int, int]]:
-    """(name, size, mtime) of every file under `path`: cheap change detection for multi-GB weights."""
-    if not path.exists():
-        return []
-    return [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-            for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
-
-
 def _inputs_hash(run_dir: Path, cfg: ScoreConfig) -> str:
     # Small manifests are hashed; weight files are fingerprinted by size and mtime (hashing 140 GB is slow).
     manifests = [run_dir / "library" / "library.json", run_dir / "data" / "manifest.json"]
     if cfg.task_file:
         manifests.append(Path(cfg.task_file))
     return hash_json({"files": hash_paths([p for p in manifests if p.exists()]),
-                      "parent": dir_fingerprint(run_dir / "parent"), "config": to_dict(cfg)})
+                      "parent": fingerprint_files(run_dir / "parent", recursive=True), "config": to_dict(cfg)})
 
 
 def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:

@@ -331,6 +331,8 @@ def run_search(run_dir: Path, cfg: SearchConfig) -> Path:
     """Solve and write search/solutions.json + search/solutions.csv; does nothing when current."""
     run_dir = Path(run_dir)
     out_dir = run_dir / "search"
+    if not (run_dir / "scores" / "scores.json").exists():
+        raise PuzzleError(f"{run_dir / 'scores' / 'scores.json'} does not exist; run `puzzle score {run_dir}` first")
     inputs_files = [run_dir / "scores" / "scores.json", *sorted((run_dir / "costs").glob("*.json"))]
     inputs_hash = hash_json({"files": hash_paths([p for p in inputs_files if p.exists()]), "config": to_dict(cfg)})
     if stage_is_current(out_dir, inputs_hash) and (out_dir / "solutions.json").exists():

@@ -73,7 +73,10 @@ class HFTokenizer:
 
         self.dir = Path(model_dir)
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(self.dir))
+            # Never run a model's remote code for its tokenizer: with trust_remote_code unset, transformers asks on
+            # stdin (and waits) when config.json maps remote classes, as a Nemotron-NAS export does.
+            self.tok = AutoTokenizer.from_pretrained(str(self.dir), trust_remote_code=False,
+                                                     **_config_override(self.dir))
         except (OSError, ValueError) as e:
             raise PuzzleError(f"cannot load the tokenizer in {self.dir} ({e}); check its tokenizer files") from None
         self.bos_id = self.tok.bos_token_id
@@ -92,6 +95,21 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
+
+
+def _config_override(model_dir: Path) -> dict[str, object]:
+    """`config=` for AutoTokenizer when config.json names remote code: a blank config, so that transformers
+    neither imports that code nor warns about a model type it cannot load; the class comes from
+    tokenizer_config.json."""
+    import json
+
+    from transformers import PretrainedConfig
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"config": PretrainedConfig()} if isinstance(config, dict) and "auto_map" in config else {}
 
 
 def _llama2c_tokenizer_beside(path: Path) -> Path | None:

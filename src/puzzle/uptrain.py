@@ -24,11 +24,20 @@ import torch.distributed as dist
 from torch import nn
 
 from puzzle import parallel
-from puzzle.artifacts import atomic_dir, atomic_path, hash_json, mark_stage_done, stage_is_current, write_json
+from puzzle.artifacts import (
+    atomic_dir,
+    atomic_path,
+    fingerprint_files,
+    hash_json,
+    mark_stage_done,
+    stage_is_current,
+    write_json,
+)
 from puzzle.config import to_dict
 from puzzle.distributed import DistInfo, all_gather_objects, barrier, distributed
 from puzzle.errors import PuzzleError
 from puzzle.gkd import LossTerms, loss_terms
+from puzzle.lr_schedule import warmup_cosine
 from puzzle.model import PuzzleModel, RotaryEmbedding
 
 
@@ -66,6 +75,16 @@ class UptrainConfig:
         if min(self.cosine_weight, self.kl_weight, self.lm_weight) < 0 or \
                 self.cosine_weight + self.kl_weight + self.lm_weight == 0:
             raise PuzzleError("uptrain loss weights must be >= 0 and not all zero (e.g. kl_weight=1)")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise PuzzleError(f"uptrain.lr must be positive and weight_decay, grad_clip >= 0 (got lr={self.lr}, "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise PuzzleError(f"uptrain.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise PuzzleError(f"uptrain.{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_batches <= 0:
+            raise PuzzleError(f"uptrain.val_batches must be positive, got {self.val_batches}")
 
 
 @dataclass
@@ -135,14 +154,7 @@ def total_steps(cfg: UptrainConfig, seq_len: int, world: int) -> int:
 
 def lr_lambda(cfg: UptrainConfig, steps: int) -> Callable[[int], float]:
     warmup = min(cfg.warmup_steps, max(steps - 1, 0))
-
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        progress = min(1.0, (s - warmup) / max(1, steps - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    return lambda s: warmup_cosine(s, steps, warmup, cfg.min_lr_ratio)
 
 
 # ---- one step ---------------------------------------------------------------------------------------------
@@ -325,13 +337,6 @@ def _trajectory_config(cfg: UptrainConfig) -> dict[str, Any]:
 # ---- the stage --------------------------------------------------------------------------------------------
 
 
-def _fingerprint_dir(path: Path) -> list[Any]:
-    """Cheap identity of a directory's top-level files (name, size, mtime): a 70B child is not re-hashed."""
-    if not path.exists():
-        return [str(path), None]
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.iterdir() if f.is_file())
-
-
 def unshard_to_plain(model: nn.Module, config: Any, dtype: torch.dtype) -> PuzzleModel | None:
     """Collective: the full trained weights as a plain CPU PuzzleModel on rank 0 (None elsewhere)."""
     state = parallel.full_model_state(model)
@@ -354,8 +359,9 @@ def run_uptrain(run_dir: Path, child_dir: Path, cfg: UptrainConfig) -> Path:
     parent_dir = run_dir / cfg.parent
     if not child_dir.is_dir():
         raise PuzzleError(f"child directory {child_dir} does not exist; run `puzzle realize` first")
-    inputs = {"child": _fingerprint_dir(child_dir), "parent": _fingerprint_dir(parent_dir),
-              "data": _fingerprint_dir(run_dir / "data"), "config": _trajectory_config(cfg)}
+    # Top-level files only: a 70B child is not re-hashed, and the child's own uptrained/ output is not an input.
+    inputs = {"child": fingerprint_files(child_dir), "parent": fingerprint_files(parent_dir),
+              "data": fingerprint_files(run_dir / "data"), "config": _trajectory_config(cfg)}
     inputs_hash = hash_json(inputs)
     if stage_is_current(out, inputs_hash):
         return out

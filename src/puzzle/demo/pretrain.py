@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from puzzle.errors import PuzzleError
+from puzzle.lr_schedule import warmup_cosine
 from puzzle.model import PuzzleModel
 
 
@@ -25,10 +25,7 @@ class PretrainConfig:
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * warmup_cosine(step, total, warmup, 0.1)
 
 
 def pretrain(model: PuzzleModel, tokens: np.ndarray, cfg: PretrainConfig, progress: bool = True) -> list[float]:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from puzzle.blocks import BlockConfig
 from puzzle.library.init import CalibrationStats, init_attention, init_ffn, swiglu_activations
 from puzzle.library.store import LibraryEntry
+from puzzle.lr_schedule import warmup_cosine
 from puzzle.model import PuzzleModel
 
 if TYPE_CHECKING:
@@ -202,13 +203,7 @@ def validate(parent: PuzzleModel, cands: list[Candidate], batches: Batches, n_ba
 def _schedule(steps: int, warmup_fraction: float, min_lr_fraction: float):
     warmup = max(1, math.ceil(warmup_fraction * steps)) if warmup_fraction > 0 else 0
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return min_lr_fraction + (1 - min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+    return lambda step: warmup_cosine(step, steps, warmup, min_lr_fraction)
 
 
 @dataclass
