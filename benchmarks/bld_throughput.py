@@ -17,10 +17,7 @@ parent tokens/s = training tokens each variant sees (steps x batch x seq_len) / 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _meta import metadata
 
 from puzzle.artifacts import write_json
 from puzzle.blocks import ModelConfig, uniform_blocks
@@ -76,14 +74,6 @@ def measure(model: ModelConfig, layers: list[int], round_to: int, seq_len: int, 
             "peak_gib_rank0": peak}
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON results path")
@@ -111,6 +101,8 @@ def main() -> int:
                     p.error(f"unknown model {name!r}")
         results = []
         for name, (model, layers, round_to) in runs.items():
+            # Warm-up (CUDA context, cuBLAS heuristics, allocator) so neither timed mode pays for it.
+            measure(model, layers[:1], round_to, args.seq_len, args.batch, 1, False, device)
             row = {"model": name, "world_size": info.world_size}
             fused = measure(model, layers, round_to, args.seq_len, args.batch, args.steps, False, device)
             row["fused"] = fused
@@ -122,12 +114,8 @@ def main() -> int:
             if info.is_main:
                 print(json.dumps(row), flush=True)
         if info.is_main:
-            write_json(args.out, {
-                "benchmark": "bld_throughput", "date": datetime.datetime.now(datetime.UTC).isoformat(),
-                "machine": platform.node(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                "world_size": info.world_size, "torch": torch.__version__, "command": " ".join(sys.argv),
-                "git_commit": git_commit(), "results": results,
-            })
+            write_json(args.out, {"meta": metadata(), "benchmark": "bld_throughput",
+                                  "world_size": info.world_size, "results": results})
     return 0
 
 
