@@ -35,8 +35,9 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
             workload = c["workload"]
             break
     predicted = {s["name"]: s["predicted"] for s in solutions.get("solutions", [])}
-    header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "meas. tok/s", "KL", "top-1", "ppl",
-              "retained %"]
+    tasks = list(dict.fromkeys(t for res in evaluation.values() for t in res.get("retention_pct", {})))
+    header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "meas. tok/s", "meas. speed-up", "KL",
+              "top-1", "ppl", *[f"{t} acc (ret. %)" for t in tasks]]
     rows = []
     names = list(evaluation) or ["parent"]
     for name in names:
@@ -51,12 +52,19 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
             _fmt(pred.get("throughput_tok_s"), ".0f"),
             _fmt(speedup, ".2f"),
             _fmt(measured.get("output_tokens_per_s"), ".0f"),
+            _fmt(res.get("speedup", {}).get(workload), ".3f"),
             _fmt(res.get("kl_to_parent"), ".4f"),
             _fmt(res.get("agreement"), ".3f"),
             _fmt(res.get("perplexity"), ".2f"),
-            _fmt(res.get("mean_retention_pct"), ".1f"),
+            *[_task_cell(res, t) for t in tasks],
         ])
     return header, rows, workload
+
+
+def _task_cell(res: dict[str, Any], task: str) -> str:
+    acc = res.get("tasks", {}).get(task, {}).get("accuracy")
+    ret = res.get("retention_pct", {}).get(task)
+    return "-" if acc is None else f"{acc:.3f} ({_fmt(ret, '.1f')})"
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
