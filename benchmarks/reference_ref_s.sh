@@ -13,6 +13,7 @@ RUN=runs/ref-s
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
   > "$OUT/ref_s_env.txt" 2>&1
+[ -f .carry/git_state.json ] && cp .carry/git_state.json "$OUT/git_state.json"  # saved by: python benchmarks/_meta.py
 start=$(date +%s)
 timeout "${LIMIT:-540}" python3 -m puzzle.cli run configs/ref-s.yaml run_dir=$RUN "$@" 2>&1 \
   | grep --line-buffered -v -E '^\s*$|it/s\]$' | tee "$OUT/ref_s_run.log"
