@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from puzzle.errors import PuzzleError
@@ -75,7 +76,7 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
         raise PuzzleError(f"{path} does not exist")
     try:
         return load_file(str(path), device=device)
-    except Exception as e:  # safetensors raises several types for a damaged file
+    except (SafetensorError, OSError, ValueError) as e:  # the types safetensors raises for a damaged file
         raise PuzzleError(f"{path} is not a readable safetensors file ({e}); it may be truncated: re-create it") from None
 
 

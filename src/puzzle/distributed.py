@@ -38,7 +38,7 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device: str | None = None, backend: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); else rank 0 of 1."""
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(dev)

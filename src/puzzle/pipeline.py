@@ -8,6 +8,7 @@ run on rank 0 while the others wait. World size 1 is the same code path.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -72,7 +73,10 @@ def chosen_solutions(run_dir: Path, cfg: RealizeConfig) -> list[str]:
 
 
 def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], object]]:
-    """Each stage as a no-argument callable (imports stay local so `--until data` loads little)."""
+    """Each stage as a no-argument callable; modules load only when their stage runs."""
+
+    def call(module: str, function: str, *args: object) -> Callable[[], object]:
+        return lambda: getattr(importlib.import_module(module), function)(*args)
 
     def realize() -> None:
         from puzzle.realize import run_realize
@@ -86,48 +90,18 @@ def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], obj
         for name in chosen_solutions(run_dir, cfg.realize):
             run_uptrain(run_dir, run_dir / "children" / name, cfg.uptrain)
 
-    def _import() -> None:
-        from puzzle.importer import run_import
-
-        run_import(run_dir, cfg.parent)
-
-    def data() -> None:
-        from puzzle.data import run_data
-
-        run_data(run_dir, cfg.data)
-
-    def library() -> None:
-        from puzzle.library import run_library
-
-        run_library(run_dir, cfg.library)
-
-    def score() -> None:
-        from puzzle.scoring import run_score
-
-        run_score(run_dir, cfg.score)
-
-    def costs() -> None:
-        from puzzle.costs import run_costs
-
-        run_costs(run_dir, cfg.costs)
-
-    def search() -> None:
-        from puzzle.search import run_search
-
-        run_search(run_dir, cfg.search)
-
-    def evaluate() -> None:
-        from puzzle.evaluate import run_eval
-
-        run_eval(run_dir, cfg.eval)
-
-    def report() -> None:
-        from puzzle.report import run_report
-
-        run_report(run_dir, cfg.report)
-
-    return {"import": _import, "data": data, "library": library, "score": score, "costs": costs,
-            "search": search, "realize": realize, "uptrain": uptrain, "eval": evaluate, "report": report}
+    return {
+        "import": call("puzzle.importer", "run_import", run_dir, cfg.parent),
+        "data": call("puzzle.data", "run_data", run_dir, cfg.data),
+        "library": call("puzzle.library", "run_library", run_dir, cfg.library),
+        "score": call("puzzle.scoring", "run_score", run_dir, cfg.score),
+        "costs": call("puzzle.costs", "run_costs", run_dir, cfg.costs),
+        "search": call("puzzle.search", "run_search", run_dir, cfg.search),
+        "realize": realize,
+        "uptrain": uptrain,
+        "eval": call("puzzle.evaluate", "run_eval", run_dir, cfg.eval),
+        "report": call("puzzle.report", "run_report", run_dir, cfg.report),
+    }
 
 
 def select_stages(start: str | None, until: str | None) -> list[str]:
