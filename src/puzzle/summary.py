@@ -6,17 +6,16 @@ held-out KL / agreement, and task accuracy retained. Absent artifacts show as '-
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from puzzle.artifacts import read_json
+
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    """An absent artifact shows as '-'; a corrupt one is an error (read_json names the file and the fix)."""
+    return read_json(path) if path.exists() else {}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -46,9 +45,10 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
         pred = (predicted_parent if name == "parent" else predicted.get(base, {})).get(workload, {})
         measured = res.get("throughput", {}).get(workload, {}) if workload else {}
         speedup = 1.0 if name == "parent" and pred else pred.get("speedup")
+        params = res.get("params", pred.get("params"))
         rows.append([
             name,
-            _fmt(res.get("params", pred.get("params")) and res.get("params", pred.get("params")) / 1e6, ".2f"),
+            _fmt(params / 1e6 if params is not None else None, ".2f"),
             _fmt(pred.get("throughput_tok_s"), ".0f"),
             _fmt(speedup, ".2f"),
             _fmt(measured.get("output_tokens_per_s"), ".0f"),
