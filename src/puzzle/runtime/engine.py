@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.errors import PuzzleError
-from puzzle.model import AttentionBlock, FFNBlock, PuzzleModel, apply_rope
+from puzzle.model import AttentionBlock, FFNBlock, GQAAttention, PuzzleModel, apply_rope
+from puzzle.runtime.fusion import fuse_projections
 from puzzle.runtime.kv_cache import LayerCache, StaticKVCache
 
 GraphMode = Literal["auto", "manual", "fused", "compile", "none"]
@@ -41,22 +42,49 @@ def gqa_attention(block: AttentionBlock, h: torch.Tensor, cos: torch.Tensor, sin
     return gqa_core(block, q, k, v, mask, cache)
 
 
-def gqa_qkv(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None, cos: torch.Tensor,
-            sin: torch.Tensor, normed: bool = False) -> tuple[torch.Tensor, ...]:
-    """(h + pending update) -> norm -> q [B, Nq, T, D], k, v [B, Nkv, T, D] with RoPE; returns (h, q, k, v).
-
-    The part of a GQA sub-block before the cache: one compiled region in "fused" mode (see `FusedRegions`).
-    """
-    op = block.op
-    if update is not None:
-        h = h + update
-    x = h if normed else block.norm(h)
+def project_qkv(op: GQAAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normed x [B, T, H] -> q [B, Nq, T, D], k, v [B, Nkv, T, D] (before RoPE); one GEMV when fused."""
     b, t, _ = x.shape
     nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
-    q = op.q_proj(x).view(b, t, nq, d).transpose(1, 2)  # [B, Nq, T, D]
-    k = op.k_proj(x).view(b, t, nkv, d).transpose(1, 2)  # [B, Nkv, T, D]
-    v = op.v_proj(x).view(b, t, nkv, d).transpose(1, 2)
+    fused = getattr(op, "qkv_weight", None)  # see puzzle.runtime.fusion
+    if fused is None:
+        q, k, v = op.q_proj(x), op.k_proj(x), op.v_proj(x)
+    else:
+        q, k, v = F.linear(x, fused, getattr(op, "qkv_bias", None)).split([nq * d, nkv * d, nkv * d], dim=-1)
+    return (q.reshape(b, t, nq, d).transpose(1, 2), k.reshape(b, t, nkv, d).transpose(1, 2),
+            v.reshape(b, t, nkv, d).transpose(1, 2))
+
+
+def run_ffn(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An FFN op on normed x [B, T, H]; a fused SwiGLU runs gate and up as one GEMV."""
+    fused = getattr(op, "gate_up_weight", None)  # see puzzle.runtime.fusion
+    if fused is None:
+        return op(x)
+    gate, up = F.linear(x, fused).chunk(2, dim=-1)  # [B, T, I] each
+    return op.down_proj(F.silu(gate) * up)
+
+
+def gqa_qkv(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None, cos: torch.Tensor,
+            sin: torch.Tensor, normed: bool = False) -> tuple[torch.Tensor, ...]:
+    """(h + pending update) -> norm -> q [B, Nq, T, D], k, v [B, Nkv, T, D] with RoPE; returns (h, q, k, v)."""
+    if update is not None:
+        h = h + update
+    q, k, v = project_qkv(block.op, h if normed else block.norm(h))
     return h, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def gqa_qkv_write(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gqa_qkv`, then k/v written into the cache [B, Nkv, S, D] at `slots` [T]; returns (h, q).
+
+    The part of a GQA sub-block before attention: one compiled region in "fused" mode (see `FusedRegions`),
+    so RoPE on k and the cache write become one kernel.
+    """
+    h, q, k, v = gqa_qkv(block, h, update, cos, sin)
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
+    return h, q
 
 
 def gqa_core(block: AttentionBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -64,19 +92,28 @@ def gqa_core(block: AttentionBlock, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """Cache write, attention over the cached prefix, o_proj: the residual update [B, T, H]."""
     op = block.op
     b, nq, t, d = q.shape
-    nkv = k.shape[1]
     cache.write(k, v)
     if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=nq != nkv)  # [B, Nq, T, D]
-    else:
-        n = cache.owner.attend_len
-        group = nq // nkv
-        # Fold each KV group's queries into the query axis: [B, Nkv, G*T, D]; the mask repeats per group.
-        qg = q.reshape(b, nkv, group * t, d)
-        m = mask if t == 1 else mask.repeat(1, 1, group, 1)  # [B, 1, G*T, L] (broadcast when T == 1)
-        out = F.scaled_dot_product_attention(qg, cache.k[:, :, :n], cache.v[:, :, :n], attn_mask=m)
-        out = out.reshape(b, nq, t, d)  # SDPA's output may be non-contiguous on CUDA
-    return op.o_proj(out.transpose(1, 2).reshape(b, t, nq * d))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=nq != k.shape[1])  # [B, Nq, T, D]
+        return op.o_proj(out.transpose(1, 2).reshape(b, t, nq * d))
+    return gqa_attend(block, q, mask, cache)
+
+
+def gqa_attend(block: AttentionBlock, q: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """q [B, Nq, T, D] over the first L = cache.owner.attend_len cached slots, then o_proj: [B, T, H].
+
+    mask [B, 1, T, L]: bool (True = attend) or additive (0 / large negative), broadcast over heads.
+    """
+    b, nq, t, d = q.shape
+    nkv = cache.k.shape[1]
+    n = cache.owner.attend_len
+    group = nq // nkv
+    # Fold each KV group's queries into the query axis: [B, Nkv, G*T, D]; the mask repeats per group.
+    qg = q.reshape(b, nkv, group * t, d)
+    m = mask if t == 1 else mask.repeat(1, 1, group, 1)  # [B, 1, G*T, L] (broadcast when T == 1)
+    out = F.scaled_dot_product_attention(qg, cache.k[:, :, :n], cache.v[:, :, :n], attn_mask=m)
+    out = out.reshape(b, nq, t, d)  # SDPA's output may be non-contiguous on CUDA
+    return block.op.o_proj(out.transpose(1, 2).reshape(b, t, nq * d))
 
 
 def forward_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -89,7 +126,7 @@ def forward_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: 
             else:
                 h = h + layer.attention(h, cos, sin)  # linear attention: no keys, no cache
         if layer.ffn is not None:
-            h = h + layer.ffn(h)
+            h = h + run_ffn(layer.ffn.op, layer.ffn.norm(h))
     return h
 
 
@@ -98,7 +135,8 @@ def residual_op(block: AttentionBlock | FFNBlock, h: torch.Tensor, update: torch
     """(h + pending update) -> norm -> op: a linear-attention or FFN sub-block as one region; returns (h, update)."""
     if update is not None:
         h = h + update
-    return h, block.op(block.norm(h))  # LinearAttention ignores the RoPE tables
+    x = block.norm(h)
+    return h, (run_ffn(block.op, x) if isinstance(block, FFNBlock) else block.op(x))
 
 
 def head_logits(model: PuzzleModel, h: torch.Tensor, update: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -124,7 +162,7 @@ class FusedRegions:
     def __init__(self, backend: str | None = "inductor") -> None:
         # backend None: the plain functions (same decomposition, no compile; for tests on CPU)
         wrap = (lambda fn: fn) if backend is None else (lambda fn: _compile(fn, backend))
-        self.gqa_qkv = wrap(gqa_qkv)
+        self.gqa_qkv_write = wrap(gqa_qkv_write)
         self.residual_op = wrap(residual_op)
         self.head_logits = wrap(head_logits)
 
@@ -157,8 +195,9 @@ def fused_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: to
     for layer, layer_cache in zip(model.layers, cache.layers):
         if layer.attention is not None:
             if layer_cache is not None:
-                h, q, k, v = regions.gqa_qkv(layer.attention, h, update, cos, sin)
-                update = gqa_core(layer.attention, q, k, v, mask, layer_cache)
+                h, q = regions.gqa_qkv_write(layer.attention, h, update, cos, sin, layer_cache.k, layer_cache.v,
+                                             cache.slots)
+                update = gqa_attend(layer.attention, q, mask, layer_cache)
             else:
                 h, update = regions.residual_op(layer.attention, h, update)
         if layer.ffn is not None:
@@ -182,7 +221,8 @@ class Engine:
     """Prefill + decode for one batch size and maximum sequence length (prompt + generated)."""
 
     def __init__(self, model: PuzzleModel, batch_size: int, max_seq_len: int, graphs: GraphMode = "auto",
-                 bucket: int = 256) -> None:
+                 bucket: int = 256, fuse: bool | None = None) -> None:
+        """fuse: run q/k/v and gate/up as single GEMVs (`puzzle.runtime.fusion`); None = on CUDA only."""
         config = model.config
         if max_seq_len > config.max_position_embeddings:
             raise PuzzleError(
@@ -194,6 +234,7 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.graph_mode = resolve_graph_mode(graphs, self.device)
+        fuse_projections(model, self.device.type == "cuda" if fuse is None else fuse)
         self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype)
         b, s, dev = batch_size, max_seq_len, self.device
         self.valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # [B, S] slots holding real tokens
@@ -254,7 +295,8 @@ class Engine:
         positions = (self.slot - self.pad)[:, None]  # [B, 1]
         h = self.model.embed(self.ids)  # [B, 1, H]
         cos, sin = self.model.rope(positions, h.dtype)
-        mask = self.valid[:, None, None, :attend_len]  # [B, 1, 1, L]
+        # Additive mask [B, 1, 1, L], built once per step rather than converted from bool in every layer's SDPA.
+        mask = (~self.valid[:, None, None, :attend_len]).to(h.dtype) * torch.finfo(h.dtype).min
         if self._regions is not None:
             h, update = fused_layers(self.model, h, cos, sin, mask, self.cache, self._regions)
             self._regions.head_logits(self.model, h, update, self.logits)

@@ -1,0 +1,144 @@
+"""Where the decode step's time goes: inter-token latency per runtime variant, and a per-kernel profile.
+
+Llama-3.1-8B shape, random weights, bf16, prompt 128 + 128 generated tokens, greedy. For each variant (the
+runtime with fused or separate projection GEMVs, under inductor settings) it records the inter-token
+latency at each batch size, the ratio to the memory-bandwidth floor at batch 1, and at batch 1 the GPU time
+of every kernel in one decode step (torch.profiler over eager calls of the step, graphs off) next to the
+captured step's time, so the launch gaps show. Run it with another `PYTHONPATH` to profile older code.
+
+    python benchmarks/decode_profile.py --out /tmp/profile.json [--variants unfused,fused,fused-cdt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import metadata
+
+from puzzle.bench import decode_step_bytes
+from puzzle.model import build_model
+from puzzle.presets import llama31_8b_config, tiny_llama_config
+from puzzle.runtime import engine as engine_mod
+from puzzle.runtime.engine import Engine
+from puzzle.runtime.timing import measure_bandwidth, sync
+from puzzle.workloads import Workload
+
+PROMPT, GEN = 128, 128
+
+
+def set_variant(name: str) -> dict[str, Any]:
+    """Inductor settings of a variant (fresh compiles); returns the Engine keyword arguments."""
+    import torch._inductor.config as ic
+
+    torch._dynamo.reset()
+    getattr(engine_mod, "_COMPILED", {}).clear()
+    ic.coordinate_descent_tuning = "cdt" in name
+    ic.max_autotune = "autotune" in name
+    kwargs: dict[str, Any] = {}
+    if "fuse" in inspect.signature(Engine.__init__).parameters:
+        kwargs["fuse"] = name.startswith("fused")
+    return kwargs
+
+
+@torch.inference_mode()
+def inter_token_s(model: torch.nn.Module, batch: int, kwargs: dict[str, Any], repeats: int = 3) -> float:
+    """Best-of-`repeats` mean decode-step wall time over GEN-1 steps (host never waits: argmax stays on GPU)."""
+    dev = model.embed_tokens.weight.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=dev)
+    engine = Engine(model, batch, PROMPT + GEN, **kwargs)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run captures the graphs
+        tok = engine.prefill(ids).argmax(-1)
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(GEN - 1):
+            tok = engine.decode(tok).argmax(-1)
+        sync(dev)
+        best = min(best, (time.perf_counter() - t0) / (GEN - 1))
+    return best
+
+
+@torch.inference_mode()
+def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], steps: int = 5) -> list[dict[str, Any]]:
+    """GPU microseconds per decode step of each kernel (eager calls of the step: regions compiled, no graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = model.embed_tokens.weight.device
+    engine = Engine(model, 1, PROMPT + GEN, **kwargs)
+    engine.prefill(torch.randint(0, model.config.vocab_size, (1, PROMPT), device=dev))
+    n = engine.attend_len(engine.length)
+    engine.slot.fill_(engine.length)
+    engine.cache.set_slots(engine.slot, attend_len=n)
+    for _ in range(3):
+        engine._step(n)
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine._step(n)
+        sync(dev)
+    per: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if dev.type != "cuda" or e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name].append(e.device_time if dev.type == "cuda" else e.cpu_time)
+    rows = [{"kernel": k[:140], "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps}
+            for k, v in per.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default="unfused,fused")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--label", default="", help="e.g. the code's commit, when profiling older code")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip variants once this much time has passed")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on this machine's device (smoke test)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = tiny_llama_config(num_layers=2, num_kv_heads=2) if args.tiny else llama31_8b_config()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = build_model(cfg, device=dev, dtype=dtype, seed=0).eval()
+    bw = measure_bandwidth(dev, nbytes=(1 << 30) if dev.type == "cuda" else (64 << 20))
+    floor = decode_step_bytes(cfg, Workload("b1", 1, PROMPT, GEN), dtype.itemsize) / bw
+    out: dict[str, Any] = {"meta": metadata(), "benchmark": "decode_profile", "label": args.label,
+                           "bandwidth_bytes_per_s": bw, "floor_s_batch1": floor, "variants": {}}
+    for name in args.variants.split(","):
+        if time.perf_counter() - t_start > args.budget_s:
+            out["variants"][name] = {"skipped": "time budget"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            kwargs = set_variant(name)
+            res: dict[str, Any] = {"itl_s": {}}
+            for b in (int(x) for x in args.batches.split(",")):
+                res["itl_s"][b] = inter_token_s(model, b, kwargs)
+                print(name, "batch", b, f"{res['itl_s'][b] * 1e3:.3f} ms", flush=True)
+            if 1 in res["itl_s"]:
+                res["floor_ratio_batch1"] = res["itl_s"][1] / floor
+            res["kernels"] = kernel_profile(model, kwargs)
+            res["kernel_sum_us"] = sum(r["us_per_step"] for r in res["kernels"])
+            for r in res["kernels"][:25]:
+                print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel'][:100]}")
+            print(name, "floor ratio", res.get("floor_ratio_batch1"), "kernel sum us", res["kernel_sum_us"])
+        except Exception as e:  # noqa: BLE001  record the failure and go on with the other variants
+            res = {"error": f"{type(e).__name__}: {e}"[:800]}
+            print(name, res, flush=True)
+        res["wall_s"] = time.perf_counter() - t0
+        out["variants"][name] = res
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"floor {floor * 1e3:.3f} ms at {bw / 1e12:.2f} TB/s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
