@@ -12,6 +12,7 @@ captured step's time, so the launch gaps show. Run it with another `PYTHONPATH` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
@@ -48,6 +49,17 @@ def set_variant(name: str) -> dict[str, Any]:
     if "fuse" in inspect.signature(Engine.__init__).parameters:
         kwargs["fuse"] = name.startswith("fused")
     return kwargs
+
+
+def sdpa_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """The SDPA backend a variant forces ("-eff", "-math", "-cudnn" in its name); none: SDPA's own choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for tag, backend in (("eff", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH),
+                         ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        if f"-{tag}" in name:
+            return sdpa_kernel([backend])
+    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
@@ -113,6 +125,7 @@ def main() -> None:
     floor = decode_step_bytes(cfg, Workload("b1", 1, PROMPT, GEN), dtype.itemsize) / bw
     out: dict[str, Any] = {"meta": metadata(), "benchmark": "decode_profile", "label": args.label,
                            "bandwidth_bytes_per_s": bw, "floor_s_batch1": floor, "variants": {}}
+    stack = contextlib.ExitStack()
     for name in args.variants.split(","):
         if time.perf_counter() - t_start > args.budget_s:
             out["variants"][name] = {"skipped": "time budget"}
@@ -120,6 +133,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             kwargs = set_variant(name)
+            stack.enter_context(sdpa_backend(name))
             res: dict[str, Any] = {"itl_s": {}}
             for b in (int(x) for x in args.batches.split(",")):
                 res["itl_s"][b] = inter_token_s(model, b, kwargs)
@@ -134,6 +148,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001  record the failure and go on with the other variants
             res = {"error": f"{type(e).__name__}: {e}"[:800]}
             print(name, res, flush=True)
+        stack.close()
         res["wall_s"] = time.perf_counter() - t0
         out["variants"][name] = res
         Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")

@@ -96,11 +96,11 @@ def gqa_core(block: AttentionBlock, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=nq != k.shape[1])  # [B, Nq, T, D]
         return op.o_proj(out.transpose(1, 2).reshape(b, t, nq * d))
-    return gqa_attend(block, q, mask, cache)
+    return op.o_proj(attend_prefix(q, mask, cache))
 
 
-def gqa_attend(block: AttentionBlock, q: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """q [B, Nq, T, D] over the first L = cache.owner.attend_len cached slots, then o_proj: [B, T, H].
+def attend_prefix(q: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """Attention of q [B, Nq, T, D] over the first L = cache.owner.attend_len cached slots: [B, T, Nq*D].
 
     mask [B, 1, T, L]: bool (True = attend) or additive (0 / large negative), broadcast over heads.
     """
@@ -113,7 +113,12 @@ def gqa_attend(block: AttentionBlock, q: torch.Tensor, mask: torch.Tensor, cache
     m = mask if t == 1 else mask.repeat(1, 1, group, 1)  # [B, 1, G*T, L] (broadcast when T == 1)
     out = F.scaled_dot_product_attention(qg, cache.k[:, :, :n], cache.v[:, :, :n], attn_mask=m)
     out = out.reshape(b, nq, t, d)  # SDPA's output may be non-contiguous on CUDA
-    return block.op.o_proj(out.transpose(1, 2).reshape(b, t, nq * d))
+    return out.transpose(1, 2).reshape(b, t, nq * d)
+
+
+def attention_out(block: AttentionBlock, out: torch.Tensor) -> torch.Tensor:
+    """o_proj of the attention output [B, T, Nq*D] -> residual update [B, T, H] (a compiled region)."""
+    return block.op.o_proj(out)
 
 
 def forward_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -151,27 +156,35 @@ class FusedRegions:
     """The decode step's compiled regions, one per sub-block kind ("regional" compilation).
 
     Each sub-block is compiled on its own, from the previous sub-block's pending residual add up to its
-    cache write, so the add fuses with the norm and RoPE with the projections, as a whole-step compile
-    would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
+    cache write (GQA: then the attention over the cached prefix runs outside, and o_proj is one more
+    region), so the add fuses with the norm, the norm with the projections and RoPE with the cache write,
+    as a whole-step compile would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
     so compiling a model costs one compile per distinct sub-block variant, whatever its depth and
     whatever the cached prefix length (the cache read stays outside the regions). And a sub-block runs
     the same kernels in any model, so per-block costs measured on stacks of one variant add up to the
     model's time (`puzzle.costs`); a whole-step compile fuses across layers differently per model.
     """
 
-    def __init__(self, backend: str | None = "inductor") -> None:
-        # backend None: the plain functions (same decomposition, no compile; for tests on CPU)
-        wrap = (lambda fn: fn) if backend is None else (lambda fn: _compile(fn, backend))
+    def __init__(self, backend: str | None = "inductor", gemv_tuning: bool = False) -> None:
+        # backend None: the plain functions (same decomposition, no compile; for tests on CPU).
+        # gemv_tuning: inductor's coordinate-descent tuning, under which it also turns a batch-1 matmul into
+        # its own reduction kernel fused with the norm before it (at Llama-3.1-8B's shape on the H200: 3.9
+        # TB/s against cuBLAS's 3.4; decode step 4.65 ms against 4.92, benchmarks/README.md). Worth its
+        # longer compile only at batch 1, where every matmul is a matrix-vector product.
+        options = {"coordinate_descent_tuning": True} if gemv_tuning else None
+        wrap = (lambda fn: fn) if backend is None else (lambda fn: _compile(fn, backend, options))
         self.gqa_qkv_write = wrap(gqa_qkv_write)
+        self.attention_out = wrap(attention_out)
         self.residual_op = wrap(residual_op)
         self.head_logits = wrap(head_logits)
 
 
-_COMPILED: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
+_COMPILED: dict[tuple[Callable[..., Any], str, str], Callable[..., Any]] = {}
 
 
-def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
-    if (fn, backend) not in _COMPILED:
+def _compile(fn: Callable[..., Any], backend: str, options: dict[str, Any] | None = None) -> Callable[..., Any]:
+    key = (fn, backend, repr(sorted((options or {}).items())))
+    if key not in _COMPILED:
         cfg = torch._dynamo.config
         # One graph per distinct sub-block shape and batch size: allow many before falling back to eager.
         for name in ("cache_size_limit", "recompile_limit"):
@@ -180,8 +193,9 @@ def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
         # dynamic=False: shapes never become symbolic (a second FFN width would otherwise turn every
         # later compile dynamic, with slower kernels); each shape gets its own static graph.
-        _COMPILED[fn, backend] = torch.compile(fn, dynamic=False, backend=backend)
-    return _COMPILED[fn, backend]
+        kwargs: dict[str, Any] = {"options": options} if options and backend == "inductor" else {}
+        _COMPILED[key] = torch.compile(fn, dynamic=False, backend=backend, **kwargs)
+    return _COMPILED[key]
 
 
 def fused_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -197,7 +211,7 @@ def fused_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: to
             if layer_cache is not None:
                 h, q = regions.gqa_qkv_write(layer.attention, h, update, cos, sin, layer_cache.k, layer_cache.v,
                                              cache.slots)
-                update = gqa_attend(layer.attention, q, mask, layer_cache)
+                update = regions.attention_out(layer.attention, attend_prefix(q, mask, layer_cache))
             else:
                 h, update = regions.residual_op(layer.attention, h, update)
         if layer.ffn is not None:
@@ -247,7 +261,7 @@ class Engine:
         self._pool = None
         self._compiled = None
         # "fused": per-sub-block compiled regions (see FusedRegions), then the manual capture.
-        self._regions = FusedRegions() if self.graph_mode == "fused" else None
+        self._regions = FusedRegions(gemv_tuning=batch_size == 1) if self.graph_mode == "fused" else None
 
     # ---- prefill ---------------------------------------------------------------------------------
 
