@@ -167,16 +167,21 @@ class FusedRegions:
 
     def __init__(self, backend: str | None = "inductor", gemv_tuning: bool = False) -> None:
         # backend None: the plain functions (same decomposition, no compile; for tests on CPU).
-        # gemv_tuning: inductor's coordinate-descent tuning, under which it also turns a batch-1 matmul into
-        # its own reduction kernel fused with the norm before it (at Llama-3.1-8B's shape on the H200: 3.9
-        # TB/s against cuBLAS's 3.4; decode step 4.65 ms against 4.92, benchmarks/README.md). Worth its
+        # gemv_tuning: inductor's coordinate-descent tuning, under which a batch-1 matmul becomes its own
+        # reduction kernel, fused with the norm before it. Measured at Llama-3.1-8B's shape on the H200
+        # (benchmarks/README.md): faster than cuBLAS for q/k/v (+ norm), o_proj and the LM head, and stable
+        # from compile to compile; for the FFN's gate/up and down it was slower than cuBLAS and its tuned
+        # down-projection varied from 34 to 47 us between compiles, so FFN regions keep cuBLAS. Worth its
         # longer compile only at batch 1, where every matmul is a matrix-vector product.
-        options = {"coordinate_descent_tuning": True} if gemv_tuning else None
-        wrap = (lambda fn: fn) if backend is None else (lambda fn: _compile(fn, backend, options))
-        self.gqa_qkv_write = wrap(gqa_qkv_write)
-        self.attention_out = wrap(attention_out)
+        tuned = {"coordinate_descent_tuning": True} if gemv_tuning else None
+
+        def wrap(fn: Callable[..., Any], options: dict[str, Any] | None = None) -> Callable[..., Any]:
+            return fn if backend is None else _compile(fn, backend, options)
+
+        self.gqa_qkv_write = wrap(gqa_qkv_write, tuned)
+        self.attention_out = wrap(attention_out, tuned)
         self.residual_op = wrap(residual_op)
-        self.head_logits = wrap(head_logits)
+        self.head_logits = wrap(head_logits, tuned)
 
 
 _COMPILED: dict[tuple[Callable[..., Any], str, str], Callable[..., Any]] = {}
