@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.errors import PuzzleError
-from puzzle.model import AttentionBlock, FFNBlock, GQAAttention, PuzzleModel, apply_rope
+from puzzle.model import AttentionBlock, FFNBlock, GQAAttention, PuzzleModel, SwiGLU, apply_rope
 from puzzle.runtime.fusion import fuse_projections
 from puzzle.runtime.kv_cache import LayerCache, StaticKVCache
 
@@ -144,6 +144,19 @@ def residual_op(block: AttentionBlock | FFNBlock, h: torch.Tensor, update: torch
     return h, (run_ffn(block.op, x) if isinstance(block, FFNBlock) else block.op(x))
 
 
+def swiglu_in(block: FFNBlock, h: torch.Tensor, update: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + pending update) -> norm -> silu(gate) * up: a SwiGLU sub-block up to its down projection.
+
+    Returns (h, act [B, T, I]); the down projection runs outside, as cuBLAS's matmul (see `FusedRegions`).
+    """
+    if update is not None:
+        h = h + update
+    op, x = block.op, block.norm(h)
+    fused = getattr(op, "gate_up_weight", None)  # see puzzle.runtime.fusion
+    gate, up = F.linear(x, fused).chunk(2, dim=-1) if fused is not None else (op.gate_proj(x), op.up_proj(x))
+    return h, F.silu(gate) * up
+
+
 def head_logits(model: PuzzleModel, h: torch.Tensor, update: torch.Tensor | None, out: torch.Tensor) -> None:
     """(h + pending update) -> final norm -> LM head -> fp32 logits written into out [B, V] (T == 1)."""
     if update is not None:
@@ -157,7 +170,7 @@ class FusedRegions:
 
     Each sub-block is compiled on its own, from the previous sub-block's pending residual add up to its
     cache write (GQA: then the attention over the cached prefix runs outside, and o_proj is one more
-    region), so the add fuses with the norm, the norm with the projections and RoPE with the cache write,
+    region; SwiGLU: up to silu(gate) * up, the down projection runs outside), so the add fuses with the norm, the norm with the projections and RoPE with the cache write,
     as a whole-step compile would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
     so compiling a model costs one compile per distinct sub-block variant, whatever its depth and
     whatever the cached prefix length (the cache read stays outside the regions). And a sub-block runs
@@ -169,10 +182,10 @@ class FusedRegions:
         # backend None: the plain functions (same decomposition, no compile; for tests on CPU).
         # gemv_tuning: inductor's coordinate-descent tuning, under which a batch-1 matmul becomes its own
         # reduction kernel, fused with the norm before it. Measured at Llama-3.1-8B's shape on the H200
-        # (benchmarks/README.md): faster than cuBLAS for q/k/v (+ norm), o_proj and the LM head, and stable
-        # from compile to compile; for the FFN's gate/up and down it was slower than cuBLAS and its tuned
-        # down-projection varied from 34 to 47 us between compiles, so FFN regions keep cuBLAS. Worth its
-        # longer compile only at batch 1, where every matmul is a matrix-vector product.
+        # (benchmarks/README.md): faster than cuBLAS + a separate norm for q/k/v, gate/up, o_proj and the
+        # LM head, and stable from compile to compile; but the tuned SwiGLU down projection took 34 us in
+        # some compiles and 47 in others (cuBLAS: 30 + split-K reduce), so it stays outside the regions.
+        # Worth its longer compile only at batch 1, where every matmul is a matrix-vector product.
         tuned = {"coordinate_descent_tuning": True} if gemv_tuning else None
 
         def wrap(fn: Callable[..., Any], options: dict[str, Any] | None = None) -> Callable[..., Any]:
@@ -180,7 +193,8 @@ class FusedRegions:
 
         self.gqa_qkv_write = wrap(gqa_qkv_write, tuned)
         self.attention_out = wrap(attention_out, tuned)
-        self.residual_op = wrap(residual_op)
+        self.swiglu_in = wrap(swiglu_in, tuned)
+        self.residual_op = wrap(residual_op)  # linear attention / linear FFN: one cuBLAS matmul
         self.head_logits = wrap(head_logits, tuned)
 
 
@@ -219,7 +233,10 @@ def fused_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: to
                 update = regions.attention_out(layer.attention, attend_prefix(q, mask, layer_cache))
             else:
                 h, update = regions.residual_op(layer.attention, h, update)
-        if layer.ffn is not None:
+        if layer.ffn is not None and isinstance(layer.ffn.op, SwiGLU):
+            h, act = regions.swiglu_in(layer.ffn, h, update)
+            update = layer.ffn.op.down_proj(act)
+        elif layer.ffn is not None:
             h, update = regions.residual_op(layer.ffn, h, update)
     return h, update
 
