@@ -206,3 +206,19 @@ def test_fused_and_compile_modes_match_eager_on_gpu():
     for mode in ("manual", "fused"):  # bucket 16: several captured graphs over the 40 steps
         got = _decode_logits(Engine(model, 2, 64, graphs=mode, bucket=16), prompts, 40)
         assert torch.allclose(got, eager, atol=2e-3, rtol=1e-3), mode
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefill_graph_replays_new_prompts_like_eager():
+    """A captured prefill replays on new prompts of the same length (and captures anew for another length)."""
+    from puzzle.runtime import left_pad
+
+    model = child_model().to("cuda")
+    engine = Engine(model, 2, 32, graphs="fused")
+    eager = Engine(model, 2, 32, graphs="none")
+    for prompts in ([[1, 2, 3], [9, 8, 7, 6, 5]], [[4, 4, 4], [1, 3, 5, 7, 9]], [[2] * 9, [5] * 9]):
+        ids, pads = left_pad(prompts)
+        got = engine.prefill(ids, pads).clone()
+        assert torch.allclose(got, eager.prefill(ids, pads), atol=2e-3, rtol=1e-3)
+    assert len(engine._prefill_graphs) == 2  # (5 tokens, padded) and (9 tokens, not padded)
