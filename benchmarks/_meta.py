@@ -26,10 +26,10 @@ def _git(*args: str) -> str:
 def git_state() -> dict[str, object]:
     """HEAD, whether the working tree differs from it, and a hash of that difference (tracked + untracked files
     under src/ and benchmarks/), so a result run from uncommitted code still names exactly what ran."""
-    commit = _git("rev-parse", "HEAD").strip()
     saved = os.environ.get("PUZZLE_GIT_STATE_FILE")
-    if len(commit) != 40 and saved and Path(saved).is_file():  # a copy without the real .git (a GPU machine)
-        return {**json.loads(Path(saved).read_text()), "git_state_from": "saved before the run (the copy it ran on had no commits)"}
+    if saved and Path(saved).is_file():  # a copy whose .git is missing or stale (a GPU machine): trust the saved state
+        return {**json.loads(Path(saved).read_text()), "git_state_from": f"saved before the run ({saved})"}
+    commit = _git("rev-parse", "HEAD").strip()
     diff = _git("diff", "HEAD")
     untracked = _git("ls-files", "--others", "--exclude-standard", "src", "benchmarks").split()
     digest = hashlib.sha256(diff.encode())
