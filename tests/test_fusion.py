@@ -53,3 +53,13 @@ def test_stale_fusion_is_dropped_or_rebuilt_after_a_cast():
     assert not hasattr(attn, "qkv_weight")
     fuse_projections(model)
     assert is_fused(attn) and attn.qkv_weight.dtype == torch.float64
+
+
+def test_a_fused_model_exports_and_saves(tmp_path):
+    """safetensors refuses tensors sharing memory: export and save must write the views as their own tensors."""
+    from puzzle.checkpoints import export_hf, load_model, save_model
+
+    model = fuse_projections(child())
+    for out in (export_hf(model, tmp_path / "hf"), save_model(model, tmp_path / "native")):
+        loaded = load_model(out)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
