@@ -58,13 +58,16 @@ def project_qkv(op: GQAAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.
             v.reshape(b, t, nkv, d).transpose(1, 2))
 
 
-def run_ffn(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An FFN op on normed x [B, T, H]; a fused SwiGLU runs gate and up as one GEMV."""
+def swiglu_act(op: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    """Normed x [B, T, H] -> silu(gate) * up [B, T, I]; one GEMV for gate and up when fused."""
     fused = getattr(op, "gate_up_weight", None)  # see puzzle.runtime.fusion
-    if fused is None:
-        return op(x)
-    gate, up = F.linear(x, fused).chunk(2, dim=-1)  # [B, T, I] each
-    return op.down_proj(F.silu(gate) * up)
+    gate, up = F.linear(x, fused).chunk(2, dim=-1) if fused is not None else (op.gate_proj(x), op.up_proj(x))
+    return F.silu(gate) * up
+
+
+def run_ffn(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An FFN op on normed x [B, T, H] -> [B, T, H]."""
+    return op.down_proj(swiglu_act(op, x)) if isinstance(op, SwiGLU) else op(x)
 
 
 def gqa_qkv(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None, cos: torch.Tensor,
@@ -154,10 +157,7 @@ def swiglu_in(block: FFNBlock, h: torch.Tensor, update: torch.Tensor | None) -> 
     """
     if update is not None:
         h = h + update
-    op, x = block.op, block.norm(h)
-    fused = getattr(op, "gate_up_weight", None)  # see puzzle.runtime.fusion
-    gate, up = F.linear(x, fused).chunk(2, dim=-1) if fused is not None else (op.gate_proj(x), op.up_proj(x))
-    return h, F.silu(gate) * up
+    return h, swiglu_act(block.op, block.norm(h))
 
 
 def head_logits(model: PuzzleModel, h: torch.Tensor, update: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -173,8 +173,9 @@ class FusedRegions:
 
     Each sub-block is compiled on its own, from the previous sub-block's pending residual add up to its
     cache write (GQA: then the attention over the cached prefix runs outside, and o_proj is one more
-    region; SwiGLU: up to silu(gate) * up, the down projection runs outside), so the add fuses with the norm, the norm with the projections and RoPE with the cache write,
-    as a whole-step compile would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
+    region; SwiGLU: up to silu(gate) * up, the down projection runs outside), so the add fuses with the
+    norm, the norm with the projections and RoPE with the cache write, as a whole-step compile would.
+    Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
     so compiling a model costs one compile per distinct sub-block variant, whatever its depth and
     whatever the cached prefix length (the cache read stays outside the regions). And a sub-block runs
     the same kernels in any model, so per-block costs measured on stacks of one variant add up to the
@@ -285,7 +286,6 @@ class Engine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode step per attended prefix length
         # prefill per (prompt length, padded): the graph and its static input ids [B, P]
         self._prefill_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._last_graph: torch.cuda.CUDAGraph | None = None
         self._pool = None
         self._compiled = None
         # "fused": per-sub-block compiled regions (see FusedRegions), then the manual capture.
@@ -340,8 +340,7 @@ class Engine:
         if key not in self._prefill_graphs:
             ids = torch.zeros_like(input_ids, device=self.device)  # the graph's static input [B, P]
             ids.copy_(input_ids)
-            self._capture(lambda: self._prefill_body(ids, padded), warmup=1)
-            self._prefill_graphs[key] = (self._last_graph, ids)
+            self._prefill_graphs[key] = (self._capture(lambda: self._prefill_body(ids, padded), warmup=1), ids)
         graph, ids = self._prefill_graphs[key]
         ids.copy_(input_ids)
         graph.replay()
@@ -369,9 +368,9 @@ class Engine:
             h = forward_layers(self.model, h, cos, sin, mask, self.cache)
             self.logits.copy_(self.model.head(h)[:, 0].float())
 
-    def _capture(self, body: Callable[[], None], warmup: int = 2) -> None:
-        """Warm `body` up on a side stream, then capture it into self._last_graph (every graph shares one pool:
-        they never run concurrently, and each one's temporaries are dead once it ends)."""
+    def _capture(self, body: Callable[[], None], warmup: int = 2) -> torch.cuda.CUDAGraph:
+        """Warm `body` up on a side stream, then capture it (every graph shares one pool: they never run
+        concurrently, and each one's temporaries are dead once it ends)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -383,13 +382,12 @@ class Engine:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
             body()
-        self._last_graph = graph
+        return graph
 
     def _replay(self, attend_len: int) -> None:
         graph = self._graphs.get(attend_len)
         if graph is None:
-            self._capture(lambda: self._step(attend_len))
-            graph = self._graphs[attend_len] = self._last_graph
+            graph = self._graphs[attend_len] = self._capture(lambda: self._step(attend_len))
         graph.replay()
 
     def _run_compiled(self, attend_len: int) -> None:
