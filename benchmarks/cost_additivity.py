@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 from runtime_throughput import children
 
+from puzzle.bench import DEFAULT_BUCKET
 from puzzle.blocks import AttentionConfig as A
 from puzzle.blocks import BlockConfig, ModelConfig
 from puzzle.blocks import FFNConfig as F
@@ -100,12 +101,44 @@ def kernel_profile(step: Any, device: torch.device, steps: int = 3) -> dict[str,
             "kernel_calls": sum(r["calls"] for r in rows.values()), "kernels": rows}
 
 
+@torch.inference_mode()
+def generation_loop(model: torch.nn.Module, w: Workload, device: torch.device) -> dict[str, Any]:
+    """The decode loop as `puzzle bench` runs it (bucketed prefix, argmax each step): inter-token seconds
+    (best of 3 runs) and the GPU kernel time per step in one more, profiled run."""
+    engine = Engine(model, w.batch_size, w.max_seq_len, bucket=DEFAULT_BUCKET)
+    ids = torch.randint(0, model.config.vocab_size, (w.batch_size, w.prompt_len), device=device)
+    steps = w.gen_len - 1
+
+    def decode_all() -> None:
+        tok = engine.prefill(ids).argmax(-1)
+        sync(device)
+        for _ in range(steps):
+            tok = engine.decode(tok).argmax(-1)
+
+    decode_all()  # captures the graphs
+    best = float("inf")
+    for _ in range(3):
+        tok = engine.prefill(ids).argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = engine.decode(tok).argmax(-1)
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    prof = kernel_profile(decode_all, device, steps=1)
+    prof.pop("kernels", None)
+    return {"inter_token_s": best, **{f"loop_{k}": v / steps for k, v in prof.items()}}
+
+
 def measure(name: str, config: ModelConfig, w: Workload, ctx: int, device: torch.device, dtype: torch.dtype,
-            repeats: int, inner: int) -> dict[str, Any]:
+            repeats: int, inner: int, loop: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine, step = ready_engine(config, w, ctx, device, dtype)
     s = summarize(time_calls(step, device, repeats, warmup=3, inner=inner))
     out = {"step_s": s["median_s"], "rel_spread": s["rel_spread"], **kernel_profile(step, device)}
+    if loop:
+        out["generation"] = generation_loop(engine.model, w, device)
+        print(f"{name:28s} generation loop {out['generation']}", flush=True)
     out["wall_s"] = time.perf_counter() - t0
     print(f"{name:28s} {s['median_s'] * 1e6:9.1f} us  spread {s['rel_spread']:.3f}  "
           f"kernels {out.get('kernel_sum_us', 0):9.1f} us x{out.get('kernel_calls', 0):.0f}", flush=True)
@@ -191,7 +224,7 @@ def main() -> None:
                            "decode_context": ctx, "device": torch.cuda.get_device_name() if device.type == "cuda"
                            else "cpu", "plan": plan, "timed": {}}
     for name, cfg in configs.items():
-        out["timed"][name] = measure(name, cfg, w, ctx, device, dtype, args.repeats, args.inner)
+        out["timed"][name] = measure(name, cfg, w, ctx, device, dtype, args.repeats, args.inner, name in models)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     out["per_variant_s"] = per_variant(out["timed"], plan)
     out["predictions"] = predictions(out["per_variant_s"], out["timed"], models)
