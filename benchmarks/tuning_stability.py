@@ -31,10 +31,11 @@ from puzzle.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime import engine as engine_mod
 from puzzle.workloads import Workload
 
-SETTINGS: dict[str, dict[str, Any]] = {
-    "cdt": {},
-    "cdt-all-directions": {"coordinate_descent_check_all_directions": True},
-    "cdt-all-directions-radius2": {"coordinate_descent_check_all_directions": True,
+SETTINGS: dict[str, dict[str, Any]] = {  # inductor settings on top of the runtime's own
+    "runtime": {},  # the runtime as it is (since the Triton GEMVs: no inductor tuning at all)
+    "cdt": {"coordinate_descent_tuning": True},  # what the runtime's regions used before at batch 1
+    "cdt-all-directions": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+    "cdt-all-directions-radius2": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
                                    "coordinate_descent_search_radius": 2},
 }
 
@@ -48,6 +49,7 @@ def fresh_compiles(settings: dict[str, Any]) -> None:
     engine_mod._COMPILED.clear()
     cc.PyCodeCache.cache_clear()
     ic.force_disable_caches = True
+    ic.coordinate_descent_tuning = False
     ic.coordinate_descent_check_all_directions = False
     ic.coordinate_descent_search_radius = 1
     for k, v in settings.items():
@@ -58,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--settings", default="runtime")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

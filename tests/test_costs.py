@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.costs import CostsConfig, load_costs, predict, run_costs
+from puzzle.config import load_config
+from puzzle.costs import CostsConfig, costs_for_workload, load_costs, parent_halves, predict, run_costs
 from puzzle.errors import PuzzleError
 from puzzle.memory import fits, max_batch_size, memory_model
 from puzzle.model import build_model
@@ -154,3 +157,125 @@ def test_calibration_fits_the_whole_parent_and_search_agrees(tmp_path):
     unscaled = block_costs({**data, "calibration": None}, child.blocks[0])
     assert b["decode_step_s"] == pytest.approx(unscaled["decode_step_s"] * cal["decode_scale"])
     assert block_costs(data, BlockConfig(A.no_op(), F.no_op()))["total_s"] == 0.0
+
+
+# ---- how variants are timed: "neighbourhood" (default) and "isolated" ------------------------------------
+
+CPU_MEASURE = {"mode": "measure", "device": "cpu", "dtype": "float32", "repeats": 2, "warmup": 1,
+               "input_sets": 1, "decode_inner": 1, "calibrate": "none"}
+
+
+def test_neighbourhood_is_the_default_and_isolated_keeps_its_layout(tmp_path):
+    cfg = CostsConfig(workloads=[WL], neighbours=2, max_stack=2, **CPU_MEASURE)
+    assert CostsConfig().method == "neighbourhood" and CostsConfig().neighbours == 4
+    data = json.loads(run_costs(tmp_path, cfg, SPACE, model_config=PARENT)["small"].read_text())
+    assert data["method"] == "neighbourhood" and data["kind"] == "measured"
+    assert len(data["attention"]) == 5 and len(data["ffn"]) == 4
+    for part in ("attention", "ffn"):
+        for name, rec in data[part].items():
+            for key in ("prefill_s", "decode_step_s"):
+                assert math.isfinite(rec[key]) and rec[key] >= 0, (part, name, key)
+            assert not rec["oom"] and rec["stack"] == (0 if name == "no_op" else 2)
+    assert load_costs(tmp_path, "small", device="cpu")["method"] == "neighbourhood"
+    assert predict(PARENT, data)["total_s"] > 0
+    # Another method is another measurement (the config is part of the inputs hash), in the old layout.
+    iso = json.loads(run_costs(tmp_path, replace(cfg, method="isolated"), SPACE, model_config=PARENT)["small"]
+                     .read_text())
+    assert iso["method"] == "isolated" and iso["inputs_hash"] != data["inputs_hash"]
+    assert set(iso["attention"]) == set(data["attention"]) and set(iso["ffn"]) == set(data["ffn"])
+    assert set(iso["attention"]["gqa4"]) == set(data["attention"]["gqa4"])  # the same VARIANT fields
+    assert iso["attention"]["gqa4"]["stack"] == 2 and iso["ffn"]["no_op"]["stack"] == 0  # k = max_stack here
+    assert predict(PARENT, iso)["total_s"] > 0
+    # Estimates are not timed by any method.
+    est = costs_for_workload(PARENT, SPACE, WL, CostsConfig(mode="estimate"))
+    assert est["method"] is None
+
+
+def test_parent_halves_are_the_most_common_non_no_op():
+    blocks = [BlockConfig(A.gqa(4), F.no_op()), BlockConfig(A.gqa(4), F.swiglu(128)),
+              BlockConfig(A.no_op(), F.swiglu(64)), BlockConfig(A.gqa(2), F.swiglu(64)),
+              BlockConfig(A.no_op(), F.no_op())]
+    assert parent_halves(PARENT.with_blocks(blocks)) == (A.gqa(4), F.swiglu(64))
+    no_attention = PARENT.with_blocks([BlockConfig(A.no_op(), F.linear())] * 3)
+    assert parent_halves(no_attention) == (A.no_op(), F.linear())
+
+
+# A fake device: a layer costs its attention + its FFN + INTERACTION when both are present (they share a
+# layer's launches and caches, say), plus BASE for the model around the layers. Prefill is 10x the decode step.
+ATT_S = {"gqa4": 4.0, "gqa2": 2.0, "linear": 1.0, "no_op": 0.0}
+FFN_S = {"swiglu128": 8.0, "swiglu64": 5.0, "linear": 1.5, "no_op": 0.0}
+INTERACTION, BASE = 0.5, 100.0
+
+
+def _fake_time_model(calls):
+    def fake(config, w, ctx, cfg, device, gen):
+        calls.append((config.vocab_size, config.blocks))
+        step = BASE + sum(ATT_S[b.attention.name] + FFN_S[b.ffn.name]
+                          + (INTERACTION if "no_op" not in (b.attention.name, b.ffn.name) else 0.0)
+                          for b in config.blocks)
+        return [10 * step], [step]
+    return fake
+
+
+def test_neighbourhood_costs_include_the_parents_other_half(tmp_path, monkeypatch):
+    """With the parent's FFN around it, an attention variant costs its own time + the interaction; timed alone
+    (isolated) it costs its own time only. Same for FFN variants around the parent's attention."""
+    import puzzle.costs
+
+    blocks = [BlockConfig(a, f) for a in (A.gqa(4), A.gqa(2), A.linear(), A.no_op())
+              for f in (F.swiglu(128), F.swiglu(64), F.linear(), F.no_op())]
+    for method in ("neighbourhood", "isolated"):
+        calls: list = []
+        monkeypatch.setattr(puzzle.costs, "_time_model", _fake_time_model(calls))
+        cfg = CostsConfig(workloads=[WL], method=method, neighbours=3, max_stack=2, **CPU_MEASURE)
+        data = costs_for_workload(PARENT, blocks, WL, cfg)
+        extra = INTERACTION if method == "neighbourhood" else 0.0
+        for part, own in (("attention", ATT_S), ("ffn", FFN_S)):
+            for name, t in own.items():
+                rec = data[part][name]
+                expected = t + extra if name != "no_op" else 0.0
+                assert rec["decode_step_s"] == pytest.approx(expected), (method, part, name)
+                assert rec["prefill_s"] == pytest.approx(10 * expected), (method, part, name)
+        assert data["method"] == method
+        # Each reference stack is timed once: 3 x (no-op, swiglu128) and 3 x (gqa4, no-op), or one empty layer
+        # (in the stacks' small vocabulary; the fixed costs are another empty layer, in the parent's).
+        refs = ([(BlockConfig(A.no_op(), F.swiglu(128)),) * 3, (BlockConfig(A.gqa(4), F.no_op()),) * 3]
+                if method == "neighbourhood" else [(BlockConfig(A.no_op(), F.no_op()),)])
+        for ref in refs:
+            assert calls.count((64, ref)) == 1, (method, ref)
+        # 6 timed variants + references + the fixed costs (1 empty layer, the real vocabulary).
+        assert len(calls) == 6 + len(refs) + 1
+
+
+def test_a_reference_stack_that_does_not_fit_marks_its_part_oom(monkeypatch, capsys):
+    import puzzle.costs
+
+    calls: list = []
+    fake = _fake_time_model(calls)
+
+    def oom_without_attention(config, *args):
+        if config.blocks[0] == BlockConfig(A.no_op(), F.swiglu(128)) and len(config.blocks) > 1:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return fake(config, *args)
+
+    monkeypatch.setattr(puzzle.costs, "_time_model", oom_without_attention)
+    blocks = [BlockConfig(A.gqa(2), F.swiglu(64)), BlockConfig(A.no_op(), F.swiglu(128))]
+    data = costs_for_workload(PARENT, blocks, WL, CostsConfig(workloads=[WL], neighbours=2, **CPU_MEASURE))
+    assert data["attention"]["gqa2"]["oom"] and data["attention"]["gqa2"]["decode_step_s"] is None
+    assert not data["attention"]["no_op"]["oom"] and data["attention"]["no_op"]["decode_step_s"] == 0.0
+    assert data["ffn"]["swiglu64"]["decode_step_s"] == pytest.approx(FFN_S["swiglu64"] + INTERACTION)
+    assert "attention reference stack" in capsys.readouterr().out
+
+
+def test_unknown_method_is_a_clear_error(tmp_path):
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("costs:\n  method: nearest\n")
+    with pytest.raises(PuzzleError, match=r"costs.method: 'nearest' is not one of \['neighbourhood', 'isolated'\]"):
+        load_config(CostsConfig, yaml_path, section="costs")
+    with pytest.raises(PuzzleError, match="costs.method"):
+        load_config(CostsConfig, None, ["method=neighborhood"], section="costs")
+    assert load_config(CostsConfig, None, ["method=isolated", "neighbours=2"], section="costs").method == "isolated"
+    # Built in code, past the YAML checks: refused before anything is timed.
+    for bad, match in (({"method": "nearest"}, "costs.method 'nearest'"), ({"neighbours": 0}, "neighbours")):
+        with pytest.raises(PuzzleError, match=match):
+            run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate", **bad), SPACE, model_config=PARENT)

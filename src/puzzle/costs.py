@@ -16,16 +16,24 @@ JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
     attention       {variant name ("gqa8", "linear", "no_op"): VARIANT}
     ffn             {variant name ("swiglu14336", "linear", "no_op"): VARIANT}
       VARIANT = {prefill_s, decode_step_s, params, kv_bytes_per_token, prefill_rel_spread,
-                 decode_rel_spread, stack, oom}; times are per layer; null times when oom is true
+                 decode_rel_spread, stack, oom}; times are per layer; null times when oom is true;
+      stack = layers in the timed stack (0: a no-op, not timed): the N = `neighbours` layers of the
+      variant with the parent's other half ("neighbourhood"), or k copies of the variant alone ("isolated")
     timing          {repeats, warmup, input_sets, median_rel_spread} (rel spread = IQR / median)
     graphs          the runtime's decode mode the times were measured with ("fused", "manual", ...; null: estimate)
+    method          how the variants were timed (null: estimate):
+                    "neighbourhood": N layers of the variant with the parent's most common other half (its
+                    typical FFN for an attention variant, its typical attention for an FFN variant), minus the
+                    same N layers with the variant a no-op, over N;
+                    "isolated": k copies of the variant with a no-op other half, minus a 1-layer empty model, over k
     calibration     null (estimate) or {method: "scale"|"offset"|"none", parent_measured {prefill_s,
                     decode_step_s, *_rel_spread}, parent_uncalibrated {prefill_s, decode_step_s},
                     prefill_scale, decode_scale, prefill_offset_s, decode_offset_s} or {method: "none", reason}
     roofline        {peak_flops, mem_bandwidth} (estimate only)
     parent_memory   memory model of the parent for this workload + {fits, max_batch_size}
 A model's time for the workload is fixed + the sum of its layers' attention and FFN variants, corrected by
-the calibration against the whole parent timed the same way (`block_costs`, `fixed_costs`, `predict`).
+the calibration against the whole parent timed the same way (`block_costs`, `fixed_costs`, `predict`); those
+read the per-layer times alike whichever `method` produced them.
 Costs measured on another device are never used silently: `load_costs` raises unless that device is asked
 for by name.
 """
@@ -35,6 +43,7 @@ from __future__ import annotations
 import datetime
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +67,7 @@ from puzzle.workloads import DEFAULT_WORKLOADS, Workload
 
 SCHEMA = "puzzle-costs/1"
 ESTIMATE_KEY = "estimate"
+METHODS = ("neighbourhood", "isolated")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -71,8 +81,14 @@ class CostsConfig:
     warmup: int = 3
     input_sets: int = 3
     decode_inner: int = 10  # decode steps timed back to back per sample
-    stack_bytes: int = 256 << 20  # decode: stack distinct copies of a variant until weights exceed the L2
-    max_stack: int = 8
+    # How a variant is timed: "neighbourhood" = in a stack of `neighbours` parent-like layers (the variant
+    # with the parent's most common other half) minus that stack with the variant a no-op; "isolated" = a
+    # stack of copies of the variant alone (other half a no-op) minus an empty 1-layer model. Neighbourhood
+    # costs add up to whole-model times better (benchmarks/cost_additivity.py).
+    method: Literal["neighbourhood", "isolated"] = "neighbourhood"
+    neighbours: int = 4  # layers of a neighbourhood stack
+    stack_bytes: int = 256 << 20  # isolated: stack copies of a variant until weights exceed the L2 ...
+    max_stack: int = 8  # ... up to this many
     bucket: int = 128  # the runtime's decode bucket (cache prefix rounding), to match its attended length
     graphs: GraphMode = "auto"  # the runtime's decode mode to measure with (auto = the runtime's default)
     # Correct the per-block sums with the parent timed whole on the device: "scale" multiplies every block's
@@ -89,6 +105,17 @@ def split_variants(blocks: list[BlockConfig]) -> tuple[list[AttentionConfig], li
     att = list(dict.fromkeys(b.attention for b in blocks))
     ffn = list(dict.fromkeys(b.ffn for b in blocks))
     return att, ffn
+
+
+def parent_halves(model: ModelConfig) -> tuple[AttentionConfig, FFNConfig]:
+    """The parent's typical sub-blocks: its most common non-no-op attention and FFN (ties: the first layer's).
+
+    A part that is a no-op in every layer is a no-op here too.
+    """
+    atts = Counter(b.attention for b in model.blocks if b.attention.kind != "no_op")
+    ffns = Counter(b.ffn for b in model.blocks if b.ffn.kind != "no_op")
+    return (atts.most_common(1)[0][0] if atts else AttentionConfig.no_op(),
+            ffns.most_common(1)[0][0] if ffns else FFNConfig.no_op())
 
 
 def attention_kv_bytes(att: AttentionConfig, head_dim: int, dtype_bytes: int) -> int:
@@ -187,36 +214,72 @@ def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, de
 
 def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
                      cfg: CostsConfig, ctx: int, device: torch.device) -> dict[str, Any]:
+    """Time every variant (per `cfg.method`), the fixed costs and, unless `cfg.calibrate` is "none", the parent.
+
+    A variant's per-layer time is (T(stack) - T(reference)) / layers, clamped at 0, where the stack holds the
+    variant and the reference the same layers with the variant a no-op ("neighbourhood"), or an empty 1-layer
+    model ("isolated"). Each reference is timed once, when the first variant needs it.
+    """
     from puzzle.runtime.timing import summarize
 
     eb = DTYPES[cfg.dtype].itemsize
     gen = torch.Generator().manual_seed(0)
     empty = BlockConfig(AttentionConfig.no_op(), FFNConfig.no_op())
-    base_pf, base_dec = _time_model(_stack_config(model, empty, 1, ctx + 1), w, ctx, cfg, device, gen)
-    base_pf_s, base_dec_s = statistics.median(base_pf), statistics.median(base_dec)
+    # per part: the layer a variant is timed in (`around`), and the reference stack (block, layers)
+    if cfg.method == "isolated":
+        around = {"attention": lambda a: BlockConfig(a, FFNConfig.no_op()),
+                  "ffn": lambda f: BlockConfig(AttentionConfig.no_op(), f)}
+        refs = {"attention": (empty, 1), "ffn": (empty, 1)}
+    else:
+        p_att, p_ffn = parent_halves(model)
+        around = {"attention": lambda a: BlockConfig(a, p_ffn), "ffn": lambda f: BlockConfig(p_att, f)}
+        refs = {"attention": (BlockConfig(AttentionConfig.no_op(), p_ffn), cfg.neighbours),
+                "ffn": (BlockConfig(p_att, FFNConfig.no_op()), cfg.neighbours)}
+    ref_times: dict[tuple[BlockConfig, int], tuple[float, float] | None] = {}  # None: the reference OOMs
+
+    def reference(part: str) -> tuple[float, float] | None:
+        block, n = refs[part]
+        if (block, n) not in ref_times:
+            try:
+                pf, dec = _time_model(_stack_config(model, block, n, ctx + 1), w, ctx, cfg, device, gen)
+                ref_times[block, n] = (statistics.median(pf), statistics.median(dec))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                ref_times[block, n] = None
+                print(f"costs: {w.name}: the {part} reference stack ({n} x {block.name}) does not fit in device "
+                      f"memory at batch {w.batch_size}; every {part} variant is recorded as oom")
+        return ref_times[block, n]
+
     out: dict[str, Any] = {"attention": {}, "ffn": {}}
     spreads: list[float] = []
     variants = [("attention", a, BlockConfig(a, FFNConfig.no_op())) for a in atts]
     variants += [("ffn", f, BlockConfig(AttentionConfig.no_op(), f)) for f in ffns]
-    for part, variant, block in variants:
-        params = model.block_param_count(block)
-        rec = _variant_record(params, attention_kv_bytes(block.attention, model.head_dim, eb))
+    for part, variant, alone in variants:
+        params = model.block_param_count(alone)
+        rec = _variant_record(params, attention_kv_bytes(alone.attention, model.head_dim, eb))
         out[part][variant.name] = rec
         if params == 0:  # no-op: costs nothing by construction
             rec["prefill_s"] = rec["decode_step_s"] = 0.0
             continue
-        k = max(1, min(cfg.max_stack, math.ceil(cfg.stack_bytes / (params * eb))))
+        if cfg.method == "isolated":
+            k = max(1, min(cfg.max_stack, math.ceil(cfg.stack_bytes / (params * eb))))
+        else:
+            k = cfg.neighbours
         rec["stack"] = k
+        ref = reference(part)
+        if ref is None:
+            rec["oom"] = True
+            continue
         try:
-            pf, dec = _time_model(_stack_config(model, block, k, ctx + 1), w, ctx, cfg, device, gen)
+            pf, dec = _time_model(_stack_config(model, around[part](variant), k, ctx + 1), w, ctx, cfg, device, gen)
         except torch.cuda.OutOfMemoryError:
             rec["oom"] = True
             torch.cuda.empty_cache()
             print(f"costs: {w.name}: {variant.name} does not fit in device memory at batch {w.batch_size}")
             continue
         spf, sdec = summarize(pf), summarize(dec)
-        rec["prefill_s"] = max(0.0, (spf["median_s"] - base_pf_s) / k)
-        rec["decode_step_s"] = max(0.0, (sdec["median_s"] - base_dec_s) / k)
+        rec["prefill_s"] = max(0.0, (spf["median_s"] - ref[0]) / k)
+        rec["decode_step_s"] = max(0.0, (sdec["median_s"] - ref[1]) / k)
         rec["prefill_rel_spread"], rec["decode_rel_spread"] = spf["rel_spread"], sdec["rel_spread"]
         spreads += [spf["rel_spread"], sdec["rel_spread"]]
     # Fixed costs: the real vocabulary with one empty layer (embedding, final norm, LM head), plus sampling.
@@ -281,6 +344,10 @@ def calibrate(model: ModelConfig, body: dict[str, Any], w: Workload, cfg: CostsC
 def resolve_mode(cfg: CostsConfig) -> tuple[str, torch.device | None]:
     if cfg.dtype not in DTYPES:
         raise PuzzleError(f"costs.dtype {cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    if cfg.method not in METHODS:
+        raise PuzzleError(f"costs.method {cfg.method!r} is not supported; use one of {list(METHODS)}")
+    if cfg.neighbours < 1:
+        raise PuzzleError(f"costs.neighbours must be at least 1, got {cfg.neighbours}")
     if cfg.mode == "estimate" or (cfg.mode == "auto" and not torch.cuda.is_available()):
         return "estimate", None
     device = torch.device(cfg.device)
@@ -316,6 +383,7 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
         "schema": SCHEMA, "kind": kind, "device": name, "device_key": key, "device_memory_bytes": total,
         "dtype": cfg.dtype, "torch": torch.__version__,
         "graphs": resolve_graph_mode(cfg.graphs, device) if device is not None else None,
+        "method": cfg.method if kind == "measured" else None,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "workload": w.to_dict(), "decode_context": ctx,
         "model": {"hidden_size": model.hidden_size, "num_attention_heads": model.num_attention_heads,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from puzzle.errors import PuzzleError
 from puzzle.model import AttentionBlock, FFNBlock, GQAAttention, PuzzleModel, SwiGLU, apply_rope
 from puzzle.runtime.fusion import fuse_projections
+from puzzle.runtime.gemv import available as gemv_available
+from puzzle.runtime.gemv import norm_gemv
 from puzzle.runtime.kv_cache import LayerCache, StaticKVCache
 
 GraphMode = Literal["auto", "manual", "fused", "compile", "none"]
@@ -47,13 +49,23 @@ def gqa_attention(block: AttentionBlock, h: torch.Tensor, cos: torch.Tensor, sin
 
 def project_qkv(op: GQAAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normed x [B, T, H] -> q [B, Nq, T, D], k, v [B, Nkv, T, D] (before RoPE); one GEMV when fused."""
-    b, t, _ = x.shape
-    nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
     fused = getattr(op, "qkv_weight", None)  # see puzzle.runtime.fusion
     if fused is None:
-        q, k, v = op.q_proj(x), op.k_proj(x), op.v_proj(x)
-    else:
-        q, k, v = F.linear(x, fused, getattr(op, "qkv_bias", None)).split([nq * d, nkv * d, nkv * d], dim=-1)
+        return split_heads(op, op.q_proj(x), op.k_proj(x), op.v_proj(x))
+    return split_qkv(op, F.linear(x, fused, getattr(op, "qkv_bias", None)))
+
+
+def split_qkv(op: GQAAttention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection's output [B, T, (Nq + 2 Nkv) D] -> q [B, Nq, T, D], k, v [B, Nkv, T, D]."""
+    nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
+    return split_heads(op, *qkv.split([nq * d, nkv * d, nkv * d], dim=-1))
+
+
+def split_heads(op: GQAAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, T, Nq D], k, v [B, T, Nkv D] -> q [B, Nq, T, D], k, v [B, Nkv, T, D]."""
+    b, t, _ = q.shape
+    nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
     return (q.reshape(b, t, nq, d).transpose(1, 2), k.reshape(b, t, nkv, d).transpose(1, 2),
             v.reshape(b, t, nkv, d).transpose(1, 2))
 
@@ -91,6 +103,17 @@ def gqa_qkv_write(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor, 
     k_cache.index_copy_(2, slots, k)
     v_cache.index_copy_(2, slots, v)
     return h, q
+
+
+def rope_write(op: GQAAttention, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The fused q/k/v projection's output [B, T, (Nq + 2 Nkv) D] (bias not yet added) -> RoPE -> k/v
+    written into the cache at `slots`; returns q [B, Nq, T, D]. The region between `norm_gemv` and SDPA."""
+    bias = getattr(op, "qkv_bias", None)
+    q, k, v = split_qkv(op, qkv if bias is None else qkv + bias)
+    k_cache.index_copy_(2, slots, apply_rope(k, cos, sin))
+    v_cache.index_copy_(2, slots, v)
+    return apply_rope(q, cos, sin)
 
 
 def gqa_core(block: AttentionBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -169,44 +192,86 @@ def head_logits(model: PuzzleModel, h: torch.Tensor, update: torch.Tensor | None
 
 
 class FusedRegions:
-    """The decode step's compiled regions, one per sub-block kind ("regional" compilation).
+    """The decode step's sub-blocks as compiled regions ("regional" compilation), and at batch 1 as GEMV kernels.
 
     Each sub-block is compiled on its own, from the previous sub-block's pending residual add up to its
     cache write (GQA: then the attention over the cached prefix runs outside, and o_proj is one more
-    region; SwiGLU: up to silu(gate) * up, the down projection runs outside), so the add fuses with the
-    norm, the norm with the projections and RoPE with the cache write, as a whole-step compile would.
-    Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs),
-    so compiling a model costs one compile per distinct sub-block variant, whatever its depth and
-    whatever the cached prefix length (the cache read stays outside the regions). And a sub-block runs
-    the same kernels in any model, so per-block costs measured on stacks of one variant add up to the
-    model's time (`puzzle.costs`); a whole-step compile fuses across layers differently per model.
+    region; SwiGLU: up to silu(gate) * up, the down projection runs outside as cuBLAS's matmul), so the add
+    fuses with the norm, the norm with the projections and RoPE with the cache write, as a whole-step compile
+    would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs), so
+    compiling a model costs one compile per distinct sub-block variant, whatever its depth and whatever the
+    cached prefix length (the cache read stays outside the regions). And a sub-block runs the same kernels in
+    any model, so per-block costs measured on small stacks add up to the model's time (`puzzle.costs`).
+
+    gemv=True (batch 1 on CUDA with Triton): every matrix-vector product is `puzzle.runtime.gemv.norm_gemv`,
+    which also does the pending residual add, the norm and SwiGLU's silu(gate) * up; the compiled regions keep
+    only RoPE and the cache write. Measured at Llama-3.1-8B's shape on the H200 (benchmarks/README.md).
+    Inductor's coordinate-descent tuning made similar kernels, but chose different tile sizes from one
+    compile to the next (5-25% per kernel), so no two compiles of a child, nor its costs, ran alike.
     """
 
-    def __init__(self, backend: str | None = "inductor", gemv_tuning: bool = False) -> None:
+    def __init__(self, backend: str | None = "inductor", gemv: bool = False) -> None:
         # backend None: the plain functions (same decomposition, no compile; for tests on CPU).
-        # gemv_tuning: inductor's coordinate-descent tuning, under which a batch-1 matmul becomes its own
-        # reduction kernel, fused with the norm before it. Measured at Llama-3.1-8B's shape on the H200
-        # (benchmarks/README.md): faster than cuBLAS + a separate norm for q/k/v, gate/up, o_proj and the
-        # LM head, and stable from compile to compile; but the tuned SwiGLU down projection took 34 us in
-        # some compiles and 47 in others (cuBLAS: 30 + split-K reduce), so it stays outside the regions.
-        # Worth its longer compile only at batch 1, where every matmul is a matrix-vector product.
-        tuned = {"coordinate_descent_tuning": True} if gemv_tuning else None
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return fn if backend is None else _compile(fn, backend)
 
-        def wrap(fn: Callable[..., Any], options: dict[str, Any] | None = None) -> Callable[..., Any]:
-            return fn if backend is None else _compile(fn, backend, options)
+        self.gemv = gemv
+        self._gqa_qkv_write = wrap(gqa_qkv_write)
+        self._rope_write = wrap(rope_write)
+        self._attention_out = wrap(attention_out)
+        self._swiglu_in = wrap(swiglu_in)
+        self._residual_op = wrap(residual_op)  # linear attention / linear FFN: one matmul
+        self._head_logits = wrap(head_logits)
 
-        self.gqa_qkv_write = wrap(gqa_qkv_write, tuned)
-        self.attention_out = wrap(attention_out, tuned)
-        self.swiglu_in = wrap(swiglu_in, tuned)
-        self.residual_op = wrap(residual_op)  # linear attention / linear FFN: one cuBLAS matmul
-        self.head_logits = wrap(head_logits, tuned)
+    def qkv(self, block: AttentionBlock, h: torch.Tensor, update: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gqa_qkv_write`: (h + update) -> norm -> q/k/v -> RoPE -> cache write; returns (h, q)."""
+        weight = getattr(block.op, "qkv_weight", None)
+        if self.gemv and weight is not None:
+            h, qkv = norm_gemv(h, weight, update, block.norm.weight, block.norm.eps)
+            return h, self._rope_write(block.op, qkv, cos, sin, k_cache, v_cache, slots)
+        return self._gqa_qkv_write(block, h, update, cos, sin, k_cache, v_cache, slots)
+
+    def attention_out(self, block: AttentionBlock, out: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [B, T, Nq*D] -> residual update [B, T, H]."""
+        o_proj = block.op.o_proj
+        if self.gemv and o_proj.bias is None:
+            return norm_gemv(out.contiguous(), o_proj.weight)[1]
+        return self._attention_out(block, out)
+
+    def ffn(self, block: FFNBlock, h: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A SwiGLU sub-block: (h + update) -> norm -> silu(gate) * up -> down; returns (h, its update)."""
+        op = block.op
+        weight = getattr(op, "gate_up_weight", None)
+        if self.gemv and weight is not None and op.down_proj.bias is None:
+            h, act = norm_gemv(h, weight, update, block.norm.weight, block.norm.eps, glu=True)
+            return h, norm_gemv(act, op.down_proj.weight)[1]
+        h, act = self._swiglu_in(block, h, update)
+        return h, op.down_proj(act)
+
+    def residual(self, block: AttentionBlock | FFNBlock, h: torch.Tensor, update: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear-attention or linear-FFN sub-block: (h + update) -> norm -> one matrix; returns (h, update)."""
+        linear = block.op.linear_attn if isinstance(block, AttentionBlock) else block.op.linear_mlp
+        if self.gemv and linear.bias is None:
+            return norm_gemv(h, linear.weight, update, block.norm.weight, block.norm.eps)
+        return self._residual_op(block, h, update)
+
+    def head(self, model: PuzzleModel, h: torch.Tensor, update: torch.Tensor, out: torch.Tensor) -> None:
+        """(h + update) -> final norm -> LM head -> fp32 logits written into out [B, V] (T == 1)."""
+        if self.gemv:
+            weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+            out.copy_(norm_gemv(h, weight, update, model.norm.weight, model.norm.eps)[1][:, 0])
+        else:
+            self._head_logits(model, h, update, out)
 
 
-_COMPILED: dict[tuple[Callable[..., Any], str, str], Callable[..., Any]] = {}
+_COMPILED: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
 
 
-def _compile(fn: Callable[..., Any], backend: str, options: dict[str, Any] | None = None) -> Callable[..., Any]:
-    key = (fn, backend, repr(sorted((options or {}).items())))
+def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    key = (fn, backend)
     if key not in _COMPILED:
         cfg = torch._dynamo.config
         # One graph per distinct sub-block shape and batch size: allow many before falling back to eager.
@@ -216,8 +281,7 @@ def _compile(fn: Callable[..., Any], backend: str, options: dict[str, Any] | Non
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
         # dynamic=False: shapes never become symbolic (a second FFN width would otherwise turn every
         # later compile dynamic, with slower kernels); each shape gets its own static graph.
-        kwargs: dict[str, Any] = {"options": options} if options and backend == "inductor" else {}
-        _COMPILED[key] = torch.compile(fn, dynamic=False, backend=backend, **kwargs)
+        _COMPILED[key] = torch.compile(fn, dynamic=False, backend=backend)
     return _COMPILED[key]
 
 
@@ -232,16 +296,14 @@ def fused_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: to
     for layer, layer_cache in zip(model.layers, cache.layers):
         if layer.attention is not None:
             if layer_cache is not None:
-                h, q = regions.gqa_qkv_write(layer.attention, h, update, cos, sin, layer_cache.k, layer_cache.v,
-                                             cache.slots)
+                h, q = regions.qkv(layer.attention, h, update, cos, sin, layer_cache.k, layer_cache.v, cache.slots)
                 update = regions.attention_out(layer.attention, attend_prefix(q, mask, layer_cache))
             else:
-                h, update = regions.residual_op(layer.attention, h, update)
+                h, update = regions.residual(layer.attention, h, update)
         if layer.ffn is not None and isinstance(layer.ffn.op, SwiGLU):
-            h, act = regions.swiglu_in(layer.ffn, h, update)
-            update = layer.ffn.op.down_proj(act)
+            h, update = regions.ffn(layer.ffn, h, update)
         elif layer.ffn is not None:
-            h, update = regions.residual_op(layer.ffn, h, update)
+            h, update = regions.residual(layer.ffn, h, update)
     return h, update
 
 
@@ -289,7 +351,8 @@ class Engine:
         self._pool = None
         self._compiled = None
         # "fused": per-sub-block compiled regions (see FusedRegions), then the manual capture.
-        self._regions = FusedRegions(gemv_tuning=batch_size == 1) if self.graph_mode == "fused" else None
+        gemv = batch_size == 1 and gemv_available(self.device)  # Triton GEMVs: see FusedRegions
+        self._regions = FusedRegions(gemv=gemv) if self.graph_mode == "fused" else None
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -363,7 +426,7 @@ class Engine:
         mask = (~self.valid[:, None, None, :attend_len]).to(h.dtype) * torch.finfo(h.dtype).min
         if self._regions is not None:
             h, update = fused_layers(self.model, h, cos, sin, mask, self.cache, self._regions)
-            self._regions.head_logits(self.model, h, update, self.logits)
+            self._regions.head(self.model, h, update, self.logits)
         else:
             h = forward_layers(self.model, h, cos, sin, mask, self.cache)
             self.logits.copy_(self.model.head(h)[:, 0].float())
