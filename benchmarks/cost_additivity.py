@@ -186,6 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--shape", default="8b", choices=["8b", "ref-s"],
+                    help="the parent's shape: Llama-3.1-8B, or the reference run's 16-layer model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
@@ -200,6 +202,10 @@ def main() -> None:
     w = Workload(f"batch{args.batch}", args.batch, args.prompt, args.gen)
     ctx = mean_decode_context(w, 128)
     models = {"parent": parent, **children(parent), **validation_children(parent)}
+    if args.shape == "ref-s":  # the children the reference run's cost-model check uses
+        from cost_model_ref_s import children as ref_s_children
+
+        models.update({f"ref-{k}": v for k, v in ref_s_children(parent).items()})
     p_att, p_ffn = parent.blocks[0].attention, parent.blocks[0].ffn
     atts = list(dict.fromkeys(b.attention for m in models.values() for b in m.blocks if b.attention.kind != "no_op"))
     ffns = list(dict.fromkeys(b.ffn for m in models.values() for b in m.blocks if b.ffn.kind != "no_op"))
