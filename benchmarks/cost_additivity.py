@@ -198,7 +198,14 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    parent = tiny_llama_config(num_layers=4, num_kv_heads=4, max_position_embeddings=4096) if args.tiny else llama31_8b_config()
+    if args.tiny:
+        parent = tiny_llama_config(num_layers=4, num_kv_heads=4, max_position_embeddings=4096)
+    elif args.shape == "ref-s":
+        from cost_model_ref_s import ref_s_config
+
+        parent = ref_s_config(None)
+    else:
+        parent = llama31_8b_config()
     w = Workload(f"batch{args.batch}", args.batch, args.prompt, args.gen)
     ctx = mean_decode_context(w, 128)
     models = {"parent": parent, **children(parent), **validation_children(parent)}
