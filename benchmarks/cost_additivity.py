@@ -209,7 +209,7 @@ def main() -> None:
     w = Workload(f"batch{args.batch}", args.batch, args.prompt, args.gen)
     ctx = mean_decode_context(w, 128)
     models = {"parent": parent, **children(parent), **validation_children(parent)}
-    if args.shape == "ref-s":  # the children the reference run's cost-model check uses
+    if args.shape == "ref-s" and not args.tiny:  # the children the reference run's cost-model check uses
         from cost_model_ref_s import children as ref_s_children
 
         models.update({f"ref-{k}": v for k, v in ref_s_children(parent).items()})
