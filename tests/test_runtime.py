@@ -210,6 +210,19 @@ def test_fused_and_compile_modes_match_eager_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batch1_fused_decode_runs_the_gemv_kernels_like_eager_on_gpu():
+    """At batch 1 the fused graphs run every GEMV as puzzle.runtime.gemv's Triton kernel, in bf16 as served."""
+    model = child_model().to("cuda", torch.bfloat16)
+    eager = _decode_logits(Engine(model, 1, 64, graphs="none"), [[5, 17, 99, 3]], 30)
+    engine = Engine(model, 1, 64, graphs="fused", bucket=16)
+    assert engine._regions.gemv
+    got = _decode_logits(engine, [[5, 17, 99, 3]], 30)
+    assert torch.equal(got.argmax(-1), eager.argmax(-1))
+    assert torch.allclose(got, eager, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prefill_graph_replays_new_prompts_like_eager():
     """A captured prefill replays on new prompts of the same length (and captures anew for another length)."""
     from puzzle.runtime import left_pad
