@@ -211,14 +211,24 @@ def test_fused_and_compile_modes_match_eager_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batch1_fused_decode_runs_the_gemv_kernels_like_eager_on_gpu():
-    """At batch 1 the fused graphs run every GEMV as puzzle.runtime.gemv's Triton kernel, in bf16 as served."""
+    """At batch 1 the fused graphs run every GEMV as puzzle.runtime.gemv's Triton kernel, in bf16 as served.
+
+    Both engines are fed the same tokens (eager's greedy ones), so bf16 rounding differences cannot make
+    the two sequences diverge; every step's logits must agree to bf16 precision.
+    """
     model = child_model().to("cuda", torch.bfloat16)
-    eager = _decode_logits(Engine(model, 1, 64, graphs="none"), [[5, 17, 99, 3]], 30)
-    engine = Engine(model, 1, 64, graphs="fused", bucket=16)
-    assert engine._regions.gemv
-    got = _decode_logits(engine, [[5, 17, 99, 3]], 30)
-    assert torch.equal(got.argmax(-1), eager.argmax(-1))
-    assert torch.allclose(got, eager, atol=0.1, rtol=0.05)
+    eager, fused = Engine(model, 1, 64, graphs="none"), Engine(model, 1, 64, graphs="fused", bucket=16)
+    assert fused._regions.gemv
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    want, got = [eager.prefill(prompt).clone()], [fused.prefill(prompt).clone()]
+    for _ in range(30):
+        token = want[-1].argmax(-1)
+        want.append(eager.decode(token).clone())
+        got.append(fused.decode(token).clone())
+    want, got = torch.stack(want), torch.stack(got)
+    err = ((got - want).abs().amax(-1) / want.abs().amax(-1)).max().item()  # per step, relative to the logits
+    assert err < 0.03, f"max relative logit error {err:.4f}"
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
 
 @pytest.mark.gpu

@@ -59,7 +59,7 @@ if triton is not None:
 
     @triton.jit
     def _norm_gemv_kernel(h_ptr, u_ptr, h_out_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps,
-                          HAS_UPDATE: tl.constexpr, HAS_NORM: tl.constexpr, GLU: tl.constexpr,
+                          HAS_UPDATE: tl.constexpr, HAS_NORM: tl.constexpr, GLU: tl.constexpr, WIDE: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_K)
@@ -77,6 +77,9 @@ if triton is not None:
             rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        # 64-bit offsets only where a weight has 2^31+ elements (a large vocabulary's head): they cost ~10%
+        row_start = rows.to(tl.int64) * K if WIDE else rows * K
+        up_start = N.to(tl.int64) * K if WIDE else N * K  # glu: where the up rows begin
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if GLU:
             acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -93,11 +96,11 @@ if triton is not None:
                 x = (x.to(tl.float32) * tl.load(nw_ptr + k0 + cols, mask=m, other=0.0).to(tl.float32)
                      ).to(h_ptr.dtype.element_ty)
             x = x.to(tl.float32)[None, :]
-            tile = rows.to(tl.int64)[:, None] * K + k0 + cols[None, :]  # int64: vocab x hidden can pass 2^31
+            tile = row_start[:, None] + k0 + cols[None, :]
             tile_ok = row_ok[:, None] & m[None, :]
             acc += tl.load(w_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32) * x
             if GLU:
-                acc_up += tl.load(w_ptr + N * K + tile, mask=tile_ok, other=0.0).to(tl.float32) * x
+                acc_up += tl.load(w_ptr + up_start + tile, mask=tile_ok, other=0.0).to(tl.float32) * x
         y = tl.sum(acc, axis=1)
         if GLU:  # silu(gate) * up, each rounded like torch's bf16 ops
             gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -122,6 +125,6 @@ def norm_gemv(x: torch.Tensor, weight: torch.Tensor, update: torch.Tensor | None
     grid = (triton.cdiv(rows, cfg.block_n),)
     _norm_gemv_kernel[grid](
         x, update if update is not None else x, h_out, norm_weight if norm_weight is not None else x, weight, y,
-        rows, k, eps, HAS_UPDATE=update is not None, HAS_NORM=norm_weight is not None, GLU=glu,
+        rows, k, eps, HAS_UPDATE=update is not None, HAS_NORM=norm_weight is not None, GLU=glu, WIDE=weight.numel() >= 2**31,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h_out, y
