@@ -58,6 +58,14 @@ def _next_pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _hidden(h_ptr, u_ptr, offs, m, HAS_UPDATE: tl.constexpr):
+        """h[offs] (+ update[offs], rounded to h's dtype as torch's add would): the residual stream's values."""
+        x = tl.load(h_ptr + offs, mask=m, other=0.0)
+        if HAS_UPDATE:
+            x = (x.to(tl.float32) + tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+        return x
+
+    @triton.jit
     def _norm_gemv_kernel(h_ptr, u_ptr, h_out_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps,
                           HAS_UPDATE: tl.constexpr, HAS_NORM: tl.constexpr, GLU: tl.constexpr, WIDE: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -67,12 +75,7 @@ if triton is not None:
         if HAS_NORM:
             sq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                m = k0 + cols < K
-                x = tl.load(h_ptr + k0 + cols, mask=m, other=0.0)
-                if HAS_UPDATE:
-                    x = (x.to(tl.float32) + tl.load(u_ptr + k0 + cols, mask=m, other=0.0).to(tl.float32)
-                         ).to(h_ptr.dtype.element_ty)
-                x = x.to(tl.float32)
+                x = _hidden(h_ptr, u_ptr, k0 + cols, k0 + cols < K, HAS_UPDATE).to(tl.float32)
                 sq += x * x
             rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,11 +88,9 @@ if triton is not None:
             acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             m = k0 + cols < K
-            x = tl.load(h_ptr + k0 + cols, mask=m, other=0.0)
-            if HAS_UPDATE:
-                x = (x.to(tl.float32) + tl.load(u_ptr + k0 + cols, mask=m, other=0.0).to(tl.float32)
-                     ).to(h_ptr.dtype.element_ty)
-                if pid == 0:
+            x = _hidden(h_ptr, u_ptr, k0 + cols, m, HAS_UPDATE)
+            if HAS_UPDATE:  # noqa: SIM102  (nested: a constexpr test, then a runtime one, for Triton)
+                if pid == 0:  # one program writes h + update out
                     tl.store(h_out_ptr + k0 + cols, x, mask=m)
             if HAS_NORM:  # as RMSNorm: normalise in fp32, round, then scale (rounded again)
                 x = (x.to(tl.float32) * rstd).to(h_ptr.dtype.element_ty)
