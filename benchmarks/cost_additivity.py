@@ -38,7 +38,7 @@ from puzzle.bench import DEFAULT_BUCKET
 from puzzle.blocks import AttentionConfig as A
 from puzzle.blocks import BlockConfig, ModelConfig
 from puzzle.blocks import FFNConfig as F
-from puzzle.costs import mean_decode_context
+from puzzle.costs import decode_at, mean_decode_context
 from puzzle.model import build_model
 from puzzle.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime.engine import Engine
@@ -72,14 +72,7 @@ def ready_engine(config: ModelConfig, w: Workload, ctx: int, device: torch.devic
     model = build_model(config, device=device, dtype=dtype, seed=0).eval()
     engine = Engine(model, w.batch_size, max(w.prompt_len, ctx) + 1, bucket=1)
     engine.prefill(torch.randint(0, config.vocab_size, (w.batch_size, w.prompt_len), device=device))
-    engine.valid.fill_(True)
-    tok = torch.randint(0, config.vocab_size, (w.batch_size,), device=device)
-
-    def step() -> None:
-        engine.length = ctx - 1
-        engine.decode(tok)
-
-    return engine, step
+    return engine, decode_at(engine, ctx, torch.randint(0, config.vocab_size, (w.batch_size,), device=device))
 
 
 def kernel_profile(step: Any, device: torch.device, steps: int = 3) -> dict[str, Any]:

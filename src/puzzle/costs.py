@@ -44,6 +44,7 @@ import datetime
 import math
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,7 @@ from puzzle.blocks import (
 from puzzle.config import to_dict
 from puzzle.errors import PuzzleError
 from puzzle.memory import max_batch_size, memory_model
-from puzzle.runtime.engine import GraphMode, resolve_graph_mode
+from puzzle.runtime.engine import Engine, GraphMode, resolve_graph_mode
 from puzzle.workloads import DEFAULT_WORKLOADS, Workload
 
 SCHEMA = "puzzle-costs/1"
@@ -186,11 +187,22 @@ def _stack_config(model: ModelConfig, block: BlockConfig, k: int, seq: int, voca
                    max_position_embeddings=max(model.max_position_embeddings, seq), tie_word_embeddings=False)
 
 
+def decode_at(engine: Engine, ctx: int, tokens: torch.Tensor) -> Callable[[], None]:
+    """A repeatable decode step of `engine` that reads `ctx` filled cache slots, as at a workload's mean
+    context: each call rewrites slot ctx - 1 from `tokens` [B] and attends over slots [0, ctx)."""
+    engine.valid.fill_(True)
+
+    def step() -> None:
+        engine.length = ctx - 1
+        engine.decode(tokens)
+
+    return step
+
+
 def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, device: torch.device,
                 gen: torch.Generator) -> tuple[list[float], list[float]]:
     """Prefill and decode-step samples (seconds) of a whole model (random weights) with the runtime engine."""
     from puzzle.model import build_model
-    from puzzle.runtime.engine import Engine
     from puzzle.runtime.timing import time_calls
 
     model = build_model(config, device=device, dtype=DTYPES[cfg.dtype], seed=0).eval()
@@ -200,15 +212,9 @@ def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, de
     for _ in range(cfg.input_sets):
         ids = torch.randint(0, config.vocab_size, (b, p), generator=gen).to(device)
         prefill += time_calls(lambda: engine.prefill(ids), device, cfg.repeats, cfg.warmup)  # noqa: B023
-    engine.valid.fill_(True)  # decode reads `ctx` filled slots, as at the workload's mean context
     for _ in range(cfg.input_sets):
         tok = torch.randint(0, config.vocab_size, (b,), generator=gen).to(device)
-
-        def step() -> None:
-            engine.length = ctx - 1  # the step writes slot ctx-1 and reads slots [0, ctx)
-            engine.decode(tok)  # noqa: B023
-
-        decode += time_calls(step, device, cfg.repeats, cfg.warmup, inner=cfg.decode_inner)
+        decode += time_calls(decode_at(engine, ctx, tok), device, cfg.repeats, cfg.warmup, inner=cfg.decode_inner)
     return prefill, decode
 
 
