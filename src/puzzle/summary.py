@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.artifacts import read_json
+from puzzle.notices import read_warnings
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -83,6 +84,8 @@ def print_summary(run_dir: Path) -> None:
     print(f"\nSummary of {run_dir} (throughput: workload {workload or '-'}; "
           f"predicted from {source} per-block costs)")
     print(format_table(header, rows))
+    for w in read_warnings(run_dir):
+        print(f"warning ({w['stage']}): {w['message']}")
     report = run_dir / "report.md"
     if report.exists():
         print(f"\nReport: {report}")
