@@ -1,7 +1,10 @@
 """Run-directory artifacts: atomic writes, content hashes, and 'is this stage current?' stamps.
 
 Every stage writes its outputs through these helpers so that a crash or kill never leaves a half-written
-file: data goes to a temporary file in the same directory and is renamed into place (atomic on POSIX).
+file: data goes to a temporary file in the same directory, is fsynced, and is renamed into place (atomic on
+POSIX); the directory is fsynced after the rename so that the rename itself survives a power loss. A directory
+is replaced by swapping it with the new one in one step (Linux renameat2 RENAME_EXCHANGE), so its path never
+goes missing.
 A stage records a stamp (`<dir>/.stage.json`) holding the hash of its inputs and config; when the stamp
 matches, the stage has nothing to do.
 """
@@ -9,10 +12,14 @@ matches, the stage has nothing to do.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +44,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_path(tmp_path)  # the data is on disk before the name points at it
         os.replace(tmp_path, path)
+        fsync_path(path.parent)  # the rename is on disk
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory by name (a no-op for directories where the OS cannot open them, e.g. Windows)."""
+    path = Path(path)
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -88,17 +111,63 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Make the complete directory `src` (same filesystem) appear as `dst`, durably.
+
+    Everything under `src` is fsynced first. An existing `dst` is swapped with `src` in one step and then
+    deleted, so `dst` names the old or the new directory at every moment; only where the swap is not available
+    (not Linux, or a filesystem without RENAME_EXCHANGE) is it moved aside and `src` renamed in, a short window
+    in which `dst` is missing.
+    """
+    src, dst = Path(src), Path(dst)
+    _fsync_tree(src)
+    if not dst.exists():
+        os.replace(src, dst)
+    elif _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # `src` now names the old directory
+    else:
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(dst.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory bottom-up (a directory's entries are durable once it is synced)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths with renameat2(RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc to load, or a libc older than glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or filesystem lacks the flag
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
