@@ -63,7 +63,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
 
     with pytest.raises(Killed):
         train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg, tmp_path / "b", CPU1, on_step=kill_at_5)
-    assert (tmp_path / "b" / "checkpoint.pt").exists()
+    assert (tmp_path / "b" / "checkpoint" / "state.json").exists()
     resumed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg, tmp_path / "b", CPU1)
     assert resumed.resumed_from == 4
     a = [r["loss"] for r in full.log["train"]]
@@ -80,6 +80,36 @@ def test_checkpoint_of_other_config_is_not_used(tmp_path: Path) -> None:
     train_gkd(damaged_child(parent), parent, train, valid, small_cfg(steps=3, checkpoint_every=2), tmp_path, CPU1)
     result = train_gkd(damaged_child(parent), parent, train, valid, small_cfg(steps=3, lr=1e-3), tmp_path, CPU1)
     assert result.resumed_from == 0
+
+
+def test_checkpoint_holds_no_pickle_and_restores_rng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+    import random
+
+    from puzzle.train_checkpoint import pack, rng_state, set_rng_state, unpack
+
+    parent = tiny_parent()
+    train, valid = token_arrays()
+    cfg = small_cfg(steps=3, checkpoint_every=2)
+    train_gkd(damaged_child(parent), parent, train, valid, cfg, tmp_path, CPU1)
+    ckpt = tmp_path / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rank0.json", "rank0.safetensors", "state.json"]
+
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("a training checkpoint must load without unpickling")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    assert train_gkd(damaged_child(parent), parent, train, valid, cfg, tmp_path, CPU1).resumed_from == 2
+    # every RNG comes back exactly, through JSON + tensors
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    tensors: dict[str, torch.Tensor] = {}
+    saved = json.loads(json.dumps(pack(rng_state(), tensors)))
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(unpack(saved, tensors, torch.device("cpu"), None))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]
 
 
 def test_data_shards_are_distinct_and_independent_of_world_size() -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 WORKER = Path(__file__).parent / "gkd_dist_worker.py"
 
@@ -46,9 +47,12 @@ def test_two_process_gkd_matches_single_process(tmp_path: Path, single: dict, mo
     a = [v["kl"] for v in single["valid"]]
     b = [v["kl"] for v in multi["valid"]]
     assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
-    if mode != "fsdp":
-        return
-    # the step-2 checkpoint the two sharded ranks wrote together resumes exactly under two ranks
+    # the step-2 checkpoint resumes exactly under two ranks: under FSDP each rank wrote and reads its own shards,
+    # under DDP rank 0 wrote the (identical) state and both ranks read it
+    ckpt = tmp_path / f"work-{mode}" / "checkpoint"
+    shard_keys = [len(safe_open(ckpt / f"rank{r}.safetensors", "pt").keys()) for r in range(2)]
+    assert shard_keys[1] == shard_keys[0] if mode == "fsdp" else shard_keys[1] < shard_keys[0], shard_keys
+    assert not [p for p in ckpt.iterdir() if p.suffix not in (".json", ".safetensors")], "no pickle files"
     again = _torchrun(tmp_path, mode)
     assert again["resumed_from"] == 2
     assert [r["loss"] for r in again["train"]] == pytest.approx([r["loss"] for r in multi["train"]], rel=1e-6)

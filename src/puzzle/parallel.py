@@ -1,7 +1,8 @@
 """Apply data parallelism to a single-device model from outside: none, DDP, or FSDP2 (`fully_shard` per layer).
 
-The model code never knows about parallelism (DESIGN: torchtitan's habit). Full (unsharded) state dicts go
-through `torch.distributed.checkpoint.state_dict`, which handles plain modules, DDP and FSDP2 alike.
+The model code never knows about parallelism (DESIGN: torchtitan's habit). State dicts go through
+`torch.distributed.checkpoint.state_dict`, which handles plain modules, DDP and FSDP2 alike (training
+checkpoints: puzzle.train_checkpoint).
 """
 
 from __future__ import annotations
@@ -12,13 +13,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from puzzle.distributed import DistInfo
 
@@ -69,13 +64,3 @@ def grad_sync(wrapped: nn.Module, model: nn.Module, mode: Mode, sync: bool) -> I
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (a collective under FSDP: every rank must call it)."""
     return get_model_state_dict(model, options=FULL)
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)

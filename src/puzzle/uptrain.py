@@ -11,7 +11,6 @@ Checkpoints hold model, optimizer, scheduler, data position (the step) and every
 from __future__ import annotations
 
 import math
-import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from torch import nn
 from puzzle import parallel
 from puzzle.artifacts import (
     atomic_dir,
-    atomic_path,
     fingerprint_files,
     hash_json,
     mark_stage_done,
@@ -34,11 +32,12 @@ from puzzle.artifacts import (
     write_json,
 )
 from puzzle.config import to_dict
-from puzzle.distributed import DistInfo, all_gather_objects, barrier, distributed
+from puzzle.distributed import DistInfo, barrier, distributed
 from puzzle.errors import PuzzleError
 from puzzle.gkd import LossTerms, loss_terms
 from puzzle.lr_schedule import warmup_cosine
 from puzzle.model import PuzzleModel, RotaryEmbedding
+from puzzle.train_checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -210,52 +209,6 @@ def validate(child: nn.Module, parent: nn.Module, valid: np.ndarray, cfg: Uptrai
     return _metrics(_reduce(sums), cfg)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-                    log: dict[str, Any], fingerprint: str, info: DistInfo) -> None:
-    """Collective: every rank gathers the full state; rank 0 writes it atomically."""
-    model_state = parallel.full_model_state(model)
-    optim_state = parallel.full_optimizer_state(model, optimizer)
-    rngs = all_gather_objects(_rng_state())
-    if info.is_main:
-        with atomic_path(path) as tmp:
-            torch.save({"step": step, "model": model_state, "optimizer": optim_state,
-                        "scheduler": scheduler.state_dict(), "rng": rngs, "log": log,
-                        "fingerprint": fingerprint, "world_size": info.world_size}, tmp)
-    barrier()
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    fingerprint: str, info: DistInfo) -> tuple[int, dict[str, Any]] | None:
-    """Restore everything and return (step, log); None when there is no checkpoint of this very run."""
-    if not path.exists():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds numpy RNG state
-    if ckpt.get("fingerprint") != fingerprint:
-        if info.is_main:
-            print(f"uptrain: {path} belongs to a different configuration or input; starting afresh")
-        return None
-    parallel.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    _set_rng_state(ckpt["rng"][info.rank])
-    return int(ckpt["step"]), ckpt["log"]
-
-
 # ---- the loop ---------------------------------------------------------------------------------------------
 
 
@@ -278,10 +231,10 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
     optimizer = torch.optim.AdamW(child.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     fingerprint = hash_json([fingerprint, _trajectory_config(cfg), info.world_size, steps])
-    ckpt_path = Path(work_dir) / "checkpoint.pt"
+    ckpt_path = Path(work_dir) / "checkpoint"
     log: dict[str, Any] = {"train": [], "valid": [], "steps": steps, "mode": mode, "world_size": info.world_size}
     start = 0
-    restored = load_checkpoint(ckpt_path, child, optimizer, scheduler, fingerprint, info)
+    restored = load_checkpoint(ckpt_path, child, optimizer, scheduler, fingerprint, mode, info)
     if restored is not None:
         start, log = restored
         if info.is_main:
@@ -318,7 +271,7 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
         if valid is not None and (last or (cfg.val_every and (step + 1) % cfg.val_every == 0)):
             log["valid"].append({"step": step + 1, **validate(wrapped, teacher, valid, cfg, info, autocast)})
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
-            save_checkpoint(ckpt_path, child, optimizer, scheduler, step + 1, log, fingerprint, info)
+            save_checkpoint(ckpt_path, child, optimizer, scheduler, step + 1, log, fingerprint, mode, info)
         if info.is_main and (step + 1) % max(1, steps // 20) == 0:
             print(f"uptrain step {step + 1}/{steps} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f}")
         if on_step is not None:
