@@ -12,7 +12,8 @@ from pathlib import Path
 from puzzle.artifacts import hash_json, mark_stage_done, stage_is_current
 from puzzle.checkpoints import detect_format, load_model, save_model
 from puzzle.errors import PuzzleError
-from puzzle.tokenizers import load_tokenizer
+from puzzle.notices import clear_warnings, warn
+from puzzle.tokenizers import has_tokenizer, load_tokenizer
 
 STAGE = "import"
 
@@ -39,11 +40,12 @@ def run_import(run_dir: Path, parent_path: str) -> Path:
         return out
     fmt = detect_format(parent_path)
     model = load_model(parent_path)
-    try:
-        tokenizer = load_tokenizer(parent_path)
-    except PuzzleError as e:
-        print(f"import: note: the parent has no tokenizer ({e}); the data stage will need one", file=sys.stderr)
-        tokenizer = None
+    # A tokenizer that is there but does not load is an error, not a parent without one.
+    clear_warnings(run_dir, STAGE)
+    tokenizer = load_tokenizer(parent_path) if has_tokenizer(parent_path) else None
+    if tokenizer is None:
+        warn(run_dir, STAGE, f"{parent_path} has no tokenizer (tokenizer.model, tokenizer.json or tok*.bin); "
+                             "the data stage needs data.tokenizer, and children are written without one")
     save_model(model, out, tokenizer_source=tokenizer)
     mark_stage_done(out, STAGE, fingerprint, source=str(Path(parent_path).resolve()), source_format=fmt,
                     params=model.config.param_count())

@@ -22,6 +22,7 @@ from puzzle.artifacts import (
 from puzzle.blocks import BlockConfig
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleModel
+from puzzle.notices import warn
 from puzzle.scoring import library_provider
 
 
@@ -54,7 +55,7 @@ def run_realize(run_dir: Path, solution_name: str) -> Path:
     """Write children/<solution_name>/ (does nothing when it is current)."""
     from puzzle.checkpoints import export_hf, load_model
     from puzzle.library.store import Library
-    from puzzle.tokenizers import load_tokenizer
+    from puzzle.tokenizers import has_tokenizer, load_tokenizer
 
     run_dir = Path(run_dir)
     solutions_path = run_dir / "search" / "solutions.json"
@@ -69,10 +70,12 @@ def run_realize(run_dir: Path, solution_name: str) -> Path:
     parent = load_model(run_dir / "parent")
     library = Library.open(run_dir / "library")
     child = build_child(parent, library, [BlockConfig.from_dict(b) for b in solution["blocks"]])
-    try:
-        tokenizer = load_tokenizer(run_dir / "parent")
-    except PuzzleError:
-        tokenizer = None  # a parent without a tokenizer (e.g. random weights): the child has none either
+    # A tokenizer that is there but does not load is an error; a parent with none (e.g. random weights) gives
+    # a child with none, and the run says so.
+    tokenizer = load_tokenizer(run_dir / "parent") if has_tokenizer(run_dir / "parent") else None
+    if tokenizer is None:
+        warn(run_dir, "realize", f"the parent has no tokenizer, so {out_dir} is written without one; to ship one, "
+                                 "add tokenizer files to the parent model and rerun `puzzle import`")
     sidecar = {
         "parent": str((run_dir / "parent").resolve()),
         "parent_config": parent.config.to_dict(),

@@ -9,8 +9,7 @@ import torch
 
 from puzzle.checkpoints import export_hf, load_model
 from puzzle.checkpoints.export import EXPORT_FORMATS
-from puzzle.errors import PuzzleError
-from puzzle.tokenizers import load_tokenizer
+from puzzle.tokenizers import has_tokenizer, load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -26,11 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    try:
-        tokenizer = load_tokenizer(args.model)
-    except PuzzleError as e:  # a model without a tokenizer still exports; say so
-        print(f"puzzle export: note: exporting without a tokenizer ({e})", file=sys.stderr)
-        tokenizer = None
+    # A model without a tokenizer still exports (say so); one whose tokenizer does not load is an error.
+    tokenizer = load_tokenizer(args.model) if has_tokenizer(args.model) else None
+    if tokenizer is None:
+        print(f"puzzle export: note: {args.model} has no tokenizer; exporting without one", file=sys.stderr)
     out = export_hf(model, args.out_dir, tokenizer_source=tokenizer, format=args.format,
                     max_shard_size=args.max_shard_size, dtype=DTYPES[args.dtype] if args.dtype else None)
     print(f"wrote {out} ({args.format})")
