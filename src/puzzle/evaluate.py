@@ -28,7 +28,7 @@ from puzzle.config import to_dict
 from puzzle.errors import PuzzleError
 from puzzle.gkd import loss_terms
 from puzzle.model import PuzzleModel
-from puzzle.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_task, load_task, task_name
+from puzzle.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_task, load_task, task_names
 from puzzle.workloads import Workload, resolve_workloads
 
 Items = list[MultipleChoiceItem] | list[LastWordItem]
@@ -143,10 +143,10 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
 
 def load_tasks(cfg: EvalConfig) -> dict[str, Items]:
     tasks: dict[str, Items] = {}
-    for spec in cfg.tasks:
+    for name, spec in zip(task_names(cfg.tasks), cfg.tasks, strict=True):  # distinct: none overwrites another
         if spec.limit is None and cfg.task_limit is not None:
             spec = TaskSpec(spec.path, spec.name, spec.format, cfg.task_limit)
-        tasks[task_name(spec)] = load_task(spec)
+        tasks[name] = load_task(spec)
     return tasks
 
 

@@ -4,17 +4,18 @@ Formats:
   hellaswag  six lines per item: context, gold label (0-3), four endings (`.txt`, optionally .bz2/.xz/.gz)
   lambada    JSONL {"text": ...}; the task is the passage's last word, greedy: every token of it must be argmax
   jsonl      JSONL {"context": str, "choices": [str, ...], "gold": int}: any multiple-choice task of your own
-An ending is scored as the sum of its tokens' log-probabilities given the context; `acc_norm` divides by the
-ending's length in bytes, as lm-eval does.
+Files are UTF-8 (a byte-order mark is fine). An ending is scored as the sum of its tokens' log-probabilities given
+the context; `acc_norm` divides by the ending's length in bytes, as lm-eval does.
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import json
 import lzma
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -30,7 +31,7 @@ TaskFormat = Literal["auto", "hellaswag", "lambada", "jsonl"]
 @dataclass
 class TaskSpec:
     path: str
-    name: str | None = None  # default: the file name without extensions
+    name: str | None = None  # default: the file name without extensions (see task_names for clashes)
     format: TaskFormat = "auto"
     limit: int | None = None  # first N items only
 
@@ -48,34 +49,100 @@ class LastWordItem:
     target: str  # the last word with its leading space
 
 
-def open_text(path: Path) -> IO[str]:
+def open_binary(path: Path) -> IO[bytes]:
     opener = {".bz2": bz2.open, ".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
-    return opener(path, "rt", encoding="utf-8")  # type: ignore[operator]
+    return opener(path, "rb")  # type: ignore[operator]
 
 
-def task_name(spec: TaskSpec) -> str:
-    if spec.name:
-        return spec.name
-    name = Path(spec.path).name
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without its line break); a UTF-8 byte-order mark is dropped, and a byte that is
+    not UTF-8 is an error naming its line (decoding line by line is what makes the number exact)."""
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PuzzleError(f"{path}:{lineno}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8; "
+                                  "re-save the file as UTF-8") from None
+            yield lineno, text.rstrip("\r\n")
+
+
+def _stem(name: str) -> str:
     for suffix in (".bz2", ".xz", ".gz", ".jsonl", ".txt", ".json"):
         name = name.removesuffix(suffix)
     return name
 
 
+def task_names(specs: list[TaskSpec]) -> list[str]:
+    """One distinct result name per task, in order. A given `name` is used as is; otherwise the file name without
+    extensions, and files whose names collide (`a/hellaswag.txt`, `b/hellaswag.txt`) get as many parent
+    directories as make them distinct (`a/hellaswag`, `b/hellaswag`). The same file twice, or two tasks given the
+    same `name`, is an error: one result would overwrite the other."""
+    given = [s.name for s in specs if s.name]
+    if len(set(given)) < len(given):
+        twice = next(n for n in given if given.count(n) > 1)
+        raise PuzzleError(f"two eval tasks are named {twice!r}; give each task its own name")
+    files = [Path(s.path).resolve() for s in specs]
+    for i, f in enumerate(files):
+        if not specs[i].name and files.index(f) != i:
+            raise PuzzleError(f"task file {specs[i].path} is listed twice in eval.tasks / --task; list it once")
+    depth = [0] * len(specs)
+
+    def name(i: int) -> str:
+        parts = files[i].parent.parts[len(files[i].parent.parts) - depth[i]:] if depth[i] else ()
+        return "/".join([*parts, _stem(files[i].name)])
+
+    while True:
+        names = [s.name or name(i) for i, s in enumerate(specs)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and not specs[i].name]
+        if not clash:
+            return names
+        for i in clash:
+            if depth[i] >= len(files[i].parent.parts):
+                raise PuzzleError(f"task file {specs[i].path} gives the name {names[i]!r}, which another task uses; "
+                                  "set a distinct `name` for it in eval.tasks")
+            depth[i] += 1
+
+
+def _json_line(path: Path, lineno: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PuzzleError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix that line") from None
+
+
+CHOICE_FIELDS = ("context", "choices", "gold")
+
+
 def detect_format(path: Path) -> str:
+    """hellaswag for text files; for JSON lines, from the first record's fields."""
     if ".jsonl" not in path.name and ".json" not in path.name:
         return "hellaswag"
-    with open_text(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                return "jsonl" if "choices" in record else "lambada"
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        record = _json_line(path, lineno, line)
+        if isinstance(record, dict) and any(k in record for k in CHOICE_FIELDS):
+            return "jsonl"
+        if isinstance(record, dict) and "text" in record:
+            return "lambada"
+        raise PuzzleError(
+            f"{path}:{lineno}: a task line needs \"context\", \"choices\" and \"gold\" (multiple choice) or "
+            f"\"text\" (LAMBADA); this one has {_fields(record)}"
+        )
     return "jsonl"
 
 
+def _fields(record: object) -> str:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    return "fields " + ", ".join(map(repr, record)) if record else "no fields"
+
+
 def read_hellaswag(path: Path, limit: int | None = None) -> list[MultipleChoiceItem]:
-    with open_text(path) as f:
-        lines = f.read().splitlines()
+    lines = [text for _, text in read_lines(path)]
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) % 6:
@@ -91,18 +158,13 @@ def read_hellaswag(path: Path, limit: int | None = None) -> list[MultipleChoiceI
     return items
 
 
-def _jsonl_records(path: Path, limit: int | None) -> list[tuple[int, dict]]:
+def _jsonl_records(path: Path, limit: int | None) -> list[tuple[int, object]]:
     out = []
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise PuzzleError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix that line") from None
+    for lineno, line in read_lines(path):
+        if limit is not None and len(out) >= limit:
+            break
+        if line.strip():
+            out.append((lineno, _json_line(path, lineno, line)))
     return out
 
 
@@ -111,7 +173,7 @@ def read_lambada(path: Path, limit: int | None = None) -> list[LastWordItem]:
     for lineno, record in _jsonl_records(path, limit):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or " " not in text.strip():
-            raise PuzzleError(f"{path}:{lineno}: a LAMBADA line needs a \"text\" with at least two words")
+            raise PuzzleError(f"{path}:{lineno}: a LAMBADA line needs a \"text\" string with at least two words")
         context, word = text.rstrip().rsplit(" ", 1)
         items.append(LastWordItem(context, " " + word))
     return items
@@ -120,17 +182,26 @@ def read_lambada(path: Path, limit: int | None = None) -> list[LastWordItem]:
 def read_choice_jsonl(path: Path, limit: int | None = None) -> list[MultipleChoiceItem]:
     items = []
     for lineno, record in _jsonl_records(path, limit):
-        if not isinstance(record, dict) or not {"context", "choices", "gold"} <= set(record):
-            raise PuzzleError(f"{path}:{lineno}: needs \"context\", \"choices\" and \"gold\" fields")
-        choices, gold = record["choices"], record["gold"]
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise PuzzleError(f"{where}: a multiple-choice line must be a JSON object with \"context\", "
+                              f"\"choices\" and \"gold\"; this one is {_fields(record)}")
+        missing = [k for k in CHOICE_FIELDS if k not in record]
+        if missing:
+            raise PuzzleError(f"{where}: missing {', '.join(map(repr, missing))}; a multiple-choice line needs "
+                              "\"context\" (string), \"choices\" (list of strings) and \"gold\" (index)")
+        context, choices, gold = record["context"], record["choices"], record["gold"]
+        if not isinstance(context, str):
+            raise PuzzleError(f"{where}: \"context\" must be a string, got {json.dumps(context)}; use \"\" for none")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise PuzzleError(f"{path}:{lineno}: \"choices\" must be a list of at least two strings")
-        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-            raise PuzzleError(
-                f"{path}:{lineno}: gold index {gold!r} is out of range for {len(choices)} choices; "
-                f"use 0..{len(choices) - 1}"
-            )
-        items.append(MultipleChoiceItem(str(record["context"]), tuple(choices), gold))
+            raise PuzzleError(f"{where}: \"choices\" must be a list of at least two strings")
+        if isinstance(gold, bool) or not isinstance(gold, int):
+            raise PuzzleError(f"{where}: \"gold\" must be an integer index into \"choices\" (0..{len(choices) - 1}), "
+                              f"got {json.dumps(gold)}")
+        if not 0 <= gold < len(choices):
+            raise PuzzleError(f"{where}: gold index {gold} is out of range for {len(choices)} choices; "
+                              f"use 0..{len(choices) - 1}")
+        items.append(MultipleChoiceItem(context, tuple(choices), gold))
     return items
 
 
