@@ -4,11 +4,10 @@ import json
 
 import pytest
 
-from puzzle.blocks import (
-    AttentionConfig,
-    BlockConfig,
-    FFNConfig,
-    ModelConfig,
+from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.checkpoints.nemotron_nas import (
+    block_from_nemotron,
+    block_to_nemotron,
     ffn_mult_to_intermediate_size,
     intermediate_size_to_ffn_mult,
 )
@@ -32,18 +31,18 @@ def test_block_json_round_trip(block):
 
 @pytest.mark.parametrize("block", EVERY_KIND, ids=lambda b: b.name)
 def test_block_nemotron_round_trip(block):
-    data = json.loads(json.dumps(block.to_nemotron(num_attention_heads=4, hidden_size=64)))
-    assert BlockConfig.from_nemotron(data, num_attention_heads=4, hidden_size=64) == block
+    data = json.loads(json.dumps(block_to_nemotron(block, num_attention_heads=4, hidden_size=64)))
+    assert block_from_nemotron(data, num_attention_heads=4, hidden_size=64) == block
 
 
 def test_nemotron_fields_follow_the_schema():
-    entry = BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(14336)).to_nemotron(32, 4096)
+    entry = block_to_nemotron(BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(14336)), 32, 4096)
     assert entry["attention"]["n_heads_in_group"] == 16
     assert not entry["attention"]["no_op"] and not entry["attention"]["replace_with_linear"]
     # Llama-3.1-8B's FFN: ffn_mult 5.25 is what Nemotron configs write, and it maps back exactly.
     assert entry["ffn"]["ffn_mult"] == pytest.approx(5.25)
     assert ffn_mult_to_intermediate_size(entry["ffn"]["ffn_mult"], 4096) == 14336
-    linear = BlockConfig(AttentionConfig.linear(), FFNConfig.no_op()).to_nemotron(32, 4096)
+    linear = block_to_nemotron(BlockConfig(AttentionConfig.linear(), FFNConfig.no_op()), 32, 4096)
     assert linear["attention"]["replace_with_linear"] and linear["ffn"]["no_op"]
 
 
@@ -51,7 +50,7 @@ def test_ffn_mult_only_entries_are_read_as_deci_does():
     # Nemotron-51B style entry: only ffn_mult given.
     entry = {"attention": {"n_heads_in_group": 8, "no_op": False, "replace_with_linear": False},
              "ffn": {"ffn_mult": 2.625, "no_op": False, "replace_with_linear": False}}
-    block = BlockConfig.from_nemotron(entry, num_attention_heads=64, hidden_size=8192)
+    block = block_from_nemotron(entry, num_attention_heads=64, hidden_size=8192)
     assert block.attention == AttentionConfig.gqa(8)
     assert block.ffn == FFNConfig.swiglu(14336)
 
@@ -74,7 +73,7 @@ def test_ffn_mult_inverse_is_exact_for_multiples_of_256(size):
         lambda: AttentionConfig.from_dict({"kind": "gqa", "num_kv_heads": 2, "heads": 3}),
         lambda: tiny_llama_config(num_heads=4, num_kv_heads=3),
         lambda: ModelConfig(vocab_size=10, hidden_size=30, num_attention_heads=4, blocks=EVERY_KIND),
-        lambda: BlockConfig.from_nemotron({"attention": {"n_heads_in_group": 3}, "ffn": {"ffn_mult": 1.0}}, 4, 64),
+        lambda: block_from_nemotron({"attention": {"n_heads_in_group": 3}, "ffn": {"ffn_mult": 1.0}}, 4, 64),
     ],
 )
 def test_invalid_configs_raise_one_line_errors(make):

@@ -1,4 +1,5 @@
-"""The architecture as data: per-layer block configs, the whole-model config, and the Nemotron-NAS mapping.
+"""The architecture as data: per-layer block configs and the whole-model config (Nemotron-NAS mapping:
+puzzle.checkpoints.nemotron_nas).
 
 A Puzzle child keeps the parent's depth; each layer chooses one attention and one FFN variant:
   attention: gqa(num_kv_heads) | linear | no_op
@@ -17,7 +18,7 @@ AttentionKind = Literal["gqa", "linear", "no_op"]
 FFNKind = Literal["swiglu", "linear", "no_op"]
 
 
-def _check_keys(kind: str, data: dict[str, Any], allowed: set[str]) -> None:
+def check_keys(kind: str, data: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise PuzzleError(
@@ -61,7 +62,7 @@ class AttentionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
-        _check_keys("attention", data, {"kind", "num_kv_heads"})
+        check_keys("attention", data, {"kind", "num_kv_heads"})
         return cls(data.get("kind"), data.get("num_kv_heads"))  # type: ignore[arg-type]
 
 
@@ -105,7 +106,7 @@ class FFNConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FFNConfig:
-        _check_keys("ffn", data, {"kind", "intermediate_size"})
+        check_keys("ffn", data, {"kind", "intermediate_size"})
         return cls(data.get("kind"), data.get("intermediate_size"))  # type: ignore[arg-type]
 
 
@@ -125,96 +126,10 @@ class BlockConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockConfig:
-        _check_keys("block", data, {"attention", "ffn"})
+        check_keys("block", data, {"attention", "ffn"})
         if "attention" not in data or "ffn" not in data:
             raise PuzzleError("a block config needs both 'attention' and 'ffn'")
         return cls(AttentionConfig.from_dict(data["attention"]), FFNConfig.from_dict(data["ffn"]))
-
-    # ---- Nemotron-NAS (DeciLM) `block_configs` schema -------------------------------------------------
-
-    def to_nemotron(self, num_attention_heads: int, hidden_size: int) -> dict[str, Any]:
-        """One entry of DeciLM's `block_configs`.
-
-        `intermediate_size` is written exactly; `ffn_mult` is written too, because vLLM's nemotron_nas
-        model derives the size from it (exact whenever the size is a multiple of 256).
-        """
-        att = self.attention
-        attention = {
-            "n_heads_in_group": num_attention_heads // att.num_kv_heads if att.kind == "gqa" else None,
-            "no_op": att.kind == "no_op",
-            "replace_with_linear": att.kind == "linear",
-            "sparsify": None,
-            "num_sink_tokens": None,
-            "use_prefill_window_in_sink_attention": False,
-            "unshifted_sink": False,
-            "window_length": None,
-        }
-        ffn_cfg = self.ffn
-        ffn: dict[str, Any] = {
-            "no_op": ffn_cfg.kind == "no_op",
-            "replace_with_linear": ffn_cfg.kind == "linear",
-            "sparsify": None,
-            "ffn_mult": None,
-            "intermediate_size": None,
-        }
-        if ffn_cfg.kind == "swiglu":
-            ffn["ffn_mult"] = intermediate_size_to_ffn_mult(ffn_cfg.intermediate_size, hidden_size)
-            ffn["intermediate_size"] = ffn_cfg.intermediate_size
-        return {"attention": attention, "ffn": ffn}
-
-    @classmethod
-    def from_nemotron(cls, data: dict[str, Any], num_attention_heads: int, hidden_size: int) -> BlockConfig:
-        known_att = {
-            "n_heads_in_group", "no_op", "replace_with_linear", "sparsify", "num_sink_tokens",
-            "use_prefill_window_in_sink_attention", "unshifted_sink", "window_length",
-        }
-        known_ffn = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear", "sparsify"}
-        _check_keys("block_configs entry", data, {"attention", "ffn"})
-        att, ffn = data.get("attention", {}), data.get("ffn", {})
-        _check_keys("block_configs attention", att, known_att)
-        _check_keys("block_configs ffn", ffn, known_ffn)
-        if att.get("window_length") or att.get("num_sink_tokens") or att.get("sparsify") or ffn.get("sparsify"):
-            raise PuzzleError("windowed, sink or sparsified Nemotron-NAS blocks are not supported")
-        if att.get("no_op"):
-            attention = AttentionConfig.no_op()
-        elif att.get("replace_with_linear"):
-            attention = AttentionConfig.linear()
-        else:
-            group = att.get("n_heads_in_group")
-            if not isinstance(group, int) or group <= 0 or num_attention_heads % group:
-                raise PuzzleError(
-                    f"n_heads_in_group={group!r} does not divide num_attention_heads={num_attention_heads}"
-                )
-            attention = AttentionConfig.gqa(num_attention_heads // group)
-        if ffn.get("no_op"):
-            ffn_config = FFNConfig.no_op()
-        elif ffn.get("replace_with_linear"):
-            ffn_config = FFNConfig.linear()
-        elif ffn.get("intermediate_size") is not None:
-            ffn_config = FFNConfig.swiglu(int(ffn["intermediate_size"]))
-        elif ffn.get("ffn_mult") is not None:
-            ffn_config = FFNConfig.swiglu(ffn_mult_to_intermediate_size(float(ffn["ffn_mult"]), hidden_size))
-        else:
-            raise PuzzleError("a Nemotron-NAS ffn block needs 'ffn_mult' or 'intermediate_size'")
-        return cls(attention, ffn_config)
-
-
-def _find_multiple(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - (n % k)
-
-
-def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """DeciLM's rule (also vLLM's): int(2 * mult * hidden / 3) rounded up to a multiple of 256."""
-    return _find_multiple(int(2 * ffn_mult * hidden_size / 3), 256)
-
-
-def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
-    """The ffn_mult that DeciLM maps back to `intermediate_size` when it is a multiple of 256."""
-    mult = round(1.5 * intermediate_size / hidden_size, 6)
-    # Rounding to 6 digits may land a hair under the exact value; nudge up until the mapping agrees.
-    while intermediate_size % 256 == 0 and ffn_mult_to_intermediate_size(mult, hidden_size) < intermediate_size:
-        mult = round(mult + 1e-6, 6)
-    return mult
 
 
 @dataclass(frozen=True)
@@ -287,7 +202,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         allowed = {f.name for f in fields(cls)}
-        _check_keys("model", data, allowed)
+        check_keys("model", data, allowed)
         data = dict(data)
         data["blocks"] = tuple(BlockConfig.from_dict(b) for b in data.get("blocks", []))
         return cls(**data)

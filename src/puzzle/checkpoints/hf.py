@@ -18,6 +18,7 @@ Key map (ours <-> HF / Nemotron-NAS; `{i}` is the layer index):
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from puzzle.blocks import BlockConfig, ModelConfig, uniform_blocks
+from puzzle.checkpoints.nemotron_nas import block_from_nemotron, block_to_nemotron, json_value
 from puzzle.errors import PuzzleError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "DeciLMForCausalLM")
@@ -105,10 +107,10 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if isinstance(params, dict) and "full_attention" in params and isinstance(params["full_attention"], dict):
         params = params["full_attention"]  # per-layer-type form
     if isinstance(params, dict):
-        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        theta = _number(params, "rope_theta", hf.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(hf.get("rope_theta", 10000.0))
+        theta = _number(hf, "rope_theta", 10000.0)
         scaling = dict(hf.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
@@ -122,14 +124,57 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     missing = [k for k in keep if k not in scaling]
     if missing:
         raise PuzzleError(f"llama3 rope scaling is missing {missing}; add them to config.json")
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        _number(scaling, key)
+    _int(scaling, "original_max_position_embeddings")
     return theta, {k: scaling[k] for k in keep}
 
 
+# Typed reads of config.json fields: a string where a number belongs, 1 for true, or a size <= 0 is an error
+# naming the field, never a silent conversion (bool("false") is True).
+
+
 def _int(hf: dict[str, Any], key: str, default: Any = None) -> int:
+    """A positive integer (every integer field read here is a size or a count)."""
     value = hf.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise PuzzleError(f"config.json: {key!r} must be an integer, got {value!r}; fix config.json")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PuzzleError(f"config.json: {key!r} must be a positive integer, got {json_value(value)}; fix config.json")
     return value
+
+
+def _number(hf: dict[str, Any], key: str, default: Any = None) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise PuzzleError(f"config.json: {key!r} must be a positive number, got {json_value(value)}; fix config.json")
+    return float(value)
+
+
+def _flag(hf: dict[str, Any], key: str) -> bool:
+    """true / false; absent or null is false."""
+    value = hf.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise PuzzleError(f"config.json: {key!r} must be true or false, got {json_value(value)}; fix config.json")
+    return bool(value)
+
+
+def _token_ids(hf: dict[str, Any], key: str) -> Any:
+    """null, a token id, or (eos) a list of token ids."""
+    value = hf.get(key)
+    ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise PuzzleError(f"config.json: {key!r} must be a token id (an integer >= 0) or null, got "
+                          f"{json_value(value)}; fix config.json")
+    return value
+
+
+def _nemotron_blocks(raw: list[Any], n_heads: int, hidden: int) -> tuple[BlockConfig, ...]:
+    blocks = []
+    for i, entry in enumerate(raw):
+        try:
+            blocks.append(block_from_nemotron(entry, n_heads, hidden))
+        except PuzzleError as e:
+            raise PuzzleError(f"config.json: layer {i} (block_configs[{i}]): {e}; fix config.json") from None
+    return tuple(blocks)
 
 
 def architecture_of(hf: dict[str, Any]) -> str:
@@ -150,26 +195,27 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     arch = architecture_of(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise PuzzleError(f"hidden_act {hf.get('hidden_act')!r} is not supported; only silu (SwiGLU) is")
-    if hf.get("mlp_bias"):
+    if _flag(hf, "mlp_bias"):
         raise PuzzleError("mlp_bias=true is not supported; only bias-free MLPs are")
     hidden = _int(hf, "hidden_size")
     n_heads = _int(hf, "num_attention_heads")
     n_layers = _int(hf, "num_hidden_layers")
     max_pos = _int(hf, "max_position_embeddings", 2048)
-    head_dim = hf.get("head_dim")
+    head_dim = _int(hf, "head_dim") if hf.get("head_dim") is not None else None
     if head_dim is None and n_heads > 0 and hidden % n_heads:
         raise PuzzleError(
             f"num_attention_heads={n_heads} does not divide hidden_size={hidden}; fix config.json"
         )
-    attention_bias = bool(hf.get("attention_bias", False))
+    attention_bias = _flag(hf, "attention_bias")
     if arch == "Qwen2ForCausalLM":
         attention_bias = True  # Qwen2 always has q/k/v bias (and none on o_proj)
-        if hf.get("use_sliding_window") and (hf.get("sliding_window") or max_pos) < max_pos:
+        window = _int(hf, "sliding_window") if hf.get("sliding_window") is not None else max_pos
+        if _flag(hf, "use_sliding_window") and window < max_pos:
             raise PuzzleError("Qwen2 with use_sliding_window=true is not supported; set it to false")
     elif attention_bias and arch != "DeciLMForCausalLM":
         raise PuzzleError("attention_bias=true (bias on o_proj too) is not supported for Llama/Mistral")
     if arch == "MistralForCausalLM":
-        window = hf.get("sliding_window")
+        window = _int(hf, "sliding_window") if hf.get("sliding_window") is not None else None
         if window is not None and window < max_pos:
             raise PuzzleError(
                 f"sliding_window={window} is smaller than max_position_embeddings={max_pos}; "
@@ -181,10 +227,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise PuzzleError(
                 f"block_configs must be a list with one entry per layer ({n_layers}); fix config.json"
             )
-        for entry in raw:
-            if not isinstance(entry, dict):
-                raise PuzzleError(f"block_configs entries must be objects, got {entry!r}; fix config.json")
-        blocks = tuple(BlockConfig.from_nemotron(b, n_heads, hidden) for b in raw)
+        blocks = _nemotron_blocks(raw, n_heads, hidden)
     else:
         n_kv = _int(hf, "num_key_value_heads", n_heads)
         if n_kv <= 0 or n_heads % n_kv:
@@ -195,10 +238,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     theta, scaling = _rope(hf)
     return ModelConfig(
         vocab_size=_int(hf, "vocab_size"), hidden_size=hidden, num_attention_heads=n_heads, blocks=blocks,
-        head_dim=head_dim, max_position_embeddings=max_pos, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=attention_bias, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"), source_architecture=arch,
+        head_dim=head_dim, max_position_embeddings=max_pos, rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6),
+        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
+        attention_bias=attention_bias, bos_token_id=_token_ids(hf, "bos_token_id"),
+        eos_token_id=_token_ids(hf, "eos_token_id"), pad_token_id=_token_ids(hf, "pad_token_id"),
+        source_architecture=arch,
     )
 
 
@@ -242,7 +286,7 @@ def config_to_nemotron(config: ModelConfig, dtype: torch.dtype = torch.float32) 
             "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
         },
         **_common_hf(config),
-        "block_configs": [b.to_nemotron(config.num_attention_heads, config.hidden_size) for b in config.blocks],
+        "block_configs": [block_to_nemotron(b, config.num_attention_heads, config.hidden_size) for b in config.blocks],
     }
     data["dtype"] = str(dtype).removeprefix("torch.")
     return data

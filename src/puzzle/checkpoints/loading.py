@@ -96,7 +96,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return build_model(load_model_config(path), device="meta", dtype=dtype or torch.float32)
     fmt, target = _resolve(path)
     if fmt == "config":
-        raise PuzzleError(f"{target} is a bare config with no weights; pass the model directory (or use device='meta')")
+        raise PuzzleError(f"{target} is a config with no weights; pass the model directory that holds its weights "
+                          f"(`puzzle inspect {target}` reads the config alone)")
     if fmt == "llama2c":
         return llama2c.load_llama2c(target, device, dtype)
     if fmt == "native":
