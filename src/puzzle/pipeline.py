@@ -96,7 +96,8 @@ def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], obj
         "library": call("puzzle.library", "run_library", run_dir, cfg.library),
         "score": call("puzzle.scoring", "run_score", run_dir, cfg.score),
         "costs": call("puzzle.costs", "run_costs", run_dir, cfg.costs),
-        "search": call("puzzle.search", "run_search", run_dir, cfg.search),
+        # The search times its children in the graphs mode eval will time them in (search.verify_rounds).
+        "search": call("puzzle.search", "run_search", run_dir, cfg.search, cfg.eval.graphs),
         "realize": realize,
         "uptrain": uptrain,
         "eval": call("puzzle.evaluate", "run_eval", run_dir, cfg.eval),

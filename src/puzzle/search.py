@@ -62,6 +62,44 @@ class SearchConfig:
     baselines: bool = True
     time_limit_s: float = 60.0
     mip_rel_gap: float = 0.0
+    # Measure each chosen child with a throughput / latency / ttft target on this GPU (measured costs only),
+    # correct the per-variant costs by what was measured and search again: at most this many measured
+    # searches (`puzzle.verify`); 0 disables the check.
+    verify_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        for i, spec in enumerate(self.constraints):
+            _check_target(f"search.constraints[{i}].target", spec.kind, spec.target)
+            if spec.kind in NEEDS_WORKLOAD and not spec.workload:
+                raise PuzzleError(f"search.constraints[{i}]: a {spec.kind} constraint needs a workload "
+                                  "(e.g. workload: text-generation)")
+        if self.sweep:
+            if not 0 <= self.sweep_constraint < len(self.constraints):
+                raise PuzzleError(f"search.sweep_constraint={self.sweep_constraint} but there are "
+                                  f"{len(self.constraints)} constraints; point it at the constraint whose target "
+                                  "the sweep varies")
+            kind = self.constraints[self.sweep_constraint].kind
+            for j, point in enumerate(self.sweep):
+                _check_target(f"search.sweep[{j}]", kind, point)
+        for name in ("num_solutions", "min_diff_layers"):
+            if getattr(self, name) < 1:
+                raise PuzzleError(f"search.{name} must be at least 1, got {getattr(self, name)}")
+        if self.time_limit_s <= 0:
+            raise PuzzleError(f"search.time_limit_s must be positive, got {self.time_limit_s}")
+        if not 0 <= self.mip_rel_gap < 1:
+            raise PuzzleError(f"search.mip_rel_gap must be in [0, 1), got {self.mip_rel_gap}")
+        if self.verify_rounds < 0:
+            raise PuzzleError(f"search.verify_rounds must be 0 (no check) or more, got {self.verify_rounds}")
+
+
+def _check_target(where: str, kind: str, text: str) -> None:
+    """A constraint target that parses for its kind and is positive (a count of layers may be 0)."""
+    try:
+        value, _ = parse_target(kind, text)
+    except PuzzleError as e:
+        raise PuzzleError(f"{where}: {e}") from None
+    if value <= 0 and kind != "min_attention_layers":
+        raise PuzzleError(f"{where}: a {kind} target must be positive, got {text!r}")
 
 
 # ---- targets -------------------------------------------------------------------------------------------------
@@ -256,6 +294,14 @@ def _describe(inputs: SearchInputs, choice: list[int], problem: mip.Problem) -> 
     }
 
 
+def point_specs(cfg: SearchConfig, point: str | None) -> list[ConstraintSpec]:
+    """The constraints of one sweep point (None: the constraints as written)."""
+    specs = list(cfg.constraints)
+    if point is not None:
+        specs[cfg.sweep_constraint] = replace(specs[cfg.sweep_constraint], target=str(point))
+    return specs
+
+
 def search(inputs: SearchInputs, cfg: SearchConfig) -> dict[str, Any]:
     """Run the MIP (and baselines) for every target of the sweep; returns the solutions.json content."""
     if cfg.num_solutions < 1 or cfg.min_diff_layers < 1:
@@ -267,9 +313,7 @@ def search(inputs: SearchInputs, cfg: SearchConfig) -> dict[str, Any]:
     solver = {"time_limit_s": cfg.time_limit_s, "rel_gap": cfg.mip_rel_gap}
     solutions, baselines, infeasible = [], [], []
     for point in sweep:
-        specs = list(cfg.constraints)
-        if point is not None:
-            specs[cfg.sweep_constraint] = replace(specs[cfg.sweep_constraint], target=str(point))
+        specs = point_specs(cfg, point)
         targets = [compile_target(s, inputs.tables, inputs.parent_tables, inputs.candidates) for s in specs]
         problem = mip.Problem(inputs.objective, [t.row for t in targets])
         label = "child" if point is None else f"{specs[cfg.sweep_constraint].kind}-{point}"
@@ -327,18 +371,30 @@ def pareto_csv(result: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def run_search(run_dir: Path, cfg: SearchConfig) -> Path:
-    """Solve and write search/solutions.json + search/solutions.csv; does nothing when current."""
+def run_search(run_dir: Path, cfg: SearchConfig, graphs: str | None = None, measure: Any = None) -> Path:
+    """Solve and write search/solutions.json + search/solutions.csv (+ search/verify.json when the children were
+    timed on the GPU: `puzzle.verify`, in the runtime's `graphs` mode, as eval times them; None: the run's saved
+    eval.graphs; `measure` replaces the GPU measurement in tests); does nothing when current."""
+    from puzzle.notices import clear_warnings
+    from puzzle.verify import eval_graphs, verified_search
+
     run_dir = Path(run_dir)
+    graphs = graphs or eval_graphs(run_dir)
     out_dir = run_dir / "search"
     if not (run_dir / "scores" / "scores.json").exists():
         raise PuzzleError(f"{run_dir / 'scores' / 'scores.json'} does not exist; run `puzzle score {run_dir}` first")
     inputs_files = [run_dir / "scores" / "scores.json", *sorted((run_dir / "costs").glob("*.json"))]
-    inputs_hash = hash_json({"files": hash_paths([p for p in inputs_files if p.exists()]), "config": to_dict(cfg)})
+    inputs_hash = hash_json({"files": hash_paths([p for p in inputs_files if p.exists()]), "config": to_dict(cfg),
+                             "graphs": graphs})
     if stage_is_current(out_dir, inputs_hash) and (out_dir / "solutions.json").exists():
         return out_dir / "solutions.json"
-    result = search(load_inputs(run_dir, cfg), cfg)
+    clear_warnings(run_dir, "search")
+    result, timings = verified_search(load_inputs(run_dir, cfg), cfg, run_dir, graphs, measure)
     write_json(out_dir / "solutions.json", result)
     write_text(out_dir / "solutions.csv", pareto_csv(result))
+    if timings is not None:
+        write_json(out_dir / "verify.json", timings)
+    elif (out_dir / "verify.json").exists():
+        (out_dir / "verify.json").unlink()  # from an earlier run: no longer describes these solutions
     mark_stage_done(out_dir, "search", inputs_hash)
     return out_dir / "solutions.json"

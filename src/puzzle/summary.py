@@ -1,7 +1,8 @@
 """The table printed at the end of `puzzle run`: parent vs chosen children, from the run's artifacts.
 
 Columns: parameters, weights + KV memory of the reference workload, predicted and measured throughput,
-held-out KL / agreement, and task accuracy retained. Absent artifacts show as '-'.
+KL / agreement / perplexity on the test split (documents no earlier stage read), and task accuracy retained.
+Absent artifacts show as '-'.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
             workload = c["workload"]
             break
     predicted = {s["name"]: s["predicted"] for s in solutions.get("solutions", [])}
+    checked = {s["name"]: s["verify"] for s in solutions.get("solutions", []) if "verify" in s}  # timed at search
+    rounds = solutions.get("verify", {}).get("rounds")
     tasks = list(dict.fromkeys(t for res in evaluation.values() for t in res.get("retention_pct", {})))
-    header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "meas. tok/s", "meas. speed-up", "KL",
-              "top-1", "ppl", *[f"{t} acc (ret. %)" for t in tasks]]
+    split = _load(run_dir / "eval" / "eval.json").get("split", "valid")  # eval.json before test splits: valid
+    header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "search meas. x", "rounds", "meas. tok/s",
+              "meas. speed-up",
+              f"{split} KL", f"{split} top-1", f"{split} ppl", *[f"{t} acc (ret. %)" for t in tasks]]
     rows = []
     names = list(evaluation) or ["parent"]
     for name in names:
@@ -52,6 +57,8 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
             _fmt(params / 1e6 if params is not None else None, ".2f"),
             _fmt(pred.get("throughput_tok_s"), ".0f"),
             _fmt(speedup, ".2f"),
+            _search_cell(solutions, checked.get(base), name == "parent", workload),
+            _fmt(rounds if base in checked else None, "d"),
             _fmt(measured.get("output_tokens_per_s"), ".0f"),
             _fmt(res.get("speedup", {}).get(workload), ".3f"),
             _fmt(res.get("kl_to_parent"), ".4f"),
@@ -60,6 +67,16 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
             *[_task_cell(res, t) for t in tasks],
         ])
     return header, rows, workload
+
+
+def _search_cell(solutions: dict[str, Any], check: dict[str, Any] | None, parent: bool, workload: str | None) -> str:
+    """The speed-up the search measured (`puzzle.verify`), flagged when the child missed its target."""
+    if parent:
+        return "1.000" if (solutions.get("verify", {}).get("parent_measured") or {}).get(workload) else "-"
+    if not check:
+        return "-"
+    speedup = check.get("measured", {}).get(workload, {}).get("speedup")
+    return _fmt(speedup, ".3f") + ("" if check.get("meets_target") else " MISSED")
 
 
 def _task_cell(res: dict[str, Any], task: str) -> str:
@@ -81,9 +98,19 @@ def print_summary(run_dir: Path) -> None:
     header, rows, workload = summary_rows(run_dir)
     parent = _load(run_dir / "search" / "solutions.json").get("parent", {}).get(workload or "", {})
     source = "ESTIMATED (analytic roofline, not measured)" if parent.get("estimate") else "measured"
+    evaluation = _load(run_dir / "eval" / "eval.json")
+    quality = (f"; KL / top-1 / ppl on the {evaluation.get('split', 'valid')} split, "
+               f"{evaluation.get('sequences', '?')} sequences of {evaluation.get('seq_len', '?')} tokens"
+               if evaluation else "")
     print(f"\nSummary of {run_dir} (throughput: workload {workload or '-'}; "
-          f"predicted from {source} per-block costs)")
+          f"predicted from {source} per-block costs{quality})")
     print(format_table(header, rows))
+    verify = _load(run_dir / "search" / "solutions.json").get("verify", {})
+    if verify.get("status") == "skipped":
+        print(f"search meas.: not timed at search ({verify.get('reason')})")
+    elif verify:
+        print(f"search meas.: each child timed at search as eval times it (random weights), {verify.get('rounds')} "
+              f"round(s) of search.verify_rounds={verify.get('verify_rounds')}: {verify.get('status')}")
     for w in read_warnings(run_dir):
         print(f"warning ({w['stage']}): {w['message']}")
     report = run_dir / "report.md"
