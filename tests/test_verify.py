@@ -178,7 +178,7 @@ def test_unit_factors_reproduce_the_cost_table(tmp_path):
     for a, b in zip(table.total_s + table.prefill_s, same.total_s + same.prefill_s):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     doubled = corrected_table(table, parts, {"decode": {"attention/linear": 2.0}})
-    linear = [k for k, b in enumerate(inputs.candidates[0]) if b.attention.kind == "linear"][0]
+    linear = next(k for k, b in enumerate(inputs.candidates[0]) if b.attention.kind == "linear")
     assert doubled.total_s[0][linear] > table.total_s[0][linear]
     assert doubled.total_s[0][0] == pytest.approx(table.total_s[0][0])  # the parent's block is untouched
 

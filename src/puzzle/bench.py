@@ -3,8 +3,10 @@
 For each model and workload: prefill (time to first token), decode (inter-token latency), output and
 total tokens/s, measured with the runtime (static cache, CUDA graphs on GPU). The first model is the
 reference; the others get ratios to it. Optional: transformers' own `generate` as a baseline (static
-cache where supported), the decode-step memory-bandwidth floor (weights + KV-cache bytes / measured
-copy bandwidth) and the throughput predicted from per-block costs.
+cache where supported; a fall back to the dynamic cache is a warning), the decode step against its floors
+(weights + KV-cache bytes / the measured copy bandwidth and / the datasheet bandwidth; FLOPs / the dtype's
+datasheet peak, and which of memory and compute binds: `puzzle.datasheet`) and the throughput predicted
+from per-block costs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from puzzle.blocks import ModelConfig
 from puzzle.costs import mean_decode_context, predict
+from puzzle.datasheet import DATASHEETS, DeviceSpec, datasheet
 from puzzle.errors import PuzzleError
 from puzzle.memory import activation_bytes, kv_cache_bytes, max_batch_size
 from puzzle.model import PuzzleModel
@@ -104,12 +107,38 @@ def decode_step_bytes(config: ModelConfig, w: Workload, dtype_bytes: int, bucket
                                                                                        dtype_bytes)
 
 
-def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth: float, dtype_bytes: int,
-             bucket: int = DEFAULT_BUCKET) -> dict[str, float]:
+def decode_step_flops(config: ModelConfig, w: Workload, bucket: int = DEFAULT_BUCKET) -> float:
+    """FLOPs of one decode step: 2 per weight of every matrix product (blocks + LM head) per sequence, plus
+    QK^T and PV over the mean cached context in every GQA layer."""
+    ctx = mean_decode_context(w, bucket)
+    matmul = sum(config.block_param_count(b) for b in config.blocks) + config.vocab_size * config.hidden_size
+    gqa = sum(b.attention.kind == "gqa" for b in config.blocks)
+    return 2.0 * w.batch_size * matmul + 4.0 * w.batch_size * config.num_attention_heads * config.head_dim * ctx * gqa
+
+
+def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth: float | None, dtype_bytes: int,
+             bucket: int = DEFAULT_BUCKET, spec: DeviceSpec | None = None, dtype: str = "bfloat16") -> dict[str, Any]:
+    """A decode step against its floors: the bytes it must read at the measured copy bandwidth (`floor_s`) and
+    at the datasheet bandwidth, and its FLOPs at the dtype's datasheet peak; `binds` names the larger datasheet
+    floor (None without a datasheet)."""
     nbytes = decode_step_bytes(config, w, dtype_bytes, bucket)
-    floor = nbytes / bandwidth
-    return {"decode_step_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth, "floor_s": floor,
-            "measured_step_s": measured_step_s, "ratio_to_floor": measured_step_s / floor}
+    flops = decode_step_flops(config, w, bucket)
+    out: dict[str, Any] = {"decode_step_bytes": nbytes, "decode_step_flops": flops, "measured_step_s": measured_step_s,
+                           "bandwidth_bytes_per_s": bandwidth, "floor_s": None, "ratio_to_floor": None,
+                           "datasheet_floor_s": None, "ratio_to_datasheet_floor": None, "compute_floor_s": None,
+                           "ratio_to_compute_floor": None, "binds": None}
+    if bandwidth:
+        out["floor_s"] = nbytes / bandwidth
+        out["ratio_to_floor"] = measured_step_s / out["floor_s"]
+    if spec is not None:
+        out["datasheet_floor_s"] = nbytes / spec.bandwidth
+        out["ratio_to_datasheet_floor"] = measured_step_s / out["datasheet_floor_s"]
+        peak = spec.peak(dtype)
+        if peak:
+            out["compute_floor_s"] = flops / peak
+            out["ratio_to_compute_floor"] = measured_step_s / out["compute_floor_s"]
+        out["binds"] = "compute" if (out["compute_floor_s"] or 0.0) > out["datasheet_floor_s"] else "memory"
+    return out
 
 
 # ---- transformers baseline ------------------------------------------------------------------------------
@@ -127,10 +156,10 @@ def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: i
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    cache_impl = cache
+    cache_impl, fallback = cache, None
 
     def run(n: int) -> float:
-        nonlocal cache_impl
+        nonlocal cache_impl, fallback
         kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "attention_mask": mask,
                   "pad_token_id": 0}
         if cache_impl == "static":
@@ -139,10 +168,11 @@ def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: i
         t0 = time.perf_counter()
         try:
             hf_model.generate(ids, **kwargs)
-        except (ValueError, TypeError, NotImplementedError):
+        except (ValueError, TypeError, NotImplementedError) as e:
             if cache_impl != "static":
                 raise
             cache_impl = "dynamic"  # this model has no static cache support
+            fallback = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             kwargs.pop("cache_implementation")
             sync(device)
             t0 = time.perf_counter()
@@ -155,7 +185,8 @@ def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: i
     total = min(times[1:] if len(times) > 1 else times)
     return {"total_s": total, "ttft_s": ttft, "inter_token_s": (total - ttft) / max(1, w.gen_len - 1),
             "output_tokens_per_s": w.batch_size * w.gen_len / total,
-            "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total, "cache": cache_impl}
+            "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total, "cache": cache_impl,
+            "cache_requested": cache, "cache_fallback": fallback}
 
 
 def hf_llama_like(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
@@ -183,19 +214,26 @@ def hf_llama_like(config: ModelConfig, device: torch.device, dtype: torch.dtype)
 
 def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: GraphMode = "auto", repeats: int = 2,
           hf_models: dict[str, Any] | None = None, costs: dict[str, dict[str, Any]] | None = None,
-          measure_bw: bool = True) -> dict[str, Any]:
+          measure_bw: bool = True, bandwidth: float | None = None,
+          spec: DeviceSpec | None | str = "auto") -> dict[str, Any]:
     """Bench every model on every workload; the first model is the reference.
 
-    hf_models: name -> transformers model for the baseline; costs: workload name -> costs JSON (predict).
+    hf_models: name -> transformers model for the baseline; costs: workload name -> costs JSON (predict);
+    bandwidth: the copy bandwidth (bytes/s; measured when None and measure_bw); spec: the device's datasheet
+    ("auto": looked up by the device's name; None: none).
     """
     if not models:
         raise PuzzleError("bench needs at least one model")
     first = next(iter(models.values()))
     device = first.embed_tokens.weight.device
     dtype_bytes = first.embed_tokens.weight.element_size()
-    bandwidth = measure_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (64 << 20)) if measure_bw \
-        else None
+    dtype = str(first.embed_tokens.weight.dtype).removeprefix("torch.")
+    if bandwidth is None and measure_bw:
+        bandwidth = measure_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (64 << 20))
+    if spec == "auto":
+        spec = datasheet(device_name(device))
     results: list[dict[str, Any]] = []
+    warnings: list[str] = []
     ref_name = next(iter(models))
     for w in workloads:
         ref = None
@@ -203,8 +241,9 @@ def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: Gra
             r: dict[str, Any] = {"model": name, "workload": w.to_dict(), **run_workload(model, w, graphs, repeats)}
             ref = ref or r
             r["speedup_vs_reference"] = r["output_tokens_per_s"] / ref["output_tokens_per_s"]
-            if bandwidth:
-                r["roofline"] = roofline(model.config, w, r["inter_token_s"], bandwidth, dtype_bytes)
+            if bandwidth or spec is not None:
+                r["roofline"] = roofline(model.config, w, r["inter_token_s"], bandwidth, dtype_bytes, spec=spec,
+                                         dtype=dtype)
             if costs and w.name in costs:
                 p = predict(model.config, costs[w.name], w)
                 p["measured_over_predicted"] = r["output_tokens_per_s"] / p["output_tokens_per_s"]
@@ -214,14 +253,42 @@ def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: Gra
                 hf = hf_generate_baseline(hf_models[name], w, model.config.vocab_size, repeats)
                 hf["runtime_speedup"] = r["output_tokens_per_s"] / hf["output_tokens_per_s"]
                 r["hf_generate"] = hf
+                if hf["cache_fallback"]:
+                    warnings.append(f"{name} on {w.name}: the HF baseline ran with the dynamic cache, not the static "
+                                    f"one asked for ({hf['cache_fallback']}); its tok/s is not like for like")
             results.append(r)
+    sheet = None if spec is None else {"name": spec.name, "bandwidth_bytes_per_s": spec.bandwidth, "dtype": dtype,
+                                       "peak_flops": spec.peak(dtype)}
     return {"device": device_name(device), "torch": torch.__version__, "reference": ref_name,
-            "bandwidth_bytes_per_s": bandwidth, "results": results}
+            "bandwidth_bytes_per_s": bandwidth, "datasheet": sheet, "results": results, "warnings": warnings}
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}" if value < 1000 else f"{value:.3g}"
+
+
+def _binds(roof: dict[str, Any] | None) -> str:
+    if not roof or roof["binds"] is None:
+        return "?"
+    return "memory" if roof["binds"] == "memory" else f"compute {_ratio(roof['ratio_to_compute_floor'])}x"
+
+
+def floors_note(report: dict[str, Any]) -> str:
+    """Where the floors' numbers come from, in one line."""
+    bw, sheet = report.get("bandwidth_bytes_per_s"), report.get("datasheet")
+    copy = f"copy = bytes read / {bw / 1e9:.4g} GB/s measured copy bandwidth" if bw else "copy: not measured"
+    if sheet is None:
+        return (f"floors (x = decode step / floor): {copy}; no datasheet for device {report['device']!r} (known: "
+                f"{', '.join(spec.name for _, spec in DATASHEETS)}): no sheet or compute floor")
+    peak = sheet["peak_flops"]
+    compute = f"FLOPs / {peak / 1e12:.0f} TFLOP/s {sheet['dtype']} dense" if peak else f"no {sheet['dtype']} peak"
+    return (f"floors (x = decode step / floor): {copy}; sheet = bytes read / {sheet['bandwidth_bytes_per_s'] / 1e9:.4g}"
+            f" GB/s ({sheet['name']} datasheet); binds = the larger of the sheet floor and the compute floor ({compute})")
 
 
 def format_table(report: dict[str, Any]) -> str:
     head = (f"{'model':<18} {'workload':<16} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT ms':>9} {'ITL ms':>8} "
-            f"{'x ref':>6} {'floor x':>8} {'pred tok/s':>12} {'HF tok/s':>9} {'x HF':>6}")
+            f"{'x ref':>6} {'x copy':>6} {'x sheet':>7} {'binds':>13} {'pred tok/s':>12} {'HF tok/s':>9} {'x HF':>6}")
     lines = [f"device: {report['device']}, torch {report['torch']}, reference: {report['reference']}", head,
              "-" * len(head)]
     for r in report["results"]:
@@ -229,14 +296,17 @@ def format_table(report: dict[str, Any]) -> str:
         pred_s = "-" if pred is None else f"{pred['output_tokens_per_s']:.0f}" + ("~est" if pred["kind"] ==
                                                                                       "estimate" else "")
         hf = r.get("hf_generate")
+        roof = r.get("roofline") or {}
         lines.append(
             f"{r['model'][:18]:<18} {r['workload']['name'][:16]:<16} {r['output_tokens_per_s']:>10.1f} "
             f"{r['total_tokens_per_s']:>10.1f} {r['ttft_s'] * 1e3:>9.2f} {r['inter_token_s'] * 1e3:>8.3f} "
-            f"{r['speedup_vs_reference']:>6.2f} "
-            f"{(r['roofline']['ratio_to_floor'] if 'roofline' in r else float('nan')):>8.2f} {pred_s:>12} "
+            f"{r['speedup_vs_reference']:>6.2f} {_ratio(roof.get('ratio_to_floor')):>6} "
+            f"{_ratio(roof.get('ratio_to_datasheet_floor')):>7} {_binds(roof):>13} {pred_s:>12} "
             f"{(hf['output_tokens_per_s'] if hf else float('nan')):>9.1f} "
             f"{(hf['runtime_speedup'] if hf else float('nan')):>6.2f}"
         )
+    lines.append(floors_note(report))
     if any(r.get("predicted", {}).get("kind") == "estimate" for r in report["results"]):
         lines.append("~est: predicted from analytic (roofline) costs, an ESTIMATE, not a measurement")
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

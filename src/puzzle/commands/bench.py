@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graphs", default="auto", choices=["auto", "manual", "fused", "compile", "none"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hf", action="store_true", help="also time transformers' generate on each model")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="--hf: let transformers run the Python code a model directory ships (auto_map); "
+                             "only for directories you trust")
     parser.add_argument("--costs", default=None, help="run dir or costs dir: compare predicted with measured")
     parser.add_argument("--costs-device", default=None, help="device key of the costs (explicit opt-in)")
 
@@ -34,36 +37,87 @@ def run(args: argparse.Namespace) -> int:
     workloads = [workload_by_name(n) for n in args.workload] if args.workload else list(DEFAULT_WORKLOADS)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
-    models, hf_models = {}, {}
-    for path in args.models:
+    for path in args.models:  # every path checked before any model loads
         if not Path(path).exists():
             raise PuzzleError(f"model path {path} does not exist; pass a model directory or .bin file")
+        if args.hf:
+            trusted_hf_dir(Path(path), args.trust_remote_code)
+    models, hf_models = {}, {}
+    for path in args.models:
         name = Path(path).name if Path(path).name not in models else path
         models[name] = load_model(path, device=args.device, dtype=dtype).eval()
         if args.hf:
-            hf_models[name] = _load_hf(path, models[name], args.device, dtype)
+            hf_models[name] = _load_hf(path, models[name], args.device, dtype, args.trust_remote_code)
     costs = None
     if args.costs:
         costs = {w.name: load_costs(Path(args.costs), w.name, args.costs_device) for w in workloads}
     report = bench(models, workloads, graphs=args.graphs, repeats=args.repeats, hf_models=hf_models or None,
                    costs=costs)
-    print(format_table(report))
+    run_dir = Path(args.costs) if args.costs and (Path(args.costs) / "costs").is_dir() else None
+    if run_dir is None:
+        print(format_table(report))  # warnings as lines of the table
+    else:  # the run keeps the warnings for its summary; `warn` prints them
+        from puzzle.notices import clear_warnings, warn
+
+        print(format_table({**report, "warnings": []}))
+        clear_warnings(run_dir, "bench")
+        for message in report["warnings"]:
+            warn(run_dir, "bench", message)
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 
 
-def _load_hf(path: str, model, device: str, dtype: torch.dtype):
-    """transformers' model for the baseline: an HF directory as is, otherwise exported (remote code)."""
+def remote_code_reason(path: Path) -> str | None:
+    """Why transformers would run Python code shipped in the directory (None: it would not)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from puzzle.artifacts import read_json
+
+    config = read_json(path / "config.json")
+    if config.get("auto_map"):
+        return "its config.json maps transformers' Auto classes to code in the directory (auto_map)"
+    if config.get("model_type") not in CONFIG_MAPPING:
+        return f"transformers does not know its model_type {config.get('model_type')!r}"
+    return None
+
+
+def _is_hf_dir(path: Path) -> bool:
+    """A directory transformers loads as it is (a native puzzle directory or a llama2.c file is not one)."""
+    from puzzle.artifacts import read_json
+    from puzzle.checkpoints.native import is_native_config
+
+    return path.is_dir() and (path / "config.json").exists() and not is_native_config(read_json(path / "config.json"))
+
+
+def trusted_hf_dir(path: Path, trust_remote_code: bool) -> bool:
+    """Whether transformers may run the code an HF directory ships; an error when it needs to and
+    --trust-remote-code was not given. Not an HF directory (`--hf` exports it itself): False."""
+    if not _is_hf_dir(path):
+        return False
+    reason = remote_code_reason(path)
+    if reason and not trust_remote_code:
+        raise PuzzleError(f"--hf would run model code shipped in {path} ({reason}); pass --trust-remote-code if "
+                          "you trust that directory, or bench without --hf")
+    return reason is not None
+
+
+def _load_hf(path: str, model, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """transformers' model for the baseline: an HF directory as is (its own code only with
+    --trust-remote-code, checked by `trusted_hf_dir`), otherwise exported by this package into a temporary
+    directory (whose remote code this package wrote)."""
     import tempfile
 
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
-    if not (p.is_dir() and (p / "config.json").exists()):
+    if _is_hf_dir(p):
+        trust = trusted_hf_dir(p, trust_remote_code)
+    else:
         from puzzle.checkpoints import export_hf
 
         p = Path(tempfile.mkdtemp(prefix="puzzle-bench-hf-"))
         export_hf(model, p)
-    return AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=True).to(device).eval()
+        trust = True  # the code in p is this package's own export
+    return AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=trust).to(device).eval()
