@@ -279,3 +279,58 @@ def test_unknown_method_is_a_clear_error(tmp_path):
     for bad, match in (({"method": "nearest"}, "costs.method 'nearest'"), ({"neighbours": 0}, "neighbours")):
         with pytest.raises(PuzzleError, match=match):
             run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate", **bad), SPACE, model_config=PARENT)
+
+
+# ---- damaged costs files and the uncalibrated fallback ---------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["{\"schema\": \"puzzle-costs/1\", \"attention\": {", "[]", "{}",
+                                     "{\"schema\": \"puzzle-costs/1\", \"workload\": {\"name\": \"small\"}}"])
+def test_a_damaged_costs_file_is_an_error_naming_it(tmp_path, content):
+    from puzzle.search_costs import measured_workloads
+    from puzzle.workloads import resolve_workloads
+
+    run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE, model_config=PARENT)
+    bad = tmp_path / "costs" / "estimate-other.json"
+    bad.write_text(content)
+    fix = r"estimate-other.json is not a valid costs file .*; delete it and rerun `puzzle costs`"
+    with pytest.raises(PuzzleError, match=fix):
+        load_costs(tmp_path, "other", device="estimate")
+    with pytest.raises(PuzzleError, match=fix):  # the search's workload discovery
+        measured_workloads(tmp_path / "costs", "auto")
+    with pytest.raises(PuzzleError, match=fix):  # eval's custom workload shapes
+        resolve_workloads(["batch1"], tmp_path)
+    assert "\n" not in str(pytest.raises(PuzzleError, load_costs, tmp_path, "other", "estimate").value)
+
+
+def test_the_costs_stage_measures_a_damaged_file_again(tmp_path, capsys):
+    cfg = CostsConfig(workloads=[WL], mode="estimate")
+    path = run_costs(tmp_path, cfg, SPACE, model_config=PARENT)["small"]
+    path.write_text("{\"schema\": ")
+    run_costs(tmp_path, cfg, SPACE, model_config=PARENT)
+    assert "measuring it again" in capsys.readouterr().out
+    assert load_costs(tmp_path, "small", device="estimate")["attention"]["gqa4"]["decode_step_s"] > 0
+
+
+def test_an_uncalibrated_fallback_is_a_kept_warning(tmp_path, monkeypatch):
+    """When the whole parent cannot be timed (out of memory), the costs are kept uncalibrated and the run
+    says so in warnings.json (shown by the summary), also when the stage runs again over the kept file."""
+    import puzzle.costs
+    from puzzle.notices import read_warnings
+
+    def timer(config, w, ctx, cfg, device, gen):
+        if config.num_layers == PARENT.num_layers and config.vocab_size == PARENT.vocab_size:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return [1.0 + config.num_layers], [0.1 + 0.01 * config.num_layers]
+
+    monkeypatch.setattr(puzzle.costs, "_time_model", timer)
+    cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=2, warmup=1,
+                      input_sets=1, decode_inner=1, neighbours=2)
+    path = run_costs(tmp_path, cfg, list(PARENT.blocks), model_config=PARENT)["small"]
+    assert json.loads(path.read_text())["calibration"]["method"] == "none"
+    for _ in range(2):  # the second run keeps the file and warns again (once)
+        kept = read_warnings(tmp_path)
+        assert [w["stage"] for w in kept] == ["costs"]
+        assert "cpu-small.json: not calibrated against the whole parent" in kept[0]["message"]
+        assert "does not fit in device memory" in kept[0]["message"]
+        run_costs(tmp_path, cfg, list(PARENT.blocks), model_config=PARENT)

@@ -16,7 +16,9 @@ JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
     attention       {variant name ("gqa8", "linear", "no_op"): VARIANT}
     ffn             {variant name ("swiglu14336", "linear", "no_op"): VARIANT}
       VARIANT = {prefill_s, decode_step_s, params, kv_bytes_per_token, prefill_rel_spread,
-                 decode_rel_spread, stack, oom}; times are per layer; null times when oom is true;
+                 decode_rel_spread, prefill_spread_s, decode_spread_s, stack, oom}; times are per layer, the
+      width-consistent ones (see `consistency`); rel spread = the timed stack's IQR / median, spread_s = that
+      IQR per layer (seconds); null times when oom is true;
       stack = layers in the timed stack (0: a no-op, not timed): the N = `neighbours` layers of the
       variant with the parent's other half ("neighbourhood"), or k copies of the variant alone ("isolated")
     timing          {repeats, warmup, input_sets, median_rel_spread} (rel spread = IQR / median)
@@ -26,6 +28,13 @@ JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
                     typical FFN for an attention variant, its typical attention for an FFN variant), minus the
                     same N layers with the variant a no-op, over N;
                     "isolated": k copies of the variant with a no-op other half, minus a 1-layer empty model, over k
+    consistency     {rule, chains {attention: [gqa names, fewer KV heads first], ffn: [swiglu names, narrow
+                    first]}, max_remeasure_rounds, raw {part: {name: {prefill_s, decode_step_s, *_rel_spread,
+                    *_spread_s}}} (the first measurement), violations [{part, phase, narrow, wide, narrow_s,
+                    wide_s, excess_s, spread_s, beyond_spread}] (in the first measurement), remeasured [{round,
+                    variants {"part:name": times}}], remaining [violations after re-measuring], adjusted
+                    [{part, variant, phase, measured_s, adjusted_s}] (the isotonic fit)}: `puzzle.cost_consistency`;
+                    absent in files written before it (the same schema string: the key is an addition)
     calibration     null (estimate) or {method: "scale"|"offset"|"none", parent_measured {prefill_s,
                     decode_step_s, *_rel_spread}, parent_uncalibrated {prefill_s, decode_step_s},
                     prefill_scale, decode_scale, prefill_offset_s, decode_offset_s} or {method: "none", reason}
@@ -41,6 +50,7 @@ for by name.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import statistics
 from collections import Counter
@@ -51,7 +61,7 @@ from typing import Any, Literal
 
 import torch
 
-from puzzle.artifacts import hash_json, read_json, write_json
+from puzzle.artifacts import hash_json, write_json
 from puzzle.blocks import (
     AttentionConfig,
     BlockConfig,
@@ -60,7 +70,7 @@ from puzzle.blocks import (
     attention_param_count,
     ffn_param_count,
 )
-from puzzle.config import to_dict
+from puzzle.config import check_device, to_dict
 from puzzle.errors import PuzzleError
 from puzzle.memory import max_batch_size, memory_model
 from puzzle.runtime.engine import Engine, GraphMode, resolve_graph_mode
@@ -95,8 +105,30 @@ class CostsConfig:
     # Correct the per-block sums with the parent timed whole on the device: "scale" multiplies every block's
     # time (the MIP stays linear), "offset" adds the difference to the fixed costs, "none" keeps raw sums.
     calibrate: Literal["scale", "offset", "none"] = "scale"
+    # Extra timing rounds for variants that break the width order (fewer KV heads or a narrower FFN timed
+    # slower) by more than their spread; what still breaks it after them is fitted (`puzzle.cost_consistency`).
+    consistency_remeasure: int = 2
     peak_flops: float = 989e12  # analytic roofline (H100/H200 dense bf16)
     mem_bandwidth: float = 4.8e12  # analytic roofline (H200 HBM3e)
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "input_sets", "decode_inner", "neighbours", "stack_bytes", "max_stack", "bucket",
+                     "peak_flops", "mem_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise PuzzleError(f"costs.{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise PuzzleError(f"costs.warmup must be >= 0, got {self.warmup}")
+        if self.consistency_remeasure < 0:
+            raise PuzzleError(f"costs.consistency_remeasure must be >= 0, got {self.consistency_remeasure}")
+        if self.dtype not in DTYPES:
+            raise PuzzleError(f"costs.dtype {self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        if not self.workloads:
+            raise PuzzleError("costs.workloads is empty; name at least one workload, e.g. "
+                              "{name: chat, batch_size: 1, prompt_len: 128, gen_len: 128}")
+        names = [w.name for w in self.workloads]
+        if len(set(names)) != len(names):
+            raise PuzzleError(f"costs.workloads names a workload twice ({names}); give each a distinct name")
+        check_device("costs.device", self.device)
 
 
 # ---- variants ----------------------------------------------------------------------------------------
@@ -132,7 +164,8 @@ def mean_decode_context(workload: Workload, bucket: int) -> int:
 
 def _variant_record(params: int, kv: int) -> dict[str, Any]:
     return {"prefill_s": None, "decode_step_s": None, "params": params, "kv_bytes_per_token": kv,
-            "prefill_rel_spread": 0.0, "decode_rel_spread": 0.0, "stack": 0, "oom": False}
+            "prefill_rel_spread": 0.0, "decode_rel_spread": 0.0, "prefill_spread_s": 0.0, "decode_spread_s": 0.0,
+            "stack": 0, "oom": False}
 
 
 # ---- analytic fallback -----------------------------------------------------------------------------
@@ -218,16 +251,26 @@ def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, de
     return prefill, decode
 
 
+# (model config, workload, decode context, cfg, device, generator) -> (prefill samples, decode-step samples) [s]
+TimeModel = Callable[[ModelConfig, Workload, int, CostsConfig, torch.device, torch.Generator],
+                     tuple[list[float], list[float]]]
+
+
 def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
-                     cfg: CostsConfig, ctx: int, device: torch.device) -> dict[str, Any]:
+                     cfg: CostsConfig, ctx: int, device: torch.device, timer: TimeModel | None = None
+                     ) -> dict[str, Any]:
     """Time every variant (per `cfg.method`), the fixed costs and, unless `cfg.calibrate` is "none", the parent.
 
     A variant's per-layer time is (T(stack) - T(reference)) / layers, clamped at 0, where the stack holds the
     variant and the reference the same layers with the variant a no-op ("neighbourhood"), or an empty 1-layer
-    model ("isolated"). Each reference is timed once, when the first variant needs it.
+    model ("isolated"). Each reference is timed once, when the first variant needs it. Variants that break the
+    width order beyond their spread are timed again, then fitted (`puzzle.cost_consistency`), before the
+    calibration sees them. `timer` times one model (default: `_time_model`, the runtime engine).
     """
+    from puzzle.cost_consistency import make_consistent, parent_anchors, summary_line
     from puzzle.runtime.timing import summarize
 
+    timer = timer or _time_model
     eb = DTYPES[cfg.dtype].itemsize
     gen = torch.Generator().manual_seed(0)
     empty = BlockConfig(AttentionConfig.no_op(), FFNConfig.no_op())
@@ -247,7 +290,7 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
         block, n = refs[part]
         if (block, n) not in ref_times:
             try:
-                pf, dec = _time_model(_stack_config(model, block, n, ctx + 1), w, ctx, cfg, device, gen)
+                pf, dec = timer(_stack_config(model, block, n, ctx + 1), w, ctx, cfg, device, gen)
                 ref_times[block, n] = (statistics.median(pf), statistics.median(dec))
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -256,8 +299,27 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
                       f"memory at batch {w.batch_size}; every {part} variant is recorded as oom")
         return ref_times[block, n]
 
+    def time_variant(part: str, variant: AttentionConfig | FFNConfig, k: int) -> dict[str, float] | None:
+        """One variant's per-layer times and spreads (the stack's IQR / k), or None when it does not fit."""
+        ref = reference(part)
+        if ref is None:
+            return None
+        try:
+            pf, dec = timer(_stack_config(model, around[part](variant), k, ctx + 1), w, ctx, cfg, device, gen)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"costs: {w.name}: {variant.name} does not fit in device memory at batch {w.batch_size}")
+            return None
+        spf, sdec = summarize(pf), summarize(dec)
+        return {"prefill_s": max(0.0, (spf["median_s"] - ref[0]) / k),
+                "decode_step_s": max(0.0, (sdec["median_s"] - ref[1]) / k),
+                "prefill_rel_spread": spf["rel_spread"], "decode_rel_spread": sdec["rel_spread"],
+                "prefill_spread_s": spf["rel_spread"] * spf["median_s"] / k,
+                "decode_spread_s": sdec["rel_spread"] * sdec["median_s"] / k}
+
     out: dict[str, Any] = {"attention": {}, "ffn": {}}
     spreads: list[float] = []
+    timed: dict[tuple[str, str], tuple[AttentionConfig | FFNConfig, int]] = {}
     variants = [("attention", a, BlockConfig(a, FFNConfig.no_op())) for a in atts]
     variants += [("ffn", f, BlockConfig(AttentionConfig.no_op(), f)) for f in ffns]
     for part, variant, alone in variants:
@@ -272,25 +334,19 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
         else:
             k = cfg.neighbours
         rec["stack"] = k
-        ref = reference(part)
-        if ref is None:
+        result = time_variant(part, variant, k)
+        if result is None:
             rec["oom"] = True
             continue
-        try:
-            pf, dec = _time_model(_stack_config(model, around[part](variant), k, ctx + 1), w, ctx, cfg, device, gen)
-        except torch.cuda.OutOfMemoryError:
-            rec["oom"] = True
-            torch.cuda.empty_cache()
-            print(f"costs: {w.name}: {variant.name} does not fit in device memory at batch {w.batch_size}")
-            continue
-        spf, sdec = summarize(pf), summarize(dec)
-        rec["prefill_s"] = max(0.0, (spf["median_s"] - ref[0]) / k)
-        rec["decode_step_s"] = max(0.0, (sdec["median_s"] - ref[1]) / k)
-        rec["prefill_rel_spread"], rec["decode_rel_spread"] = spf["rel_spread"], sdec["rel_spread"]
-        spreads += [spf["rel_spread"], sdec["rel_spread"]]
+        rec.update(result)
+        timed[part, variant.name] = (variant, k)
+        spreads += [result["prefill_rel_spread"], result["decode_rel_spread"]]
+    out["consistency"] = make_consistent(out, lambda part, name: time_variant(part, *timed[part, name]),
+                                         cfg.consistency_remeasure, parent_anchors(model.blocks))
+    if line := summary_line(out["consistency"]):
+        print(f"costs: {w.name}: {line}")
     # Fixed costs: the real vocabulary with one empty layer (embedding, final norm, LM head), plus sampling.
-    fixed_pf, fixed_dec = _time_model(_stack_config(model, empty, 1, ctx + 1, model.vocab_size), w, ctx, cfg,
-                                      device, gen)
+    fixed_pf, fixed_dec = timer(_stack_config(model, empty, 1, ctx + 1, model.vocab_size), w, ctx, cfg, device, gen)
     logits = torch.randn(w.batch_size, model.vocab_size, device=device)
     from puzzle.runtime.timing import time_calls
     sampling = statistics.median(time_calls(lambda: logits.argmax(-1), device, cfg.repeats, cfg.warmup))
@@ -300,12 +356,12 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
     }
     out["median_rel_spread"] = statistics.median(spreads) if spreads else 0.0
     if cfg.calibrate != "none":
-        out["calibration"] = calibrate(model, out, w, cfg, ctx, device, gen)
+        out["calibration"] = calibrate(model, out, w, cfg, ctx, device, gen, timer)
     return out
 
 
 def calibrate(model: ModelConfig, body: dict[str, Any], w: Workload, cfg: CostsConfig, ctx: int,
-              device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+              device: torch.device, gen: torch.Generator, timer: TimeModel | None = None) -> dict[str, Any]:
     """Time the whole parent like a variant and fit the per-block sums to it (`cfg.calibrate`).
 
     The sums of per-variant times miss what only a whole model shows (cache effects between different
@@ -317,22 +373,30 @@ def calibrate(model: ModelConfig, body: dict[str, Any], w: Workload, cfg: CostsC
 
     raw = {"attention": body["attention"], "ffn": body["ffn"], "fixed": body["fixed"], "workload": w.to_dict()}
     try:  # the parent's own variants must have been measured (and fit) for the sums to exist
-        parts = [(_variant(raw, "attention", b.attention.name), _variant(raw, "ffn", b.ffn.name))
-                 for b in model.blocks]
-        pf, dec = _time_model(model, w, ctx, cfg, device, gen)
+        for b in model.blocks:
+            _variant(raw, "attention", b.attention.name), _variant(raw, "ffn", b.ffn.name)
+        pf, dec = (timer or _time_model)(model, w, ctx, cfg, device, gen)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"method": "none", "reason": f"the parent does not fit in device memory at batch {w.batch_size}"}
     except PuzzleError as e:
         return {"method": "none", "reason": str(e)}
     spf, sdec = summarize(pf), summarize(dec)
-    fixed = raw["fixed"]
+    return fit_calibration(model, raw, cfg.calibrate,
+                           {"prefill_s": spf["median_s"], "decode_step_s": sdec["median_s"],
+                            "prefill_rel_spread": spf["rel_spread"], "decode_rel_spread": sdec["rel_spread"]})
+
+
+def fit_calibration(model: ModelConfig, costs: dict[str, Any], method: str, parent_measured: dict[str, float]
+                    ) -> dict[str, Any]:
+    """The calibration section from the parent's measured prefill and decode step and the per-variant costs."""
+    parts = [(_variant(costs, "attention", b.attention.name), _variant(costs, "ffn", b.ffn.name))
+             for b in model.blocks]
+    fixed = costs["fixed"]
     blocks_pf = sum(a["prefill_s"] + f["prefill_s"] for a, f in parts)
     blocks_dec = sum(a["decode_step_s"] + f["decode_step_s"] for a, f in parts)
     out: dict[str, Any] = {
-        "method": cfg.calibrate,
-        "parent_measured": {"prefill_s": spf["median_s"], "decode_step_s": sdec["median_s"],
-                            "prefill_rel_spread": spf["rel_spread"], "decode_rel_spread": sdec["rel_spread"]},
+        "method": method, "parent_measured": dict(parent_measured),
         "parent_uncalibrated": {"prefill_s": fixed["prefill_s"] + blocks_pf,
                                 "decode_step_s": fixed["decode_step_s"] + blocks_dec},
     }
@@ -363,8 +427,10 @@ def resolve_mode(cfg: CostsConfig) -> tuple[str, torch.device | None]:
     return "measured", device
 
 
-def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workload, cfg: CostsConfig
-                       ) -> dict[str, Any]:
+def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workload, cfg: CostsConfig,
+                       timer: TimeModel | None = None) -> dict[str, Any]:
+    """One workload's costs file (without inputs_hash); `timer` replaces the engine timing (tests)."""
+    from puzzle.cost_consistency import make_consistent, parent_anchors
     from puzzle.runtime.timing import device_key, device_name
 
     kind, device = resolve_mode(cfg)
@@ -374,10 +440,11 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
     mem = memory_model(model, w, eb)
     if kind == "estimate":
         body = estimate_workload(model, atts, ffns, w, cfg, ctx)
+        body["consistency"] = make_consistent(body, anchors=parent_anchors(model.blocks))  # monotone: no fit
         name = f"estimate (roofline {cfg.peak_flops / 1e12:.0f} TFLOP/s, {cfg.mem_bandwidth / 1e12:.2f} TB/s)"
         key, total = ESTIMATE_KEY, None
     else:
-        body = measure_workload(model, atts, ffns, w, cfg, ctx, device)
+        body = measure_workload(model, atts, ffns, w, cfg, ctx, device, timer)
         name, key = device_name(device), device_key(device)
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     spread = body.pop("median_rel_spread", None)
@@ -432,20 +499,39 @@ def run_costs(run_dir: Path, cfg: CostsConfig, search_space_blocks: list[BlockCo
 
     key = ESTIMATE_KEY if kind == "estimate" else device_key(device)
     written: dict[str, Path] = {}
+    from puzzle.notices import clear_warnings
+
+    clear_warnings(run_dir, "costs")  # kept files warn again below
     for w in cfg.workloads:
         path = run_dir / "costs" / f"{key}-{w.name}.json"
         inputs = hash_json({"model": model_config.to_dict(), "blocks": [b.to_dict() for b in blocks],
                             "cfg": to_dict(cfg), "workload": w.to_dict(), "kind": kind})
-        if path.exists() and read_json(path).get("inputs_hash") == inputs:
-            written[w.name] = path
+        written[w.name] = path
+        try:
+            kept = read_costs_file(path) if path.exists() else None
+        except PuzzleError as e:  # a damaged file is measured again, not trusted and not skipped
+            print(f"costs: {e.args[0].split(';')[0]}; measuring it again")
+            kept = None
+        if kept is not None and kept.get("inputs_hash") == inputs:
+            _warn_uncalibrated(run_dir, path, kept)
             continue
         data = costs_for_workload(model_config, blocks, w, cfg)
         data["inputs_hash"] = inputs
         write_json(path, data)
         label = " (ESTIMATE)" if kind == "estimate" else ""
         print(f"costs: wrote {path}{label}")
-        written[w.name] = path
+        _warn_uncalibrated(run_dir, path, data)
     return written
+
+
+def _warn_uncalibrated(run_dir: Path, path: Path, data: dict[str, Any]) -> None:
+    """A measured file whose parent could not be timed predicts with raw per-block sums: say so in the run."""
+    from puzzle.notices import warn
+
+    cal = data.get("calibration") or {}
+    if cal.get("method") == "none" and cal.get("reason"):
+        warn(run_dir, "costs", f"{path.name}: not calibrated against the whole parent ({cal['reason']}); "
+                               "predictions use the raw per-block sums")
 
 
 # ---- loading and prediction -----------------------------------------------------------------------------
@@ -455,6 +541,24 @@ def current_device_key() -> str:
     from puzzle.runtime.timing import device_key
 
     return device_key("cuda") if torch.cuda.is_available() else ESTIMATE_KEY
+
+
+def read_costs_file(path: Path) -> dict[str, Any]:
+    """One costs file, checked enough to be used; a damaged one is a one-line error naming it and the fix."""
+    fix = "delete it and rerun `puzzle costs`"
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise PuzzleError(f"{path} is not a valid costs file ({e.msg} at line {e.lineno}); {fix}") from None
+    except UnicodeDecodeError:
+        raise PuzzleError(f"{path} is not a valid costs file (not UTF-8 text); {fix}") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise PuzzleError(f"{path} is not a valid costs file (schema is not {SCHEMA}); {fix}")
+    missing = [k for k in ("workload", "attention", "ffn", "fixed") if not isinstance(data.get(k), dict)]
+    missing += [] if isinstance(data.get("device_key"), str) else ["device_key"]
+    if missing:
+        raise PuzzleError(f"{path} is not a valid costs file (no {', '.join(missing)}); {fix}")
+    return data
 
 
 def load_costs(costs_dir: Path, workload: str, device: str | None = None) -> dict[str, Any]:
@@ -477,9 +581,7 @@ def load_costs(costs_dir: Path, workload: str, device: str | None = None) -> dic
                 f"`puzzle costs` here, or name the target device explicitly (e.g. device={others[0]!r})"
             )
         raise PuzzleError(f"no costs for workload {workload!r} on {device} in {costs_dir}; run `puzzle costs` first")
-    data = read_json(path)
-    if data.get("schema") != SCHEMA:
-        raise PuzzleError(f"{path} is not a {SCHEMA} file; rerun `puzzle costs`")
+    data = read_costs_file(path)
     if data.get("device_key") != device:
         raise PuzzleError(f"{path} holds costs of {data.get('device_key')!r}, not {device!r}; rerun `puzzle costs`")
     return data

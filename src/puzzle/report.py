@@ -19,7 +19,10 @@ from puzzle import report_plots
 from puzzle.artifacts import hash_file, hash_json, mark_stage_done, stage_is_current, write_text
 from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.config import to_dict
+from puzzle.cost_consistency import adjustment_rows
 from puzzle.errors import PuzzleError
+
+COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots
 
 
 @dataclass
@@ -27,6 +30,10 @@ class ReportConfig:
     workload: str | None = None  # the workload plotted; default: the first one found
     cost_metric: str = "workload"  # 'workload' (prefill + gen_len decode steps), 'decode_step_s' or 'prefill_s'
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cost_metric not in COST_METRICS:
+            raise PuzzleError(f"report.cost_metric {self.cost_metric!r} is not one of {list(COST_METRICS)}")
 
 
 @dataclass
@@ -157,7 +164,12 @@ def eval_section(ev: dict[str, Any]) -> str:
                      *[m.get("speedup", {}).get(w) for w in workloads]])
     skipped = {r.get("skipped") for m in models.values() for r in [m.get("throughput", {})] if "skipped" in r}
     note = f"\n\nThroughput: {skipped.pop()}." if skipped else ""
-    return f"## Quality (held-out, against the parent)\n\n{table(header, rows)}{note}\n"
+    split = ev.get("split", "valid")  # eval.json written before test splits existed: valid
+    where = (f"LM loss, perplexity, KL and top-1 agreement on the {split} split: {ev.get('sequences', '?')} "
+             f"sequences of {ev.get('seq_len', '?')} tokens"
+             + (" from documents that no earlier stage read (BLD, scoring and uptraining use train and valid)."
+                if split == "test" else " (the split scoring chose blocks on; not held out from selection)."))
+    return f"## Quality (held-out, against the parent)\n\n{where}\n\n{table(header, rows)}{note}\n"
 
 
 def solutions_section(sol: dict[str, Any]) -> str:
@@ -300,6 +312,11 @@ def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
             figures.append(("BLD validation loss per layer", report_plots.curves(
                 bld, "layer", "normalised MSE to the parent block (after BLD)", "Blockwise local distillation",
                 plots_dir / "bld_losses.png", logy=True)))
+    if adjusted := adjustment_rows(inp.costs):
+        parts.append("## Per-variant costs made width-consistent\n\nMore KV heads or a wider FFN never cost less: "
+                     "measured values that broke that order (after re-measuring) were fitted (isotonic, per phase; "
+                     "`consistency` in each costs file).\n\n"
+                     + table(["workload", "variant", "phase", "measured us", "adjusted us"], adjusted) + "\n")
     if figures:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{t}](report/{p.name})" for t, p in figures) + "\n")
     if inp.notes:

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from puzzle.artifacts import read_json
 from puzzle.blocks import BlockConfig
 from puzzle.errors import PuzzleError
 from puzzle.workloads import Workload, workload_by_name
@@ -123,11 +122,12 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
 
 def measured_workloads(costs_dir: Path, device: str) -> list[str]:
     """Workloads with a costs file for `device` ('auto': for the one device measured)."""
+    from puzzle.costs import read_costs_file  # a damaged file is an error naming it, never skipped
+
     found = {}
     for path in sorted(costs_dir.glob("*.json")):
-        data = read_json(path)
-        if isinstance(data, dict) and isinstance(data.get("workload"), dict) and data.get("device_key"):
-            found[path] = (data["device_key"], data["workload"]["name"])
+        data = read_costs_file(path)
+        found[path] = (data["device_key"], data["workload"].get("name"))
     devices = sorted({d for d, _ in found.values()})
     if device == "auto" and len(devices) > 1:
         raise PuzzleError(f"{costs_dir} holds costs of several devices ({devices}); set search.device to the target")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +54,11 @@ def resolve_workloads(names: list[str], run_dir: Path | None = None) -> list[Wor
     """Workloads by name: those defined in the run's costs files first (custom shapes), then the defaults."""
     known: list[Workload] = []
     if run_dir is not None:
+        from puzzle.costs import read_costs_file  # a damaged costs file is an error naming it, never skipped
+
         for path in sorted((Path(run_dir) / "costs").glob("*.json")):
-            try:
-                spec = json.loads(path.read_text()).get("workload")
-            except json.JSONDecodeError:
-                continue
-            if isinstance(spec, dict) and spec.get("name") not in {w.name for w in known}:
+            spec = read_costs_file(path)["workload"]
+            if spec.get("name") not in {w.name for w in known}:
                 known.append(Workload(**spec))
     known += [w for w in DEFAULT_WORKLOADS if w.name not in {k.name for k in known}]
     return [workload_by_name(n, known) for n in names]
