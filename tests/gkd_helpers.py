@@ -64,10 +64,12 @@ class ByteTokenizer:
         return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
 
 
-CORPUS = (
-    "The cat sat on the mat. The dog sat on the log. A bird sang in the tree and the sun rose over the hill.\n"
-    "Once upon a time there was a little girl who liked to read books about the sea and the stars.\n"
-) * 40
+_LINES = (
+    "The cat sat on the mat. The dog sat on the log. A bird sang in the tree and the sun rose over the hill.",
+    "Once upon a time there was a little girl who liked to read books about the sea and the stars.",
+)
+# Numbered, so every line is its own document: identical lines would all land in one data split.
+CORPUS = "".join(f"{line} ({i})\n" for i in range(40) for line in _LINES)
 
 
 def make_run_dir(root: Path, vocab: int = 300) -> tuple[Path, PuzzleModel]:
@@ -83,6 +85,7 @@ def make_run_dir(root: Path, vocab: int = 300) -> tuple[Path, PuzzleModel]:
     run = root / "run"
     parent = tiny_parent(vocab=vocab)
     save_model(parent, run / "parent", tokenizer_source=tok_dir)
-    run_data(run, DataConfig(sources=[str(corpus)], seq_len=16, valid_fraction=0.3, txt_documents="lines"))
+    run_data(run, DataConfig(sources=[str(corpus)], seq_len=16, valid_fraction=0.3, test_fraction=0.2,
+                             txt_documents="lines"))
     export_hf(damaged_child(parent), run / "children" / "noattn12", tokenizer_source=tok_dir)
     return run, parent

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from puzzle.data import DataConfig, is_valid_document, load_tokens, run_data
+from puzzle.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
 from puzzle.errors import PuzzleError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -36,23 +38,24 @@ def _corpus(tmp: Path) -> Path:
 
 def test_packs_all_sources_with_bos_eos_and_manifest(tmp_path: Path) -> None:
     src = _corpus(tmp_path)
-    cfg = DataConfig(sources=[str(src)], seq_len=16, valid_fraction=0.2, seed=3)
+    cfg = DataConfig(sources=[str(src)], seq_len=16, valid_fraction=0.2, test_fraction=0.2, seed=3)
     out = run_data(tmp_path / "run", cfg, tokenizer=ByteTokenizer())
     manifest = json.loads((out / "manifest.json").read_text())
     assert [Path(s["path"]).name for s in manifest["sources"]] == ["a.txt", "b.txt.xz", "c.jsonl"]
     assert all(len(s["sha256"]) == 64 for s in manifest["sources"])
-    train, valid = load_tokens(out, "train"), load_tokens(out, "valid")
-    assert train.dtype == np.uint16 and train.shape[1] == 16 and valid.shape[1] == 16
+    train, valid, test = (load_tokens(out, s) for s in SPLITS)
+    assert train.dtype == np.uint16 and train.shape[1] == 16 and valid.shape[1] == 16 and test.shape[1] == 16
     assert manifest["splits"]["train"]["sequences"] == train.shape[0] > 0 and valid.shape[0] > 0
+    assert manifest["splits"]["test"]["sequences"] == test.shape[0] > 0
     # 32 documents, each framed by BOS ... EOS; every token is accounted for before packing.
-    docs = manifest["splits"]["train"]["documents"] + manifest["splits"]["valid"]["documents"]
+    docs = sum(manifest["splits"][s]["documents"] for s in SPLITS)
     assert docs == 32
-    all_tokens = np.concatenate([train.ravel(), valid.ravel()])
+    all_tokens = np.concatenate([train.ravel(), valid.ravel(), test.ravel()])
     assert (all_tokens == 1).sum() <= docs and (all_tokens == 1).sum() > 0
     assert train[0, 0] == 1  # the first train document starts with BOS
     expected = sum(len(ByteTokenizer().encode(t)) + 2 for t in ["hello world\n" * 40, "compressed text " * 50])
     expected += sum(len(f"record {i} " * 8) + 2 for i in range(30))
-    assert manifest["splits"]["train"]["tokens"] + manifest["splits"]["valid"]["tokens"] == expected
+    assert sum(manifest["splits"][s]["tokens"] for s in SPLITS) == expected
 
 
 def test_split_is_by_document_and_deterministic(tmp_path: Path) -> None:
@@ -61,20 +64,88 @@ def test_split_is_by_document_and_deterministic(tmp_path: Path) -> None:
     texts = {f"d{i}.txt": f"document number {i} " * 20 for i in range(20)}
     for name, text in texts.items():
         (src / name).write_text(text)
-    cfg = DataConfig(sources=[str(src)], seq_len=8, valid_fraction=0.3, seed=1)
+    cfg = DataConfig(sources=[str(src)], seq_len=8, valid_fraction=0.3, test_fraction=0.3, seed=1)
     a = run_data(tmp_path / "r1", cfg, tokenizer=ByteTokenizer())
     b = run_data(tmp_path / "r2", cfg, tokenizer=ByteTokenizer())
     assert np.array_equal(load_tokens(a, "train"), load_tokens(b, "train"))
-    # The valid stream is exactly the concatenation of the valid documents (BOS text EOS), packed.
-    valid_docs = [name for name in sorted(texts) if is_valid_document(str(src / name), 1, 0.3)]
-    assert 0 < len(valid_docs) < 20
-    stream = [t for name in valid_docs for t in [1, *ByteTokenizer().encode(texts[name]), 2]]
-    valid = load_tokens(a, "valid")
-    assert valid.ravel().tolist() == stream[: valid.size]
+    # Each split's stream is exactly the concatenation of its documents (BOS text EOS), packed: every document
+    # lies in one split only. A whole-file document is keyed by the file's content hash.
+    def split_of(name: str) -> str:
+        return document_split("sha256:" + hashlib.sha256(texts[name].encode()).hexdigest(), 1, 0.3, 0.3)
+
+    members = {s: [name for name in sorted(texts) if split_of(name) == s] for s in SPLITS}
+    assert all(0 < len(m) < 20 for m in members.values()) and sum(map(len, members.values())) == 20
+    for s in SPLITS:
+        stream = [t for name in members[s] for t in [1, *ByteTokenizer().encode(texts[name]), 2]]
+        tokens = load_tokens(a, s)
+        assert tokens.ravel().tolist() == stream[: tokens.size]
     # rerunning with the same inputs does nothing
     mtime = (a / "train.bin").stat().st_mtime_ns
     run_data(tmp_path / "r1", cfg, tokenizer=ByteTokenizer())
     assert (a / "train.bin").stat().st_mtime_ns == mtime
+
+
+def test_split_does_not_depend_on_how_the_path_is_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "a" / "corpus"
+    src.mkdir(parents=True)
+    for i in range(30):
+        (src / f"d{i}.txt").write_text(f"text of document {i} " * 10)
+    copy = shutil.copytree(src, tmp_path / "b" / "elsewhere")
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = {"seq_len": 8, "valid_fraction": 0.2, "test_fraction": 0.2, "seed": 5}
+    runs = [run_data(tmp_path / f"r{i}", DataConfig(sources=[source], **cfg), tokenizer=ByteTokenizer())
+            for i, source in enumerate([str(src), "corpus", "./corpus/", str(copy)])]
+    for s in SPLITS:
+        first = load_tokens(runs[0], s)
+        assert first.shape[0] > 0
+        for other in runs[1:]:
+            assert np.array_equal(load_tokens(other, s), first), s
+
+
+def test_identical_documents_share_a_split(tmp_path: Path) -> None:
+    path = tmp_path / "dup.jsonl"
+    texts = [f"unique record {i} " * 4 for i in range(60)] + ["the same record " * 4] * 20
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cfg = DataConfig(sources=[str(path)], seq_len=8, valid_fraction=0.2, test_fraction=0.2)
+    out = run_data(tmp_path / "run", cfg, tokenizer=ByteTokenizer())
+    home = document_split(text_key("the same record " * 4), cfg.seed, 0.2, 0.2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"][home]["documents"] >= 20  # all twenty copies went to one split
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"test_fraction": 0.0}, r"data.test_fraction must be in \(0, 1\), got 0.0"),
+    ({"valid_fraction": 1.5}, r"data.valid_fraction must be in \(0, 1\), got 1.5"),
+    ({"valid_fraction": 0.5, "test_fraction": 0.5}, "valid_fraction \\+ data.test_fraction must be below 1"),
+    ({"seq_len": 1}, "data.seq_len must be at least 2, got 1"),
+    ({"max_tokens": 0}, "data.max_tokens must be positive"),
+])
+def test_config_values_checked_when_built(values: dict, match: str) -> None:
+    with pytest.raises(PuzzleError, match=match):
+        DataConfig(**values)
+
+
+def test_empty_test_split_says_which_fraction(tmp_path: Path) -> None:
+    src = tmp_path / "few"
+    src.mkdir()
+    for i in range(3):
+        (src / f"d{i}.txt").write_text(f"document {i} " * 30)
+    with pytest.raises(PuzzleError, match=r"the (valid|test) split has no full sequence.*raise data\.(valid|test)_fraction"):
+        run_data(tmp_path / "run", DataConfig(sources=[str(src)], seq_len=8, valid_fraction=0.01, test_fraction=0.01),
+                 tokenizer=ByteTokenizer())
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_data_written_before_test_splits_existed_is_named(tmp_path: Path) -> None:
+    src = _corpus(tmp_path)
+    out = run_data(tmp_path / "run", DataConfig(sources=[str(src)], seq_len=16, valid_fraction=0.2, test_fraction=0.2,
+                                                seed=3), tokenizer=ByteTokenizer())
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["splits"]["test"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert load_tokens(out, "valid").shape[0] > 0
+    with pytest.raises(PuzzleError, match="has no test split.*rerun `puzzle data`"):
+        load_tokens(out, "test")
 
 
 def test_parquet_and_max_tokens(tmp_path: Path) -> None:
@@ -86,7 +157,7 @@ def test_parquet_and_max_tokens(tmp_path: Path) -> None:
     cfg = DataConfig(sources=[str(path)], seq_len=8, valid_fraction=0.1, text_field="body", max_tokens=5000)
     out = run_data(tmp_path / "run", cfg, tokenizer=ByteTokenizer())
     manifest = json.loads((out / "manifest.json").read_text())
-    total = manifest["splits"]["train"]["tokens"] + manifest["splits"]["valid"]["tokens"]
+    total = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
     assert 5000 <= total < 5000 + 200  # stopped after the document that crossed the limit
 
 
@@ -95,10 +166,11 @@ def test_paragraph_documents(tmp_path: Path) -> None:
     path.write_text("\n\n".join(f"paragraph {i} " * 6 for i in range(40)))
     with pytest.raises(PuzzleError, match="no full sequence"):  # one file = one document: no valid split
         run_data(tmp_path / "r1", DataConfig(sources=[str(path)], seq_len=8), tokenizer=ByteTokenizer())
-    cfg = DataConfig(sources=[str(path)], seq_len=8, valid_fraction=0.2, txt_documents="paragraphs")
+    cfg = DataConfig(sources=[str(path)], seq_len=8, valid_fraction=0.2, test_fraction=0.2,
+                     txt_documents="paragraphs")
     out = run_data(tmp_path / "r2", cfg, tokenizer=ByteTokenizer())
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["valid"]["documents"] == 40
+    assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == 40
     assert not (tmp_path / "r1" / "data").exists()  # the failed run left nothing behind
 
 

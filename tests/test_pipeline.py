@@ -79,7 +79,7 @@ def test_every_stage_writes_its_artifacts(full_run: tuple[RunConfig, dict], pare
     # data: manifest and packed token arrays of the configured length, ids inside the vocabulary
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     assert manifest["seq_len"] == 32
-    for split in ("train", "valid"):
+    for split in ("train", "valid", "test"):
         tokens = load_tokens(run / "data", split)
         assert tokens.ndim == 2 and tokens.shape[1] == 32 and tokens.shape[0] == manifest["splits"][split]["sequences"] > 0
         assert int(tokens.max()) < parent.config.vocab_size
@@ -135,8 +135,11 @@ def test_every_stage_writes_its_artifacts(full_run: tuple[RunConfig, dict], pare
     log = json.loads((child_dir / "uptrained" / "training_log.json").read_text())
     assert log["steps"] == 3
 
-    # eval: parent, child and uptrained child against the parent
-    models = json.loads((run / "eval" / "eval.json").read_text())["models"]
+    # eval: parent, child and uptrained child against the parent, on the test split
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    assert evaluation["split"] == "test"
+    assert evaluation["sequences"] == min(8, manifest["splits"]["test"]["sequences"])
+    models = evaluation["models"]
     assert set(models) == {"parent", chosen["name"], f"{chosen['name']}/uptrained"}
     assert models["parent"]["kl_to_parent"] == pytest.approx(0.0, abs=1e-6)
     assert models[chosen["name"]]["kl_to_parent"] > 1e-6
@@ -145,6 +148,7 @@ def test_every_stage_writes_its_artifacts(full_run: tuple[RunConfig, dict], pare
     # report
     report = (run / "report.md").read_text()
     assert "## Quality" in report and chosen["name"] in report and "## Search solutions" in report
+    assert "on the test split" in report
     assert not _temporaries(run)
 
 
@@ -305,6 +309,28 @@ def test_infeasible_target_is_a_one_line_error_and_keeps_artifacts(full_run: tup
     assert len(errors) == 1 and "50x" in errors[0] and "relax" in errors[0], err
     assert snapshot(run / "search") == before  # the earlier solutions stay whole; nothing half-written
     assert not _temporaries(run)
+
+
+def test_stage_commands_use_the_runs_saved_config(full_run: tuple[RunConfig, dict], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`puzzle search RUN` searches under the constraints the run was created with; overrides go on top."""
+    cfg, _ = full_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run)
+    first = json.loads((run / "search" / "solutions.json").read_text())
+    shutil.rmtree(run / "search")
+    assert main(["search", str(run)]) == 0
+    again = json.loads((run / "search" / "solutions.json").read_text())
+    assert again["constraints"] == first["constraints"] == [{"kind": "throughput", "target": "1.3x",
+                                                             "workload": WORKLOAD}]
+    assert [s["blocks"] for s in again["solutions"]] == [s["blocks"] for s in first["solutions"]]
+    target = "constraints=[{kind: throughput, target: 1.1x, workload: " + WORKLOAD + "}]"
+    assert main(["search", str(run), target, "num_solutions=2"]) == 0
+    relaxed = json.loads((run / "search" / "solutions.json").read_text())
+    assert relaxed["constraints"][0]["target"] == "1.1x" and len(relaxed["solutions"]) == 2
+    assert main(["eval", str(run)]) == 0  # the saved eval config (CPU, 8 sequences)
+    out = capsys.readouterr().out
+    assert "test split" in out
 
 
 # ---- 4. every shipped config --------------------------------------------------------------------------------

@@ -4,6 +4,13 @@ Each stage declares its own dataclass next to its code (e.g. `puzzle.library.Lib
 turns nested dicts into those dataclasses, strictly:
 
     cfg = load_config(LibraryConfig, "run.yaml", ["steps=200", "search_space.ffn_fractions=[1.0,0.5]"], section="library")
+
+Single-stage commands (`puzzle search RUN ...`) start from the config the run was created with:
+
+    cfg = load_stage_config(SearchConfig, run_dir, "search", yaml_path, overrides)
+
+Every value is checked when its dataclass is built (each config's `__post_init__`), so a bad value fails
+before any stage runs.
 """
 
 from __future__ import annotations
@@ -96,6 +103,51 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = data.get(section) or {}
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data, where=section or cls.__name__)
+
+
+RUN_CONFIG = "config.json"  # written into the run directory by `puzzle run`: what the run was asked to do
+
+
+def saved_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The config `puzzle run` saved in `run_dir` ({} when the run was built stage by stage)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    from puzzle.artifacts import read_json  # local: artifacts imports torch
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise PuzzleError(f"{path} is not a run config (not a mapping); delete it or rerun `puzzle run`")
+    return data
+
+
+def load_stage_config(cls: type[T], run_dir: str | Path, section: str, path: str | Path | None = None,
+                      overrides: list[str] | None = None) -> T:
+    """One stage's config for a single-stage command: the run's saved config (RUN/config.json) as the base, the
+    YAML file's `section` on top (mappings merge, other values replace), then key=value overrides."""
+    data = saved_run_config(run_dir).get(section) or {}
+    if path is not None:
+        data = merge(data, read_yaml(path).get(section) or {})
+    return from_dict(cls, apply_overrides(data, overrides or []), where=section)
+
+
+def merge(base: Any, top: Any) -> Any:
+    """`top` over `base`: nested mappings merge key by key; anything else (lists included) replaces."""
+    if not isinstance(base, dict) or not isinstance(top, dict):
+        return top
+    return {**base, **{k: merge(base.get(k), v) for k, v in top.items()}}
+
+
+def check_device(where: str, value: str | None) -> None:
+    """A device torch can parse ("cpu", "cuda", "cuda:1"), "auto", or unset."""
+    if value is None or value == "auto":
+        return
+    import torch  # local: configs are read before anything heavy is needed
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise PuzzleError(f"{where}={value!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

@@ -1,8 +1,9 @@
 """Quality and throughput of the parent and its children, side by side -> `eval/eval.json`.
 
 Per model: held-out LM loss and perplexity, KL(parent || model) and top-1 agreement with the parent on the
-validation split; multiple-choice / last-word task accuracy (`puzzle.tasks`) and accuracy retained as a
-percentage of the parent's; measured generation throughput from the runtime when a GPU is present.
+test split, which nothing before eval reads (BLD, scoring and uptraining use train and valid);
+multiple-choice / last-word task accuracy (`puzzle.tasks`) and accuracy retained as a percentage of the
+parent's; measured generation throughput from the runtime when a GPU is present.
 Models are loaded one at a time next to the parent, so memory holds at most two.
 """
 
@@ -24,7 +25,7 @@ from puzzle.artifacts import (
     stage_is_current,
     write_json,
 )
-from puzzle.config import to_dict
+from puzzle.config import check_device, to_dict
 from puzzle.errors import PuzzleError
 from puzzle.gkd import loss_terms
 from puzzle.model import PuzzleModel
@@ -32,6 +33,8 @@ from puzzle.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_ta
 from puzzle.workloads import Workload, resolve_workloads
 
 Items = list[MultipleChoiceItem] | list[LastWordItem]
+HELDOUT_SPLIT = "test"  # the data split loss / perplexity / KL / agreement are measured on
+GRAPH_MODES = ("auto", "manual", "fused", "compile", "none")  # the runtime's decode modes (runtime.engine)
 
 
 @dataclass
@@ -39,7 +42,7 @@ class EvalConfig:
     children: list[str] = field(default_factory=list)  # names under children/; empty = every child
     uptrained: bool = True  # also evaluate children/<name>/uptrained where present
     batch_size: int = 8
-    max_sequences: int | None = 256  # validation sequences for loss / KL / agreement; None = all
+    max_sequences: int | None = 256  # test-split sequences for loss / KL / agreement; None = all
     tasks: list[TaskSpec] = field(default_factory=list)
     task_limit: int | None = None  # cap on items per task unless the task sets its own limit
     throughput: bool = True  # measured with the runtime; GPU only
@@ -56,6 +59,9 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise PuzzleError(f"eval.{name} must be positive (or unset), got {value}")
+        if self.graphs not in GRAPH_MODES:
+            raise PuzzleError(f"eval.graphs {self.graphs!r} is not one of {list(GRAPH_MODES)}")
+        check_device("eval.device", self.device)
 
 
 @torch.no_grad()
@@ -63,7 +69,7 @@ def heldout_metrics(model: PuzzleModel, parent: PuzzleModel, tokens: np.ndarray,
                     device: torch.device) -> dict[str, float]:
     """LM loss, perplexity, KL(parent || model) and top-1 agreement over `tokens` [N, T]."""
     if len(tokens) == 0:
-        raise PuzzleError("the validation split holds no sequences; add text or lower data.seq_len")
+        raise PuzzleError("the test split holds no sequences; add text, lower data.seq_len or raise data.test_fraction")
     kl = lm = agree = 0.0
     n_tok = n_lm = 0
     for s in range(0, len(tokens), batch_size):
@@ -116,7 +122,7 @@ def measure_throughput(model: PuzzleModel, workloads: list[Workload], graphs: st
     return out
 
 
-def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, valid: np.ndarray,
+def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, heldout: np.ndarray,
                     tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device,
                     workloads: list[Workload] | None = None) -> dict[str, Any]:
     """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent."""
@@ -127,7 +133,7 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
         res: dict[str, Any] = {"params": model.config.param_count(),
                                "kv_bytes_per_token": model.config.kv_cache_bytes_per_token(),
                                "blocks": [b.name for b in model.config.blocks]}
-        res.update(heldout_metrics(model, parent, valid, cfg.batch_size, device))
+        res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
         if tasks:
             res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.batch_size, device)
         if cfg.throughput:
@@ -197,16 +203,18 @@ def run_eval(run_dir: Path, cfg: EvalConfig) -> dict[str, Any]:
         from puzzle.tokenizers import load_tokenizer  # engineer A
 
         tokenizer = load_tokenizer(run_dir / cfg.parent)
-    valid = load_tokens(run_dir / "data", "valid")
+    # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
+    heldout = load_tokens(run_dir / "data", HELDOUT_SPLIT)
     if cfg.max_sequences is not None:
-        valid = valid[:cfg.max_sequences]
+        heldout = heldout[:cfg.max_sequences]
     parent = load_model(run_dir / cfg.parent, device=device, dtype=dtype)
     loaders: dict[str, Callable[[], PuzzleModel]] = {"parent": lambda: parent}
     for name, path in children.items():
         loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
     workloads = resolve_workloads(cfg.workloads, run_dir)  # custom shapes from the run's costs files
-    models = evaluate_models(loaders, parent, valid, tasks, tokenizer, cfg, device, workloads)
+    models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, workloads)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
+              "split": HELDOUT_SPLIT, "sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
               "tasks": {name: len(items) for name, items in tasks.items()}, "models": models,
               "config": to_dict(cfg)}
     write_json(out_dir / "eval.json", result)

@@ -28,6 +28,7 @@ from puzzle.report import ReportConfig
 from puzzle.scoring import ScoreConfig
 from puzzle.search import SearchConfig
 from puzzle.uptrain import UptrainConfig
+from puzzle.workloads import DEFAULT_WORKLOADS
 
 STAGES = ("import", "data", "library", "score", "costs", "search", "realize", "uptrain", "eval", "report")
 DISTRIBUTED_STAGES = {"library", "uptrain"}
@@ -37,6 +38,10 @@ DISTRIBUTED_STAGES = {"library", "uptrain"}
 class RealizeConfig:
     solutions: list[str] = field(default_factory=list)  # names in search/solutions.json; empty = best per target
     max_children: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_children < 1:
+            raise PuzzleError(f"realize.max_children must be at least 1, got {self.max_children}")
 
 
 @dataclass
@@ -52,6 +57,24 @@ class RunConfig:
     uptrain: UptrainConfig = field(default_factory=UptrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across sections: every workload named anywhere is one the costs stage defines (eval may also
+        measure the built-in ones)."""
+        if not self.run_dir:
+            raise PuzzleError("config: run_dir is empty; name the directory the run writes, e.g. run_dir=runs/x")
+        defined = [w.name for w in self.costs.workloads]
+        builtin = [w.name for w in DEFAULT_WORKLOADS]
+        uses = [(f"search.constraints[{i}].workload", c.workload, defined)
+                for i, c in enumerate(self.search.constraints) if c.workload is not None]
+        uses += [(f"eval.workloads[{i}]", name, defined + builtin) for i, name in enumerate(self.eval.workloads)]
+        if self.report.workload is not None:
+            uses.append(("report.workload", self.report.workload, defined))
+        for where, name, known in uses:
+            if name not in known:
+                raise PuzzleError(f"{where}: workload {name!r} is not defined; costs.workloads defines "
+                                  f"{defined}" + (f" (eval also knows {builtin})" if known is not defined else "")
+                                  + "; fix the name or add the workload to costs.workloads")
 
 
 def load_run_config(data: dict[str, Any]) -> RunConfig:
@@ -116,6 +139,21 @@ def select_stages(start: str | None, until: str | None) -> list[str]:
     return list(STAGES[first : last + 1])
 
 
+def check_inputs_exist(cfg: RunConfig, stages: list[str]) -> None:
+    """The files the selected stages read from outside the run directory exist (a typo fails now, not hours in)."""
+    files = [("parent", cfg.parent)] if "import" in stages else []
+    if "data" in stages:
+        files += [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.data.sources)]
+    if "score" in stages and cfg.score.task_file:
+        files.append(("score.task_file", cfg.score.task_file))
+    if "eval" in stages:
+        files += [(f"eval.tasks[{i}].path", t.path) for i, t in enumerate(cfg.eval.tasks)]
+    for where, path in files:
+        if not Path(path).exists():
+            raise PuzzleError(f"{where}: {path} does not exist; fix the path (relative paths are read from "
+                              f"{Path.cwd()})")
+
+
 def _run_on_main(fn: Callable[[], object], is_main: bool) -> None:
     """Run `fn` on rank 0; every rank then learns whether it failed, so no rank waits forever."""
     error: str | None = None
@@ -135,8 +173,7 @@ def run_pipeline(cfg: RunConfig, start: str | None = None, until: str | None = N
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(cfg.run_dir)
     stages = select_stages(start, until)
-    if "import" in stages and not Path(cfg.parent).exists():  # fail before anything is written
-        raise PuzzleError(f"parent {cfg.parent} does not exist; pass a model directory or a llama2.c .bin")
+    check_inputs_exist(cfg, stages)  # fail before anything is written
     # The group lives for the whole run and is torn down at its end: a rank that exits while gloo peers
     # still hold the group aborts them ("terminate called without an active exception").
     with distributed(cfg.library.device if cfg.library.device != "auto" else None) as info:

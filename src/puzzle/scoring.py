@@ -40,7 +40,7 @@ from puzzle.artifacts import (
     write_text,
 )
 from puzzle.blocks import BlockConfig
-from puzzle.config import to_dict
+from puzzle.config import check_device, to_dict
 from puzzle.errors import PuzzleError
 from puzzle.model import AttentionBlock, DecoderLayer, FFNBlock, PuzzleModel
 
@@ -49,6 +49,7 @@ METRICS = ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy")
 # Lower is better for these; higher is better for the agreement and accuracy metrics.
 LOWER_IS_BETTER = {"kl": True, "lm_loss": True, "lm_loss_delta": True, "top1": False, "top5": False,
                    "task_accuracy": False}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -60,6 +61,14 @@ class ScoreConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     task_file: str | None = None  # optional JSONL of {"context", "choices", "gold"}
     max_task_items: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("num_sequences", "batch_size", "candidates_per_batch", "max_task_items"):
+            if getattr(self, name) <= 0:
+                raise PuzzleError(f"score.{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in _DTYPES:
+            raise PuzzleError(f"score.dtype={self.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        check_device("score.device", self.device)
 
 
 # ---- evaluation batches ------------------------------------------------------------------------------------
@@ -289,10 +298,9 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _resolve_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise PuzzleError(f"score.dtype={name!r} is not supported; use one of {sorted(table)}")
-    return table[name]
+    if name not in _DTYPES:
+        raise PuzzleError(f"score.dtype={name!r} is not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
@@ -335,8 +343,6 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
         if not (run_dir / need).exists():
             raise PuzzleError(f"{run_dir / need} does not exist; run `puzzle {need if need != 'parent' else 'import'}` "
                               f"on {run_dir} first")
-    if cfg.batch_size <= 0 or cfg.num_sequences <= 0 or cfg.candidates_per_batch <= 0:
-        raise PuzzleError("score.batch_size, score.num_sequences and score.candidates_per_batch must be positive")
     inputs_hash = _inputs_hash(run_dir, cfg)
     if stage_is_current(out_dir, inputs_hash) and (out_dir / "scores.json").exists():
         return out_dir / "scores.json"

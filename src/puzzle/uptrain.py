@@ -31,7 +31,7 @@ from puzzle.artifacts import (
     stage_is_current,
     write_json,
 )
-from puzzle.config import to_dict
+from puzzle.config import check_device, to_dict
 from puzzle.distributed import DistInfo, barrier, distributed
 from puzzle.errors import PuzzleError
 from puzzle.gkd import LossTerms, loss_terms
@@ -84,6 +84,9 @@ class UptrainConfig:
                 raise PuzzleError(f"uptrain.{name} must be >= 0, got {getattr(self, name)}")
         if self.val_batches <= 0:
             raise PuzzleError(f"uptrain.val_batches must be positive, got {self.val_batches}")
+        if self.fsdp_min_params < 0:
+            raise PuzzleError(f"uptrain.fsdp_min_params must be >= 0, got {self.fsdp_min_params}")
+        check_device("uptrain.device", self.device)
 
 
 @dataclass

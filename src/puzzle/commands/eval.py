@@ -5,25 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_config
+from puzzle.config import load_stage_config
 from puzzle.evaluate import EvalConfig, run_eval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory (reads parent/, data/, children/)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config; its `eval` section is used")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config; its `eval` section goes over RUN_DIR/config.json (saved by `puzzle run`)")
     parser.add_argument("--task", action="append", default=[], metavar="PATH",
                         help="task file (HellaSwag .txt[.bz2], LAMBADA .jsonl, or context/choices/gold .jsonl)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. task_limit=500 children=[a,b]")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(EvalConfig, args.config, args.overrides, section="eval")
+    cfg = load_stage_config(EvalConfig, args.run_dir, "eval", args.config, args.overrides)
     if args.task:
         from puzzle.tasks import TaskSpec
 
         cfg.tasks = [*cfg.tasks, *(TaskSpec(path=p) for p in args.task)]
     result = run_eval(args.run_dir, cfg)
+    print(f"loss / perplexity / KL / agreement on the {result.get('split', 'valid')} split "
+          f"({result.get('sequences', '?')} sequences)")
     for name, m in result["models"].items():
         retained = m.get("mean_retention_pct")
         extra = f"  retained {retained:.1f}%" if retained is not None else ""

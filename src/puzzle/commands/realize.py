@@ -1,19 +1,29 @@
-"""`puzzle realize RUN_DIR SOLUTION`: build a chosen child from library weights into children/<SOLUTION>/."""
+"""`puzzle realize RUN_DIR [SOLUTION ...] [--config YAML] [key=value ...]`: build chosen children from library
+weights into children/<SOLUTION>/; without names, the run's `realize` config chooses (best per target)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from puzzle.config import load_stage_config
+from puzzle.pipeline import RealizeConfig, chosen_solutions
 from puzzle.realize import run_realize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory (reads parent/, library/, search/)")
-    parser.add_argument("solution", help="a solution name from search/solutions.json, e.g. child-0")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config; its `realize` section goes over RUN_DIR/config.json (saved by `puzzle run`)")
+    parser.add_argument("items", nargs="*", metavar="SOLUTION|key=value",
+                        help="solution names from search/solutions.json (e.g. child-0) and/or key=value overrides "
+                             "(e.g. max_children=2); no names: realize.solutions, else the best of each target")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = run_realize(args.run_dir, args.solution)
-    print(f"realize: {out}")
+    names = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    cfg = load_stage_config(RealizeConfig, args.run_dir, "realize", args.config, overrides)
+    for name in names or chosen_solutions(args.run_dir, cfg):
+        print(f"realize: {run_realize(args.run_dir, name)}")
     return 0

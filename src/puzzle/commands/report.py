@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_config
+from puzzle.config import load_stage_config
 from puzzle.report import ReportConfig, run_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory (reads eval/, search/, costs/, library/, children/)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config; its `report` section is used")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config; its `report` section goes over RUN_DIR/config.json (saved by `puzzle run`)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. workload=chatbot plots=false")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(ReportConfig, args.config, args.overrides, section="report")
+    cfg = load_stage_config(ReportConfig, args.run_dir, "report", args.config, args.overrides)
     print(f"wrote {run_report(args.run_dir, cfg)}")
     return 0

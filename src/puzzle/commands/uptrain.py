@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_config
+from puzzle.config import load_stage_config
 from puzzle.errors import PuzzleError
 from puzzle.uptrain import UptrainConfig, run_uptrain
 
@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory (reads parent/, data/, children/<name>/)")
     parser.add_argument("--child", action="append", default=None,
                         help="child name under children/ (repeatable); default: every realized child")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config; its `uptrain` section is used")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config; its `uptrain` section goes over RUN_DIR/config.json (saved by `puzzle run`)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. steps=500 lr=5e-5 lm_weight=0.5")
 
 
@@ -32,7 +33,7 @@ def children(run_dir: Path, names: list[str] | None) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(UptrainConfig, args.config, args.overrides, section="uptrain")
+    cfg = load_stage_config(UptrainConfig, args.run_dir, "uptrain", args.config, args.overrides)
     for child_dir in children(args.run_dir, args.child):
         out = run_uptrain(args.run_dir, child_dir, cfg)
         print(f"uptrained child written to {out}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from puzzle.artifacts import hash_file, hash_json, hash_paths, mark_stage_done, read_json, stage_is_current
-from puzzle.config import to_dict
+from puzzle.config import check_device, to_dict
 from puzzle.distributed import all_gather_objects, barrier, distributed
 from puzzle.errors import PuzzleError
 from puzzle.library.search_space import SearchSpaceConfig, layer_spaces
@@ -54,20 +54,20 @@ class LibraryConfig:
     log_every: int = 10
     progress: bool = True
 
-
-def _check(cfg: LibraryConfig) -> None:
-    positive = {"tokens_per_variant": cfg.tokens_per_variant, "batch_size": cfg.batch_size,
-                "lr": cfg.lr, "grad_clip": cfg.grad_clip, "valid_batches": cfg.valid_batches,
-                "log_every": cfg.log_every}
-    for name, value in positive.items():
-        if value <= 0:
-            raise PuzzleError(f"library.{name} must be positive, got {value}")
-    if cfg.init_batches < 0 or cfg.max_params_per_wave < 0 or cfg.max_items_per_wave < 0:
-        raise PuzzleError("library.init_batches, max_params_per_wave and max_items_per_wave must be >= 0")
-    if not 0 <= cfg.warmup_fraction < 1 or not 0 <= cfg.min_lr_fraction <= 1:
-        raise PuzzleError("library.warmup_fraction must be in [0, 1) and min_lr_fraction in [0, 1]")
-    if cfg.dtype not in ("auto", *_DTYPES):
-        raise PuzzleError(f"library.dtype {cfg.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_variant", "batch_size", "lr", "grad_clip", "valid_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise PuzzleError(f"library.{name} must be positive, got {getattr(self, name)}")
+        for name in ("init_batches", "max_params_per_wave", "max_items_per_wave", "weight_decay", "ridge"):
+            if getattr(self, name) < 0:
+                raise PuzzleError(f"library.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise PuzzleError(f"library.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise PuzzleError(f"library.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise PuzzleError(f"library.dtype {self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        check_device("library.device", self.device)
 
 
 def _device(cfg: LibraryConfig) -> str | None:
@@ -92,7 +92,6 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
 
     `parent` is a model, or a function (device, dtype) -> model so each rank loads straight onto its GPU.
     """
-    _check(cfg)
     library_dir = Path(library_dir)
     if train.ndim != 2 or valid.ndim != 2 or train.shape[0] == 0 or valid.shape[0] == 0:
         raise PuzzleError("BLD needs non-empty train and valid token arrays [N, seq_len]; rerun `puzzle data`")

@@ -27,6 +27,25 @@ class SearchSpaceConfig:
     pairs: list[str] = field(default_factory=list)  # e.g. ["gqa2+swiglu256", "no_op+linear"]
     layers: list[int] | None = None  # None = every layer
 
+    def __post_init__(self) -> None:
+        where = "library.search_space"
+        if self.round_to <= 0:
+            raise PuzzleError(f"{where}.round_to must be positive, got {self.round_to}")
+        for f in self.ffn_fractions:
+            if not 0.0 < f <= 1.0:
+                raise PuzzleError(f"{where}.ffn_fractions: {f} is outside (0, 1]; a variant cannot be larger than "
+                                  "the parent's FFN (1.0 is the parent's size)")
+        for k in self.attention_kv_heads or []:
+            if k <= 0:
+                raise PuzzleError(f"{where}.attention_kv_heads: {k} KV heads; use positive divisors of the "
+                                  "parent's KV heads")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise PuzzleError(f"{where}.layers {self.layers} must name layers 0, 1, ... (or be unset for all)")
+        for pair in self.pairs:
+            parse_pair(pair)
+        if self.pairs and self.mode != "coupled":
+            raise PuzzleError(f"{where}.pairs is set but mode is 'decoupled'; set mode=coupled")
+
 
 @dataclass(frozen=True)
 class LayerSpace:
@@ -83,15 +102,8 @@ def _check_kv(k: int, model: ModelConfig, parent: AttentionConfig, layer: int) -
 
 def ffn_sizes(cfg: SearchSpaceConfig, parent_size: int) -> list[int]:
     """Intermediate sizes for the fractions: multiples of round_to, at least one multiple, at most the parent."""
-    if cfg.round_to <= 0:
-        raise PuzzleError(f"library.search_space.round_to must be positive, got {cfg.round_to}")
     sizes = []
-    for f in cfg.ffn_fractions:
-        if not 0.0 < f <= 1.0:
-            raise PuzzleError(
-                f"FFN fraction {f} is outside (0, 1]: a variant cannot be larger than the parent's "
-                f"intermediate size {parent_size}; fix library.search_space.ffn_fractions"
-            )
+    for f in cfg.ffn_fractions:  # each in (0, 1], round_to > 0: checked by SearchSpaceConfig
         if f == 1.0:
             sizes.append(parent_size)
             continue
@@ -117,8 +129,6 @@ def layer_spaces(cfg: SearchSpaceConfig, model: ModelConfig) -> list[LayerSpace]
             f"library.search_space.layers {cfg.layers} must name layers in 0..{model.num_layers - 1}"
         )
     pairs = [parse_pair(p) for p in cfg.pairs]
-    if pairs and cfg.mode != "coupled":
-        raise PuzzleError("library.search_space.pairs is set but mode is 'decoupled'; set mode=coupled")
     spaces = []
     for i in sorted(set(layers)):
         parent = model.blocks[i]
