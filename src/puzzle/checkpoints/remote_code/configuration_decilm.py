@@ -36,7 +36,7 @@ def _rope_parameters(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 class DeciLMConfig(_BaseConfig):
     model_type = "nemotron-nas"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "cache"]  # "cache" from 5.24
 
     def __init__(
         self,

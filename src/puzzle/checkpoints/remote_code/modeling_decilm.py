@@ -6,12 +6,17 @@ of any width, one linear matrix, or nothing). Weight names follow Nemotron-NAS:
     model.layers.{i}.post_attention_layernorm / mlp.{gate,up,down}_proj / mlp.linear_mlp
 KV cache: only GQA layers store keys and values, under consecutive cache indices (the first GQA layer is
 cache layer 0), so that `Cache.get_seq_length()` reports the real length even when layer 0 has no attention.
+Works with every transformers 5.x: 5.24 renamed the cache argument and output field `past_key_values` -> `cache`
+(both names are accepted here); 5.0's static cache writes where `cache_position` says (it is passed to every
+update); a static cache returns all its slots, so masks are built for the key length the cache returns.
 Shapes: B batch, T new tokens, S attended tokens, H hidden, N heads, D head_dim.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +30,17 @@ try:
     from .configuration_decilm import DeciLMConfig
 except ImportError:  # loaded as a top-level module
     from configuration_decilm import DeciLMConfig
+
+
+# The output field that holds the cache in this transformers version ("cache" from 5.24, "past_key_values" before).
+_CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache, under whichever name the caller used (`generate` of 5.24+ says `cache`, older `past_key_values`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 def _find_multiple(n: int, k: int) -> int:
@@ -90,6 +106,17 @@ class DeciLMRMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+@dataclass
+class _Step:
+    """What every layer of one forward pass shares."""
+
+    cos: torch.Tensor  # [B, T, D]
+    sin: torch.Tensor  # [B, T, D]
+    cache: Cache | None
+    cache_position: torch.Tensor  # [T] cache slots of the new tokens
+    mask_for: Callable[[int], torch.Tensor | None]  # key length S -> bool [B, 1, T, S] or None (plain causal)
+
+
 class DeciLMAttention(nn.Module):
     def __init__(self, config: DeciLMConfig, num_kv_heads: int, cache_index: int) -> None:
         super().__init__()
@@ -102,16 +129,18 @@ class DeciLMAttention(nn.Module):
         self.v_proj = nn.Linear(h, num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         b, t, _ = x.shape
+        cos, sin = step.cos[:, None], step.sin[:, None]  # [B, 1, T, D]
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        if cache is not None:
-            k, v = cache.update(k, v, self.cache_index)  # [B, Nkv, S, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if step.cache is not None:
+            # [B, Nkv, S, D]; the dict is 5.0's cache_kwargs (its static cache writes at cache_position)
+            k, v = step.cache.update(k, v, self.cache_index, {"cache_position": step.cache_position})
+        mask = step.mask_for(k.shape[-2])
         group = self.num_heads // self.num_kv_heads
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
@@ -128,7 +157,7 @@ class DeciLMLinearAttention(nn.Module):
         super().__init__()
         self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, *_: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, _step: _Step) -> torch.Tensor:
         return self.linear_attn(x)
 
 
@@ -168,10 +197,9 @@ class DeciLMDecoderLayer(nn.Module):
             self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.mlp = DeciLMMLP(config.hidden_size, size) if ffn_kind == "swiglu" else DeciLMLinearMLP(config.hidden_size)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: Cache | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, step: _Step) -> torch.Tensor:
         if self.has_attention:
-            h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+            h = h + self.self_attn(self.input_layernorm(h), step)
         if self.has_ffn:
             h = h + self.mlp(self.post_attention_layernorm(h))
         return h
@@ -185,35 +213,58 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Only reached for weights missing from a checkpoint; in-place so that loaded tensors are kept elsewhere.
+        # transformers 5.0 calls this for every module after loading, 5.24 only for modules with missing weights;
+        # a tensor marked `_is_hf_initialized` was loaded from the checkpoint (or is tied to one) and is kept.
+        def fresh(p: torch.Tensor | None) -> bool:
+            return p is not None and not getattr(p, "_is_hf_initialized", False)
+
         std = getattr(self.config, "initializer_range", 0.02)
         with torch.no_grad():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and fresh(module.weight):
                 module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, DeciLMRMSNorm):
+            if isinstance(module, nn.Linear) and fresh(module.bias):
+                module.bias.zero_()
+            elif isinstance(module, DeciLMRMSNorm) and fresh(module.weight):
                 module.weight.fill_(1.0)
 
 
-def _build_mask(attention_mask: torch.Tensor | None, batch: int, t: int, past: int,
+def _build_mask(attention_mask: torch.Tensor | None, batch: int, t: int, past: int, s: int,
                 device: torch.device) -> torch.Tensor | None:
-    """bool [B, 1, T, S] (True = attend), or None for plain causal attention without padding or cache."""
+    """bool [B, 1, T, S] (True = attend) for T queries at positions past.. over S key slots, or None for plain
+    causal attention (no padding, no cache). S > past + T for a static cache: its unwritten slots lie in the
+    queries' future and stay masked. A 4D mask is used as given: bool or 0/1 = attend, float = additive."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
-    if attention_mask is None and past == 0:
-        return None
-    s = past + t
-    q_pos = torch.arange(past, s, device=device)[:, None]
-    k_pos = torch.arange(s, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, t, s)  # [B, 1, T, S]
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, -s:].bool()
+        if attention_mask.shape[-1] != s:
+            raise ValueError(f"4D attention_mask covers {attention_mask.shape[-1]} keys, the cache holds {s}")
+        floating = attention_mask.is_floating_point()
+        mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2 if floating else attention_mask.bool()
+    else:
+        if attention_mask is None and past == 0 and s == t:
+            return None
+        q_pos = torch.arange(past, past + t, device=device)[:, None]
+        k_pos = torch.arange(s, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None].expand(batch, 1, t, s)  # [B, 1, T, S]
+        if attention_mask is not None:
+            if attention_mask.shape[-1] < past + t:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, not {past + t}")
+            real = attention_mask[:, -(past + t):].bool()  # [B, past + T]
+            real = F.pad(real, (0, max(0, s - past - t)), value=False)[:, :s]  # [B, S]
+            mask = mask & real[:, None, None, :]
     # A row with nothing to attend to (a left-pad query) would give NaN; let it see everything instead.
     empty = ~mask.any(dim=-1, keepdim=True)
     return mask | empty
+
+
+def _touch_spare_layers(cache: Cache, used: int, h: torch.Tensor, head_dim: int) -> None:
+    """Give the cache layers past the GQA ones an empty update. A cache sized from the config has one layer per
+    model layer; one never updated stays uninitialized, and transformers 5.0-5.10 then fail to reuse a static
+    cache (they read `max_batch_size` of every layer)."""
+    layers = getattr(cache, "layers", [])
+    spare = [i for i in range(used, len(layers)) if not getattr(layers[i], "is_initialized", True)]
+    if spare:
+        empty = h.new_zeros(h.shape[0], 1, 0, head_dim)  # [B, 1, 0, D]
+        for i in spare:
+            cache.update(empty, empty, i, {"cache_position": torch.arange(0, device=h.device)})
 
 
 class DeciLMModel(DeciLMPreTrainedModel):
@@ -226,6 +277,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
             layers.append(DeciLMDecoderLayer(config, i, cache_index if is_gqa else None))
             cache_index += int(is_gqa)
         self.layers = nn.ModuleList(layers)
+        self.num_cache_layers = cache_index
         self.norm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
@@ -244,6 +296,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -251,12 +304,16 @@ class DeciLMModel(DeciLMPreTrainedModel):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
         b, t = h.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            try:
-                past_key_values = DynamicCache(config=self.config)
-            except TypeError:  # older signature without config
-                past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _one_cache(cache, past_key_values) if use_cache else None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        # early 5.x `generate` passes the new tokens' slots; later ones leave the count to the cache
+        cache_position = kwargs.get("cache_position")
+        if cache_position is not None:
+            past = int(cache_position[0])
+        else:
+            past = int(cache.get_seq_length()) if cache is not None else 0  # a tensor for some static caches
+            cache_position = torch.arange(past, past + t, device=h.device)
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
@@ -264,17 +321,25 @@ class DeciLMModel(DeciLMPreTrainedModel):
                 position_ids = torch.arange(past, past + t, device=h.device).expand(b, t)
         freqs = position_ids[..., None].float() * _inverse_frequencies(self.config, h.device)  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        mask = _build_mask(attention_mask, b, t, past, h.device)
+        masks: dict[int, torch.Tensor | None] = {}  # one per key length; every GQA layer sees the same
+
+        def mask_for(s: int) -> torch.Tensor | None:
+            if s not in masks:
+                masks[s] = _build_mask(attention_mask, b, t, past, s, h.device)
+            return masks[s]
+
+        step = _Step(emb.cos().to(h.dtype), emb.sin().to(h.dtype), cache, cache_position, mask_for)
+        if cache is not None:
+            _touch_spare_layers(cache, self.num_cache_layers, h, self.config.head_dim)
         hidden_states = [h] if output_hidden_states else None
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, past_key_values if use_cache else None)
+            h = layer(h, step)
             if hidden_states is not None:
                 hidden_states.append(h)
         h = self.norm(h)
         if hidden_states is not None:
             hidden_states[-1] = h
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None,
+        return BaseModelOutputWithPast(last_hidden_state=h, **{_CACHE_FIELD: cache},
                                        hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
 
@@ -312,11 +377,12 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+                         cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, cache_position=kwargs.get("cache_position"))
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
@@ -327,6 +393,6 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
                                         hidden_states=out.hidden_states)
         return result.to_tuple() if return_dict is False else result
