@@ -13,12 +13,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from puzzle.distributed import DistInfo
 
 Mode = Literal["none", "ddp", "fsdp"]
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def choose_mode(requested: str, info: DistInfo, num_params: int, fsdp_min_params: int) -> Mode:
@@ -63,4 +61,7 @@ def grad_sync(wrapped: nn.Module, model: nn.Module, mode: Mode, sync: bool) -> I
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (a collective under FSDP: every rank must call it)."""
-    return get_model_state_dict(model, options=FULL)
+    # Function-level: torch.distributed.checkpoint costs ~1 s to import (see uptrain.train_gkd).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -37,7 +37,6 @@ from puzzle.errors import PuzzleError
 from puzzle.gkd import LossTerms, loss_terms
 from puzzle.lr_schedule import warmup_cosine
 from puzzle.model import PuzzleModel, RotaryEmbedding
-from puzzle.train_checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -219,6 +218,10 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
               work_dir: Path, info: DistInfo, fingerprint: str = "",
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> GKDResult:
     """Distil `parent` into `child` in place; checkpoints under `work_dir` and resumes from them."""
+    # Function-level: torch.distributed.checkpoint and DTensor cost ~1.5 s to import, which every CLI
+    # command (and the config check before a run) would otherwise pay.
+    from puzzle.train_checkpoint import load_checkpoint, save_checkpoint
+
     check_inputs(child, parent, train, valid)
     steps = total_steps(cfg, train.shape[1], info.world_size)
     device = info.device
