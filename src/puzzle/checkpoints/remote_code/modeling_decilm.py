@@ -228,27 +228,27 @@ class DeciLMPreTrainedModel(PreTrainedModel):
                 module.weight.fill_(1.0)
 
 
-def _build_mask(attention_mask: torch.Tensor | None, batch: int, t: int, past: int, s: int,
-                device: torch.device) -> torch.Tensor | None:
-    """bool [B, 1, T, S] (True = attend) for T queries at positions past.. over S key slots, or None for plain
-    causal attention (no padding, no cache). S > past + T for a static cache: its unwritten slots lie in the
-    queries' future and stay masked. A 4D mask is used as given: bool or 0/1 = attend, float = additive."""
+def _build_mask(attention_mask: torch.Tensor | None, batch: int, cache_position: torch.Tensor,
+                s: int) -> torch.Tensor | None:
+    """bool [B, 1, T, S] (True = attend) for T queries in cache slots `cache_position` [T] over S key slots, or
+    None for plain causal attention (no padding, no cache). A static cache returns all its slots: the unwritten
+    ones lie in the queries' future and stay masked. A 4D mask is used as given: bool or 0/1 = attend, float =
+    additive. No host sync: torch.compile (which generate applies with a static cache on GPU) keeps one graph."""
+    t = cache_position.shape[0]
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.shape[-1] != s:
             raise ValueError(f"4D attention_mask covers {attention_mask.shape[-1]} keys, the cache holds {s}")
         floating = attention_mask.is_floating_point()
         mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2 if floating else attention_mask.bool()
     else:
-        if attention_mask is None and past == 0 and s == t:
+        if attention_mask is None and s == t:  # the keys are the queries' own tokens
             return None
-        q_pos = torch.arange(past, past + t, device=device)[:, None]
-        k_pos = torch.arange(s, device=device)[None, :]
-        mask = (k_pos <= q_pos)[None, None].expand(batch, 1, t, s)  # [B, 1, T, S]
+        k_pos = torch.arange(s, device=cache_position.device)[None, :]
+        mask = (k_pos <= cache_position[:, None])[None, None].expand(batch, 1, t, s)  # [B, 1, T, S]
         if attention_mask is not None:
-            if attention_mask.shape[-1] < past + t:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, not {past + t}")
-            real = attention_mask[:, -(past + t):].bool()  # [B, past + T]
-            real = F.pad(real, (0, max(0, s - past - t)), value=False)[:, :s]  # [B, S]
+            # [B, L] over the tokens so far (L = past + T); slot j holds token j, slots >= L are unwritten
+            real = attention_mask[:, -s:].bool()
+            real = F.pad(real, (0, s - real.shape[-1]), value=False)  # [B, S]
             mask = mask & real[:, None, None, :]
     # A row with nothing to attend to (a left-pad query) would give NaN; let it see everything instead.
     empty = ~mask.any(dim=-1, keepdim=True)
@@ -307,25 +307,23 @@ class DeciLMModel(DeciLMPreTrainedModel):
         cache = _one_cache(cache, past_key_values) if use_cache else None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        # early 5.x `generate` passes the new tokens' slots; later ones leave the count to the cache
+        # [T] slots of the new tokens: early 5.x `generate` passes them; later ones leave the count to the cache
         cache_position = kwargs.get("cache_position")
-        if cache_position is not None:
-            past = int(cache_position[0])
-        else:
-            past = int(cache.get_seq_length()) if cache is not None else 0  # a tensor for some static caches
-            cache_position = torch.arange(past, past + t, device=h.device)
+        if cache_position is None:
+            past = cache.get_seq_length() if cache is not None else 0  # an int, or a 0-dim tensor (static caches)
+            cache_position = torch.arange(t, device=h.device) + past
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
             else:
-                position_ids = torch.arange(past, past + t, device=h.device).expand(b, t)
+                position_ids = cache_position[None].expand(b, t)
         freqs = position_ids[..., None].float() * _inverse_frequencies(self.config, h.device)  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         masks: dict[int, torch.Tensor | None] = {}  # one per key length; every GQA layer sees the same
 
         def mask_for(s: int) -> torch.Tensor | None:
             if s not in masks:
-                masks[s] = _build_mask(attention_mask, b, t, past, s, h.device)
+                masks[s] = _build_mask(attention_mask, b, cache_position, s)
             return masks[s]
 
         step = _Step(emb.cos().to(h.dtype), emb.sin().to(h.dtype), cache, cache_position, mask_for)
