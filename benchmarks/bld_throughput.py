@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from _meta import metadata
 
-from puzzle.artifacts import write_json
-from puzzle.blocks import ModelConfig, uniform_blocks
-from puzzle.distributed import all_gather_objects, barrier, distributed
-from puzzle.library import LibraryConfig, SearchSpaceConfig, build_library
-from puzzle.model import build_model
-from puzzle.presets import llama31_8b_config, tiny_llama_config
+from puzzle.core.artifacts import write_json
+from puzzle.model.blocks import ModelConfig, uniform_blocks
+from puzzle.core.distributed import all_gather_objects, barrier, distributed
+from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, build_library
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 
 
 def small16_config() -> ModelConfig:

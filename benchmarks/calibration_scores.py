@@ -10,7 +10,7 @@ Run as a script, it re-scores the committed results from their raw numbers on a 
 - `cost_additivity*.json`: measured vs predicted decode step, raw and scaled to the parent;
 - `reference_ref_s/`: the searched children measured by `puzzle eval` against `predict` on the run's own
   costs files, calibrated as committed, uncalibrated, and with the width-consistent costs
-  (`puzzle.cost_consistency`) recalibrated on the parent.
+  (`puzzle.costs.consistency`) recalibrated on the parent.
 
     python benchmarks/calibration_scores.py [--results benchmarks/results] [--json OUT]
 """
@@ -91,8 +91,8 @@ def additivity_files(results: Path) -> tuple[str, dict[str, Any]]:
 
 def width_consistent(costs: dict[str, Any], parent: Any) -> dict[str, Any]:
     """The costs with the width-order fit applied and the calibration fitted again on the parent's measurement."""
-    from puzzle.cost_consistency import check, parent_anchors
-    from puzzle.costs import fit_calibration
+    from puzzle.costs.consistency import check, parent_anchors
+    from puzzle.costs.stage import fit_calibration
 
     fitted, section = check(costs, parent_anchors(parent.blocks))
     cal = costs.get("calibration") or {}
@@ -104,8 +104,8 @@ def width_consistent(costs: dict[str, Any], parent: Any) -> dict[str, Any]:
 
 def reference_run(run: Path) -> tuple[str, dict[str, Any]]:
     """The reference run's children: measured (eval) vs predicted from its costs, three ways."""
-    from puzzle.blocks import BlockConfig
-    from puzzle.costs import predict
+    from puzzle.model.blocks import BlockConfig
+    from puzzle.costs.stage import predict
 
     evaluation = json.loads((run / "eval.json").read_text())["models"]
     solutions = json.loads((run / "solutions.json").read_text())["solutions"]
@@ -144,8 +144,8 @@ def reference_run(run: Path) -> tuple[str, dict[str, Any]]:
 def _parent_blocks(costs: dict[str, Any]) -> list[Any]:
     """The parent's blocks: the widest attention and FFN of the costs in every layer (ref-s is uniform, and the
     search space is its own layers narrowed); checked against the parent's sum stored in the calibration."""
-    from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-    from puzzle.cost_consistency import chains
+    from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzle.costs.consistency import chains
 
     names = chains(costs)
     att, ffn = names["attention"][-1], names["ffn"][-1]
@@ -155,7 +155,7 @@ def _parent_blocks(costs: dict[str, Any]) -> list[Any]:
 
 
 def _config(costs: dict[str, Any], blocks: list[Any]) -> Any:
-    from puzzle.blocks import ModelConfig
+    from puzzle.model.blocks import ModelConfig
 
     m = costs["model"]
     return ModelConfig(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],

@@ -3,7 +3,7 @@
 Llama-3.1-8B shape, random weights, bf16, one workload (default: batch 1, prompt 128 + 128 generated). In
 one process it times the decode step (the runtime's captured graph) of
 - whole models: the parent and six heterogeneous children;
-- the stacks `puzzle.costs` times today ("isolated": k copies of one variant with the other half a no-op);
+- the stacks `puzzle.costs.stage` times today ("isolated": k copies of one variant with the other half a no-op);
 - "neighbourhood" stacks: N layers of one variant with the parent's other half (the variant in a parent-like
   model), and the same N layers with that variant a no-op;
 and, for each, the GPU time of every kernel of one step (torch.profiler over graph replays), so a block that
@@ -34,16 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 from runtime_throughput import children
 
-from puzzle.bench import DEFAULT_BUCKET
-from puzzle.blocks import AttentionConfig as A
-from puzzle.blocks import BlockConfig, ModelConfig
-from puzzle.blocks import FFNConfig as F
-from puzzle.costs import decode_at, mean_decode_context
-from puzzle.model import build_model
-from puzzle.presets import llama31_8b_config, tiny_llama_config
+from puzzle.runtime.bench import DEFAULT_BUCKET
+from puzzle.model.blocks import AttentionConfig as A
+from puzzle.model.blocks import BlockConfig, ModelConfig
+from puzzle.model.blocks import FFNConfig as F
+from puzzle.costs.stage import decode_at, mean_decode_context
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime.engine import Engine
 from puzzle.runtime.timing import summarize, sync, time_calls
-from puzzle.workloads import Workload
+from puzzle.core.workloads import Workload
 
 
 def validation_children(parent: ModelConfig) -> dict[str, ModelConfig]:

@@ -4,7 +4,7 @@
    (attention gqa8/4/2/1, linear, no-op x SwiGLU at the default fractions of 768 rounded to 64, linear,
    no-op) and the reference config's two workloads; its wall time, compiles included (target < 90 s).
 2. The parent and three children (random weights: speed does not depend on them) generated with
-   `puzzle.bench.run_workload` (what `puzzle eval` measures), against `puzzle.costs.predict` and the
+   `puzzle.runtime.bench.run_workload` (what `puzzle eval` measures), against `puzzle.costs.stage.predict` and the
    search's `CostTable` (target: within 5%), uncalibrated and under each calibration method. The calibration
    is fitted on the parent, so only the children's errors count (`errors`, `max_abs_rel_error_*`); the
    parent's rows say `calibration_fitted_on_this_model` and are kept apart.
@@ -29,22 +29,22 @@ from _meta import metadata
 from calibration_scores import FITTED_ON, held_out_errors
 from runtime_throughput import with_method
 
-from puzzle.bench import run_workload
-from puzzle.blocks import AttentionConfig as A
-from puzzle.blocks import BlockConfig, ModelConfig, uniform_blocks
-from puzzle.blocks import FFNConfig as F
-from puzzle.costs import CostsConfig, load_costs, predict, run_costs
-from puzzle.library.search_space import SearchSpaceConfig, layer_spaces
-from puzzle.model import build_model
-from puzzle.search_costs import cost_table_from_json
-from puzzle.workloads import Workload
+from puzzle.runtime.bench import run_workload
+from puzzle.model.blocks import AttentionConfig as A
+from puzzle.model.blocks import BlockConfig, ModelConfig, uniform_blocks
+from puzzle.model.blocks import FFNConfig as F
+from puzzle.costs.stage import CostsConfig, load_costs, predict, run_costs
+from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
+from puzzle.model.decoder import build_model
+from puzzle.costs.table import cost_table_from_json
+from puzzle.core.workloads import Workload
 
 WORKLOADS = [Workload("text-generation-1k", 256, 128, 896), Workload("batch1", 1, 128, 128)]
 
 
 def ref_s_config(path: str | None) -> ModelConfig:
     if path and Path(path).exists():
-        from puzzle.checkpoints import load_model_config
+        from puzzle.formats import load_model_config
 
         return load_model_config(path)
     return ModelConfig(vocab_size=32000, hidden_size=256, num_attention_heads=8, blocks=uniform_blocks(16, 8, 768),

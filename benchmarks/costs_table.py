@@ -2,7 +2,7 @@
 
 Every attention variant (GQA 8/4/2/1 KV heads, linear, no-op) and FFN variant (SwiGLU at 100/75/50/25/10%
 of 14336, linear, no-op): prefill time, decode-step time, params, KV bytes/token, and the relative spread
-(IQR / median) of repeated measurements (target: median < 3%), measured by `puzzle.costs` with the
+(IQR / median) of repeated measurements (target: median < 3%), measured by `puzzle.costs.stage` with the
 runtime's default graph mode, plus the calibration against the whole parent. Writes JSON to --out.
 
     python benchmarks/costs_table.py --out benchmarks/results/costs_table.json [--workloads batch1,chatbot]
@@ -22,12 +22,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 
-from puzzle.blocks import AttentionConfig as A
-from puzzle.blocks import BlockConfig, ModelConfig
-from puzzle.blocks import FFNConfig as F
-from puzzle.costs import CostsConfig, costs_for_workload
-from puzzle.presets import llama31_8b_config
-from puzzle.workloads import DEFAULT_WORKLOADS, Workload, workload_by_name
+from puzzle.model.blocks import AttentionConfig as A
+from puzzle.model.blocks import BlockConfig, ModelConfig
+from puzzle.model.blocks import FFNConfig as F
+from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.model.presets import llama31_8b_config
+from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload, workload_by_name
 
 # The default workloads whose prompts are short enough to time every variant in a minute or two, and
 # batch 64 with the same prompt and generated lengths as "chatbot" (batch 256).

@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 
-from puzzle.bench import decode_step_bytes
-from puzzle.model import build_model
-from puzzle.presets import llama31_8b_config, tiny_llama_config
+from puzzle.runtime.bench import decode_step_bytes
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime import engine as engine_mod
 from puzzle.runtime.engine import Engine
 from puzzle.runtime.timing import measure_bandwidth, sync
-from puzzle.workloads import Workload
+from puzzle.core.workloads import Workload
 
 PROMPT, GEN = 128, 128
 

@@ -26,9 +26,9 @@ from _meta import metadata
 from cost_additivity import kernel_profile
 from cost_model_ref_s import ref_s_config
 
-from puzzle.costs import decode_at
-from puzzle.model import build_model
-from puzzle.presets import llama31_8b_config
+from puzzle.costs.stage import decode_at
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import llama31_8b_config
 from puzzle.runtime.engine import Engine
 from puzzle.runtime.timing import sync, time_calls
 

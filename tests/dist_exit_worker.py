@@ -4,7 +4,7 @@ usage: dist_exit_worker.py fsdp|plain
 
 FSDP2 leaves the gloo process group and its worker threads alive after teardown (torch's DTensor caches hold
 its mesh). A worker thread that drops its last tensor reference while the interpreter finalizes aborts the
-process, so puzzle.distributed.finish_process must skip finalization then (and only then). An atexit handler
+process, so puzzle.core.distributed.finish_process must skip finalization then (and only then). An atexit handler
 shows whether the interpreter finalized.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from puzzle.distributed import distributed, finish_process, lingering_process_group
+from puzzle.core.distributed import distributed, finish_process, lingering_process_group
 
 torch.set_num_threads(1)
 atexit.register(lambda: print("finalized", flush=True))

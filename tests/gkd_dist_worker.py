@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from gkd_helpers import damaged_child, tiny_parent, token_arrays
-from puzzle.config import from_dict
-from puzzle.distributed import distributed, finish_process
-from puzzle.uptrain import UptrainConfig, train_gkd
+from puzzle.core.config import from_dict
+from puzzle.core.distributed import distributed, finish_process
+from puzzle.stages.uptrain.stage import UptrainConfig, train_gkd
 
 
 def main() -> None:

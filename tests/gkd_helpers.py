@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from puzzle.model import PuzzleModel, build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.decoder import PuzzleModel, build_model
+from puzzle.model.presets import tiny_llama_config
 
 VOCAB = 64
 
@@ -74,8 +74,8 @@ CORPUS = "".join(f"{line} ({i})\n" for i in range(40) for line in _LINES)
 
 def make_run_dir(root: Path, vocab: int = 300) -> tuple[Path, PuzzleModel]:
     """A run directory with a tiny parent (trained BPE tokenizer), packed data and one damaged child."""
-    from puzzle.checkpoints import export_hf, save_model
-    from puzzle.data import DataConfig, run_data
+    from puzzle.formats import export_hf, save_model
+    from puzzle.stages.data import DataConfig, run_data
     from puzzle.demo.tokenizer import train_tokenizer
 
     corpus = root / "corpus"

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from puzzle.distributed import finish_process
-from puzzle.library import LibraryConfig, SearchSpaceConfig, build_library
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.core.distributed import finish_process
+from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, build_library
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.checkpoints import export_hf
+from puzzle.formats import export_hf
 from puzzle.cli import main
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from puzzle.cli import main
-from puzzle.config import from_dict
-from puzzle.errors import PuzzleError
-from puzzle.evaluate import EvalConfig, load_tasks
-from puzzle.tasks import TaskSpec, load_task
+from puzzle.core.config import from_dict
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.stage import EvalConfig, load_tasks
+from puzzle.stages.evaluate.tasks import TaskSpec, load_task
 
 GOOD = {"context": "The cat sat on the", "choices": ["mat", "sky"], "gold": 0}
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from puzzle.bench import (
+from puzzle.runtime.bench import (
     bench,
     decode_step_bytes,
     format_table,
@@ -15,14 +15,14 @@ from puzzle.bench import (
     hf_llama_like,
     run_workload,
 )
-from puzzle.blocks import AttentionConfig as A
-from puzzle.blocks import BlockConfig
-from puzzle.blocks import FFNConfig as F
-from puzzle.costs import CostsConfig, costs_for_workload
-from puzzle.errors import PuzzleError
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
-from puzzle.workloads import Workload
+from puzzle.model.blocks import AttentionConfig as A
+from puzzle.model.blocks import BlockConfig
+from puzzle.model.blocks import FFNConfig as F
+from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
+from puzzle.core.workloads import Workload
 
 PARENT = tiny_llama_config(num_layers=2)
 CHILD = PARENT.with_blocks([BlockConfig(A.gqa(1), F.swiglu(64)), BlockConfig(A.no_op(), F.linear())])
@@ -93,7 +93,7 @@ def test_gpu_batch_too_large_names_largest_batch():
 
 
 def test_datasheet_lookup_by_cuda_name():
-    from puzzle.datasheet import datasheet
+    from puzzle.runtime.datasheet import datasheet
 
     assert datasheet("NVIDIA H200").bandwidth == 4.8e12
     assert datasheet("NVIDIA H100 80GB HBM3").name == "H100 SXM" and datasheet("NVIDIA H100 80GB HBM3").bandwidth == 3.35e12
@@ -105,7 +105,7 @@ def test_datasheet_lookup_by_cuda_name():
 
 
 def test_decode_step_flops_by_hand():
-    from puzzle.bench import decode_step_flops
+    from puzzle.runtime.bench import decode_step_flops
 
     w = Workload("x", 4, 100, 28)  # bucket 1: mean context of the 27 decode steps = 100 + 14
     matmul = sum(PARENT.block_param_count(b) for b in PARENT.blocks) + PARENT.vocab_size * PARENT.hidden_size
@@ -114,8 +114,8 @@ def test_decode_step_flops_by_hand():
 
 
 def test_floor_ratios_against_copy_and_datasheet_bandwidth_and_the_binding_floor():
-    from puzzle.bench import decode_step_bytes, decode_step_flops
-    from puzzle.datasheet import DeviceSpec
+    from puzzle.runtime.bench import decode_step_bytes, decode_step_flops
+    from puzzle.runtime.datasheet import DeviceSpec
 
     models = {"parent": build_model(PARENT, seed=0).eval()}
     nbytes, flops = decode_step_bytes(PARENT, W, 4), decode_step_flops(PARENT, W)
@@ -168,7 +168,7 @@ def test_hf_static_to_dynamic_fallback_is_a_warning_in_the_table():
 
 
 def test_hf_baseline_of_a_directory_with_remote_code_needs_the_flag(tmp_path, capsys):
-    from puzzle.checkpoints import export_hf
+    from puzzle.formats import export_hf
     from puzzle.cli import main
     from puzzle.commands.bench import trusted_hf_dir
 
@@ -182,12 +182,12 @@ def test_hf_baseline_of_a_directory_with_remote_code_needs_the_flag(tmp_path, ca
 
 
 def test_bench_keeps_its_warnings_in_the_run_when_given_one(tmp_path, monkeypatch, capsys):
-    import puzzle.bench
-    from puzzle.artifacts import write_json
-    from puzzle.checkpoints import export_hf
+    import puzzle.runtime.bench
+    from puzzle.core.artifacts import write_json
+    from puzzle.formats import export_hf
     from puzzle.cli import main
-    from puzzle.notices import read_warnings
-    from puzzle.workloads import workload_by_name
+    from puzzle.core.notices import read_warnings
+    from puzzle.core.workloads import workload_by_name
 
     model = export_hf(build_model(PARENT, seed=0), tmp_path / "parent", format="llama")
     batch1 = workload_by_name("batch1")
@@ -196,7 +196,7 @@ def test_bench_keeps_its_warnings_in_the_run_when_given_one(tmp_path, monkeypatc
     message = "parent on batch1: the HF baseline ran with the dynamic cache"
     report = {"device": "cpu", "torch": torch.__version__, "reference": "parent", "bandwidth_bytes_per_s": None,
               "datasheet": None, "results": [], "warnings": [message]}
-    monkeypatch.setattr(puzzle.bench, "bench", lambda *a, **k: report)
+    monkeypatch.setattr(puzzle.runtime.bench, "bench", lambda *a, **k: report)
     assert main(["bench", str(model), "--workload", "batch1", "--costs", str(tmp_path / "run")]) == 0
     assert read_warnings(tmp_path / "run") == [{"stage": "bench", "message": message}]
     captured = capsys.readouterr()

@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
-from puzzle.checkpoints.nemotron_nas import (
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.formats.nemotron_nas import (
     block_from_nemotron,
     block_to_nemotron,
     ffn_mult_to_intermediate_size,
     intermediate_size_to_ffn_mult,
 )
-from puzzle.errors import PuzzleError
-from puzzle.model import build_model
-from puzzle.presets import llama31_70b_config, tiny_llama_config
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import llama31_70b_config, tiny_llama_config
 
 EVERY_KIND = [
     BlockConfig(AttentionConfig.gqa(4), FFNConfig.swiglu(128)),

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.checkpoints import detect_format, export_hf, load_model, load_model_config, save_model
-from puzzle.checkpoints.hf import config_from_hf
-from puzzle.model import build_model
-from puzzle.presets import LLAMA3_ROPE_SCALING, tiny_llama_config
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.formats import detect_format, export_hf, load_model, load_model_config, save_model
+from puzzle.formats.hf import config_from_hf
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import LLAMA3_ROPE_SCALING, tiny_llama_config
 
 SMALL_LLAMA3 = dict(LLAMA3_ROPE_SCALING, original_max_position_embeddings=32)  # so scaling changes frequencies
 
@@ -169,7 +169,7 @@ def test_llama_export_loads_in_stock_transformers(tmp_path: Path) -> None:
 
 def test_import_stage_writes_native_parent_and_skips_when_current(tmp_path: Path) -> None:
     from puzzle.cli import main
-    from puzzle.importer import run_import
+    from puzzle.stages.importer import run_import
 
     model = _every_kind_model()
     source = export_hf(model, tmp_path / "src")

@@ -17,16 +17,16 @@ import pytest
 import yaml
 
 from puzzle.cli import main
-from puzzle.config import from_dict, load_stage_config, to_dict
-from puzzle.costs import CostsConfig
-from puzzle.data import DataConfig
-from puzzle.evaluate import EvalConfig
-from puzzle.library import LibraryConfig
+from puzzle.core.config import from_dict, load_stage_config, to_dict
+from puzzle.costs.stage import CostsConfig
+from puzzle.stages.data import DataConfig
+from puzzle.stages.evaluate.stage import EvalConfig
+from puzzle.stages.library import LibraryConfig
 from puzzle.pipeline import RealizeConfig, RunConfig, load_run_config
-from puzzle.report import ReportConfig
-from puzzle.scoring import ScoreConfig
-from puzzle.search import SearchConfig
-from puzzle.uptrain import UptrainConfig
+from puzzle.stages.report.stage import ReportConfig
+from puzzle.stages.scoring import ScoreConfig
+from puzzle.stages.search.stage import SearchConfig
+from puzzle.stages.uptrain.stage import UptrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 REF_S = REPO / "configs" / "ref-s.yaml"
@@ -119,7 +119,7 @@ CASES = [
     ("score", ("puzzle.commands.score", "run_score"), ScoreConfig,
      {"num_sequences": 5, "batch_size": 2}, {"batch_size": 3}, "candidates_per_batch=7",
      {"num_sequences": 5, "batch_size": 3, "candidates_per_batch": 7}),
-    ("costs", ("puzzle.costs", "run_costs"), CostsConfig,
+    ("costs", ("puzzle.costs.stage", "run_costs"), CostsConfig,
      {"repeats": 4, "warmup": 1, "workloads": [{"name": "tg", "batch_size": 8, "prompt_len": 32, "gen_len": 32}]},
      {"warmup": 2}, "mode=estimate",
      {"repeats": 4, "warmup": 2, "mode": "estimate", "workloads": [{"name": "tg", "batch_size": 8, "prompt_len": 32,

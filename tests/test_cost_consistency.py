@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.cost_consistency import PHASES, chains, check, isotonic_fit, main, violations
-from puzzle.costs import CostsConfig, block_costs, costs_for_workload, predict
-from puzzle.presets import tiny_llama_config
-from puzzle.workloads import DEFAULT_WORKLOADS, Workload
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.costs.consistency import PHASES, chains, check, isotonic_fit, main, violations
+from puzzle.costs.stage import CostsConfig, block_costs, costs_for_workload, predict
+from puzzle.model.presets import tiny_llama_config
+from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload
 
 A, F = AttentionConfig, FFNConfig
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reference_ref_s"
@@ -148,7 +148,7 @@ def test_no_remeasure_rounds_when_switched_off():
     data = costs_for_workload(PARENT, SPACE, WL, cfg, timer=fake_timer({"gqa2": [3.0]}, calls))
     assert calls.count("gqa2") == 1 and data["consistency"]["remeasured"] == []
     assert data["consistency"]["adjusted"] and _monotone(data)
-    from puzzle.errors import PuzzleError
+    from puzzle.core.errors import PuzzleError
 
     with pytest.raises(PuzzleError, match="consistency_remeasure"):
         CostsConfig(consistency_remeasure=-1)
@@ -170,7 +170,7 @@ def test_analytic_estimates_respect_the_width_order(workload):
 
 
 def test_the_report_lists_the_adjusted_costs(tmp_path):
-    from puzzle.report import ReportConfig, run_report
+    from puzzle.stages.report.stage import ReportConfig, run_report
 
     data = json.loads(_reference_as_measured(tmp_path).read_text())
     fitted, section = check(data)

@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.config import load_config
-from puzzle.costs import CostsConfig, costs_for_workload, load_costs, parent_halves, predict, run_costs
-from puzzle.errors import PuzzleError
-from puzzle.memory import fits, max_batch_size, memory_model
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.config import load_config
+from puzzle.costs.stage import CostsConfig, costs_for_workload, load_costs, parent_halves, predict, run_costs
+from puzzle.core.errors import PuzzleError
+from puzzle.model.memory import fits, max_batch_size, memory_model
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime import Engine
-from puzzle.workloads import Workload
+from puzzle.core.workloads import Workload
 
 A, F = AttentionConfig, FFNConfig
 PARENT = tiny_llama_config(num_layers=3, num_kv_heads=4)
@@ -130,8 +130,8 @@ def test_bad_config(tmp_path):
 def test_calibration_fits_the_whole_parent_and_search_agrees(tmp_path):
     """Measured costs carry the parent timed whole; calibrated predictions of the parent reproduce it, and the
     search's CostTable adds up exactly what `predict` does."""
-    from puzzle.costs import block_costs
-    from puzzle.search_costs import cost_table_from_json
+    from puzzle.costs.stage import block_costs
+    from puzzle.costs.table import cost_table_from_json
 
     cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=3, warmup=1,
                       input_sets=1, decode_inner=1, max_stack=2)
@@ -220,13 +220,13 @@ def _fake_time_model(calls):
 def test_neighbourhood_costs_include_the_parents_other_half(tmp_path, monkeypatch):
     """With the parent's FFN around it, an attention variant costs its own time + the interaction; timed alone
     (isolated) it costs its own time only. Same for FFN variants around the parent's attention."""
-    import puzzle.costs
+    import puzzle.costs.stage
 
     blocks = [BlockConfig(a, f) for a in (A.gqa(4), A.gqa(2), A.linear(), A.no_op())
               for f in (F.swiglu(128), F.swiglu(64), F.linear(), F.no_op())]
     for method in ("neighbourhood", "isolated"):
         calls: list = []
-        monkeypatch.setattr(puzzle.costs, "_time_model", _fake_time_model(calls))
+        monkeypatch.setattr(puzzle.costs.stage, "_time_model", _fake_time_model(calls))
         cfg = CostsConfig(workloads=[WL], method=method, neighbours=3, max_stack=2, **CPU_MEASURE)
         data = costs_for_workload(PARENT, blocks, WL, cfg)
         extra = INTERACTION if method == "neighbourhood" else 0.0
@@ -248,7 +248,7 @@ def test_neighbourhood_costs_include_the_parents_other_half(tmp_path, monkeypatc
 
 
 def test_a_reference_stack_that_does_not_fit_marks_its_part_oom(monkeypatch, capsys):
-    import puzzle.costs
+    import puzzle.costs.stage
 
     calls: list = []
     fake = _fake_time_model(calls)
@@ -258,7 +258,7 @@ def test_a_reference_stack_that_does_not_fit_marks_its_part_oom(monkeypatch, cap
             raise torch.cuda.OutOfMemoryError("fake")
         return fake(config, *args)
 
-    monkeypatch.setattr(puzzle.costs, "_time_model", oom_without_attention)
+    monkeypatch.setattr(puzzle.costs.stage, "_time_model", oom_without_attention)
     blocks = [BlockConfig(A.gqa(2), F.swiglu(64)), BlockConfig(A.no_op(), F.swiglu(128))]
     data = costs_for_workload(PARENT, blocks, WL, CostsConfig(workloads=[WL], neighbours=2, **CPU_MEASURE))
     assert data["attention"]["gqa2"]["oom"] and data["attention"]["gqa2"]["decode_step_s"] is None
@@ -287,8 +287,8 @@ def test_unknown_method_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("content", ["{\"schema\": \"puzzle-costs/1\", \"attention\": {", "[]", "{}",
                                      "{\"schema\": \"puzzle-costs/1\", \"workload\": {\"name\": \"small\"}}"])
 def test_a_damaged_costs_file_is_an_error_naming_it(tmp_path, content):
-    from puzzle.search_costs import measured_workloads
-    from puzzle.workloads import resolve_workloads
+    from puzzle.costs.table import measured_workloads
+    from puzzle.core.workloads import resolve_workloads
 
     run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE, model_config=PARENT)
     bad = tmp_path / "costs" / "estimate-other.json"
@@ -315,15 +315,15 @@ def test_the_costs_stage_measures_a_damaged_file_again(tmp_path, capsys):
 def test_an_uncalibrated_fallback_is_a_kept_warning(tmp_path, monkeypatch):
     """When the whole parent cannot be timed (out of memory), the costs are kept uncalibrated and the run
     says so in warnings.json (shown by the summary), also when the stage runs again over the kept file."""
-    import puzzle.costs
-    from puzzle.notices import read_warnings
+    import puzzle.costs.stage
+    from puzzle.core.notices import read_warnings
 
     def timer(config, w, ctx, cfg, device, gen):
         if config.num_layers == PARENT.num_layers and config.vocab_size == PARENT.vocab_size:
             raise torch.cuda.OutOfMemoryError("fake")
         return [1.0 + config.num_layers], [0.1 + 0.01 * config.num_layers]
 
-    monkeypatch.setattr(puzzle.costs, "_time_model", timer)
+    monkeypatch.setattr(puzzle.costs.stage, "_time_model", timer)
     cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=2, warmup=1,
                       input_sets=1, decode_inner=1, neighbours=2)
     path = run_costs(tmp_path, cfg, list(PARENT.blocks), model_config=PARENT)["small"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from puzzle.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
-from puzzle.errors import PuzzleError
+from puzzle.stages.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
+from puzzle.core.errors import PuzzleError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
@@ -188,9 +188,9 @@ def test_bad_corpus(tmp_path: Path, make, match) -> None:
 
 
 def test_vocabulary_mismatch_with_parent(tmp_path: Path) -> None:
-    from puzzle.checkpoints import save_model
-    from puzzle.model import build_model
-    from puzzle.presets import tiny_llama_config
+    from puzzle.formats import save_model
+    from puzzle.model.decoder import build_model
+    from puzzle.model.presets import tiny_llama_config
 
     save_model(build_model(tiny_llama_config(num_layers=1, vocab_size=128), seed=0), tmp_path / "run" / "parent")
     src = _corpus(tmp_path)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from puzzle import artifacts
-from puzzle.artifacts import atomic_dir, atomic_path, write_json
+from puzzle.core import artifacts
+from puzzle.core.artifacts import atomic_dir, atomic_path, write_json
 
 
 def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:

@@ -16,10 +16,10 @@ from gkd_helpers import (
     tiny_parent,
     token_arrays,
 )
-from puzzle.config import from_dict
-from puzzle.errors import PuzzleError
-from puzzle.evaluate import EvalConfig, evaluate_models, heldout_metrics, run_eval
-from puzzle.tasks import (
+from puzzle.core.config import from_dict
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.stage import EvalConfig, evaluate_models, heldout_metrics, run_eval
+from puzzle.stages.evaluate.tasks import (
     MultipleChoiceItem,
     TaskSpec,
     evaluate_task,
@@ -161,8 +161,8 @@ def test_exported_child_works_through_lm_eval_hf_interface(tmp_path: Path) -> No
     loglikelihood of a continuation from one forward pass. It must agree with this package's scorer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from puzzle.checkpoints import load_model
-    from puzzle.tokenizers import load_tokenizer
+    from puzzle.formats import load_model
+    from puzzle.formats.tokenizers import load_tokenizer
 
     run, _ = make_run_dir(tmp_path)
     child_dir = run / "children" / "noattn12"

@@ -2,11 +2,11 @@
 
 import torch
 
-from puzzle.blocks import AttentionConfig as A
-from puzzle.blocks import BlockConfig
-from puzzle.blocks import FFNConfig as F
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.blocks import AttentionConfig as A
+from puzzle.model.blocks import BlockConfig
+from puzzle.model.blocks import FFNConfig as F
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime import Engine, generate
 from puzzle.runtime.fusion import fuse_projections, is_fused
 
@@ -57,7 +57,7 @@ def test_stale_fusion_is_dropped_or_rebuilt_after_a_cast():
 
 def test_a_fused_model_exports_and_saves(tmp_path):
     """safetensors refuses tensors sharing memory: export and save must write the views as their own tensors."""
-    from puzzle.checkpoints import export_hf, load_model, save_model
+    from puzzle.formats import export_hf, load_model, save_model
 
     model = fuse_projections(child())
     for out in (export_hf(model, tmp_path / "hf"), save_model(model, tmp_path / "native")):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from puzzle.model import RMSNorm
+from puzzle.model.decoder import RMSNorm
 from puzzle.runtime import gemv
 from puzzle.runtime.engine import Engine, FusedRegions
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from gkd_helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from puzzle.checkpoints import save_model
-from puzzle.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
-from puzzle.evaluate import EvalConfig, run_eval
-from puzzle.library import LibraryConfig, SearchSpaceConfig, run_library
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
-from puzzle.scoring import ScoreConfig, run_score
+from puzzle.formats import save_model
+from puzzle.stages.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
+from puzzle.stages.evaluate.stage import EvalConfig, run_eval
+from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, run_library
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.scoring import ScoreConfig, run_score
 
 MARK = "QXZ"
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "an", "old", "tree", "with", "red", "blue",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.checkpoints import export_hf, load_model
+from puzzle.formats import export_hf, load_model
 from puzzle.cli import main
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 
 HIDDEN, HEADS, VOCAB, LAYERS = 8192, 64, 128256, 80
 

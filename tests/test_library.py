@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import puzzle.library.init as lib_init
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.errors import PuzzleError
-from puzzle.library import Library, LibraryConfig, SearchSpaceConfig, build_library
-from puzzle.library.init import init_attention
-from puzzle.library.search_space import layer_spaces
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+import puzzle.stages.library.init as lib_init
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.library import Library, LibraryConfig, SearchSpaceConfig, build_library
+from puzzle.stages.library.init import init_attention
+from puzzle.stages.library.search_space import layer_spaces
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 
 CONFIG = tiny_llama_config(num_layers=2)  # 4 query heads, 2 KV heads, SwiGLU 128, hidden 64
 
@@ -103,7 +103,7 @@ def test_coupled_mode(tmp_path: Path, parent: torch.nn.Module) -> None:
 
 def test_resume_trains_only_missing_entries(tmp_path: Path, parent: torch.nn.Module,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from puzzle import library
+    from puzzle.stages import library
 
     cfg = lib_cfg(layers=[0], ffn_fractions=[1.0, 0.5])
     cfg.tokens_per_variant = 4 * 8 * 32
@@ -162,7 +162,7 @@ def test_bad_search_spaces(space: dict, match: str) -> None:
 
 
 def test_defaults_resemble_the_paper() -> None:
-    from puzzle.presets import llama31_8b_config
+    from puzzle.model.presets import llama31_8b_config
 
     s = layer_spaces(SearchSpaceConfig(round_to=256), llama31_8b_config())[0]
     assert [a.name for a in s.attention] == ["gqa8", "gqa4", "gqa2", "gqa1", "linear", "no_op"]
@@ -174,7 +174,7 @@ def test_defaults_resemble_the_paper() -> None:
 def test_cli_runs_the_stage(tmp_path: Path, parent: torch.nn.Module) -> None:
     import json
 
-    from puzzle.checkpoints import save_model
+    from puzzle.formats import save_model
     from puzzle.cli import main
 
     run = tmp_path / "run"

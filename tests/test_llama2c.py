@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzle.checkpoints import detect_format, load_model, load_model_config
-from puzzle.checkpoints.llama2c import Llama2cTokenizer
-from puzzle.tokenizers import load_tokenizer
+from puzzle.formats import detect_format, load_model, load_model_config
+from puzzle.formats.llama2c import Llama2cTokenizer
+from puzzle.formats.tokenizers import load_tokenizer
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"
 needs_stories = pytest.mark.skipif(not (STORIES / "stories260K.bin").exists(),

@@ -2,9 +2,9 @@
 
 import torch
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.model import build_attention_block, build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.decoder import build_attention_block, build_model
+from puzzle.model.presets import tiny_llama_config
 
 MIXED = [
     BlockConfig(AttentionConfig.gqa(4), FFNConfig.swiglu(128)),

@@ -1,7 +1,7 @@
 """Warnings are kept in the run directory, without duplicates, and shown by the summary."""
 
-from puzzle.notices import clear_warnings, read_warnings, warn
-from puzzle.summary import print_summary
+from puzzle.core.notices import clear_warnings, read_warnings, warn
+from puzzle.stages.report.summary import print_summary
 
 
 def test_warnings_are_kept_once_shown_in_summary_and_cleared_per_stage(tmp_path, capsys):

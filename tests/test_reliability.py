@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.artifacts import fingerprint_files
+from puzzle.core.artifacts import fingerprint_files
 from puzzle.cli import main
-from puzzle.config import from_dict
-from puzzle.data import DataConfig, run_data
+from puzzle.core.config import from_dict
+from puzzle.stages.data import DataConfig, run_data
 from puzzle.demo.pretrain import cosine_lr
-from puzzle.errors import PuzzleError
-from puzzle.evaluate import EvalConfig
-from puzzle.library.train import _schedule
-from puzzle.lr_schedule import warmup_cosine
-from puzzle.uptrain import UptrainConfig, lr_lambda
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.stage import EvalConfig
+from puzzle.stages.library.train import _schedule
+from puzzle.stages.uptrain.lr_schedule import warmup_cosine
+from puzzle.stages.uptrain.stage import UptrainConfig, lr_lambda
 
 # ---- fingerprints ------------------------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.checkpoints import export_hf
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.formats import export_hf
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 
 # Runs with `python -I -S`: no site processing, so the editable install's .pth (which puts src/ on the path) is
 # never read; the site-packages folders are added by hand so that torch and transformers still import.

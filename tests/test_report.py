@@ -9,12 +9,12 @@ from gkd_helpers import (
     make_run_dir,
     one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
 )
-from puzzle import report_plots
-from puzzle.artifacts import write_json
-from puzzle.errors import PuzzleError
-from puzzle.evaluate import EvalConfig, run_eval
-from puzzle.report import ReportConfig, run_report
-from puzzle.uptrain import UptrainConfig, run_uptrain
+from puzzle.stages.report import plots as report_plots
+from puzzle.core.artifacts import write_json
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.stage import EvalConfig, run_eval
+from puzzle.stages.report.stage import ReportConfig, run_report
+from puzzle.stages.uptrain.stage import UptrainConfig, run_uptrain
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.errors import PuzzleError
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime import Engine, SamplingConfig, StaticKVCache, generate
 from puzzle.runtime.sampling import filter_logits, sample
 

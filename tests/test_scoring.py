@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.errors import PuzzleError
-from puzzle.model import build_attention_block, build_ffn_block, build_model
-from puzzle.presets import tiny_llama_config
-from puzzle.scoring import EvalBatch, TaskItem, lm_batches, load_task_file, score_model, task_batches
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import build_attention_block, build_ffn_block, build_model
+from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.scoring import EvalBatch, TaskItem, lm_batches, load_task_file, score_model, task_batches
 
 PARENT_BLOCK = BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(128))
 
@@ -170,9 +170,9 @@ class _ByteTokenizer:
 
 
 def test_run_score_writes_scores_and_resumes_per_layer(tmp_path, monkeypatch):
-    from puzzle import scoring
-    from puzzle.data import DataConfig, run_data
-    from puzzle.library.store import Library
+    from puzzle.stages import scoring
+    from puzzle.stages.data import DataConfig, run_data
+    from puzzle.stages.library.store import Library
     from test_realize import _make_run
 
     _make_run(tmp_path)

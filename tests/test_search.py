@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from puzzle import mip
-from puzzle.artifacts import write_json
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.costs import SCHEMA, CostsConfig, estimate_workload
-from puzzle.errors import PuzzleError
-from puzzle.memory import memory_model
-from puzzle.presets import tiny_llama_config
-from puzzle.search import ConstraintSpec, SearchConfig, load_inputs, parse_target, run_search, search
-from puzzle.workloads import Workload
+from puzzle.stages.search import mip
+from puzzle.core.artifacts import write_json
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.costs.stage import SCHEMA, CostsConfig, estimate_workload
+from puzzle.core.errors import PuzzleError
+from puzzle.model.memory import memory_model
+from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.search.stage import ConstraintSpec, SearchConfig, load_inputs, parse_target, run_search, search
+from puzzle.core.workloads import Workload
 
 # ---- the solver on random instances -------------------------------------------------------------------------
 

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from puzzle.checkpoints import export_hf
+from puzzle.formats import export_hf
 from puzzle.demo.tokenizer import train_tokenizer
-from puzzle.model import build_model
-from puzzle.presets import tiny_llama_config
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 
 TEXT = "The cat sat on the mat. The dog sat on the log.\n" * 30
 
@@ -31,7 +31,7 @@ def _export(tmp_path: Path) -> Path:
 def test_nemotron_nas_tokenizer_loads_without_prompt(tmp_path: Path) -> None:
     child = _export(tmp_path)
     assert "auto_map" in (child / "config.json").read_text()  # the case that made transformers ask
-    code = ("import sys; from puzzle.tokenizers import load_tokenizer; "
+    code = ("import sys; from puzzle.formats.tokenizers import load_tokenizer; "
             "import json; t = load_tokenizer(sys.argv[1]); "
             "print(json.dumps([t.encode('The cat sat'), t.bos_id, t.vocab_size]))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}

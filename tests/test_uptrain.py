@@ -14,10 +14,10 @@ from gkd_helpers import (
     tiny_parent,
     token_arrays,
 )
-from puzzle.config import from_dict
-from puzzle.distributed import DistInfo
-from puzzle.errors import PuzzleError
-from puzzle.uptrain import UptrainConfig, batch_indices, lr_lambda, train_gkd
+from puzzle.core.config import from_dict
+from puzzle.core.distributed import DistInfo
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.uptrain.stage import UptrainConfig, batch_indices, lr_lambda, train_gkd
 
 CPU1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -86,7 +86,7 @@ def test_checkpoint_holds_no_pickle_and_restores_rng(tmp_path: Path, monkeypatch
     import pickle
     import random
 
-    from puzzle.train_checkpoint import pack, rng_state, set_rng_state, unpack
+    from puzzle.stages.uptrain.checkpoint import pack, rng_state, set_rng_state, unpack
 
     parent = tiny_parent()
     train, valid = token_arrays()
@@ -167,8 +167,8 @@ def test_bad_config_values_are_rejected() -> None:
 
 def test_run_uptrain_exports_hf_dir_with_log_and_is_current_after(tmp_path: Path) -> None:
     from gkd_helpers import make_run_dir
-    from puzzle.checkpoints import load_model
-    from puzzle.uptrain import run_uptrain
+    from puzzle.formats import load_model
+    from puzzle.stages.uptrain.stage import run_uptrain
 
     run, _ = make_run_dir(tmp_path)
     child_dir = run / "children" / "noattn12"

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from puzzle.artifacts import read_json, write_json
-from puzzle.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.cost_correction import Equation, corrected_table, fit_factors, part_costs
-from puzzle.costs import SCHEMA, CostsConfig, estimate_workload, predict
-from puzzle.memory import memory_model
-from puzzle.notices import read_warnings
-from puzzle.presets import tiny_llama_config
-from puzzle.search import ConstraintSpec, SearchConfig, load_inputs, run_search
-from puzzle.workloads import Workload
+from puzzle.core.artifacts import read_json, write_json
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.stages.search.correction import Equation, corrected_table, fit_factors, part_costs
+from puzzle.costs.stage import SCHEMA, CostsConfig, estimate_workload, predict
+from puzzle.model.memory import memory_model
+from puzzle.core.notices import read_warnings
+from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.search.stage import ConstraintSpec, SearchConfig, load_inputs, run_search
+from puzzle.core.workloads import Workload
 
 LAYERS = 6
 PARENT = BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(128))
@@ -205,8 +205,8 @@ def test_without_a_gpu_measured_costs_are_not_checked_here(tmp_path, capsys):
 
 
 def test_a_child_that_cannot_be_timed_is_a_clear_error():
-    from puzzle.errors import PuzzleError
-    from puzzle.verify import time_child
+    from puzzle.core.errors import PuzzleError
+    from puzzle.stages.search.verify import time_child
 
     parent = tiny_llama_config(num_layers=2)
     with pytest.raises(PuzzleError, match="could not time a child on workload 'gen'.*GPU"):
@@ -215,7 +215,7 @@ def test_a_child_that_cannot_be_timed_is_a_clear_error():
 
 
 def test_summary_shows_predicted_measured_at_search_and_rounds(tmp_path, capsys):
-    from puzzle.summary import print_summary, summary_rows
+    from puzzle.stages.report.summary import print_summary, summary_rows
 
     _write_run(tmp_path)
     cfg = SearchConfig(constraints=[ConstraintSpec("throughput", "1.25x", "gen")], verify_rounds=1)

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from puzzle.errors import PuzzleError
+from puzzle.core.errors import PuzzleError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,7 +54,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     # A torchrun worker whose gloo process group outlived its teardown must not finalize the interpreter.
-    dist_module = sys.modules.get("puzzle.distributed")  # imported only by commands that start a process group
+    dist_module = sys.modules.get("puzzle.core.distributed")  # imported only by commands that start a process group
     return dist_module.finish_process(code) if dist_module is not None else code
 
 

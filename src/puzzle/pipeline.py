@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle.config import from_dict, to_dict
-from puzzle.costs import CostsConfig
-from puzzle.data import DataConfig
-from puzzle.distributed import all_gather_objects, barrier, distributed
-from puzzle.errors import PuzzleError
-from puzzle.evaluate import EvalConfig
-from puzzle.library import LibraryConfig
-from puzzle.report import ReportConfig
-from puzzle.scoring import ScoreConfig
-from puzzle.search import SearchConfig
-from puzzle.uptrain import UptrainConfig
-from puzzle.workloads import DEFAULT_WORKLOADS
+from puzzle.core.config import from_dict, to_dict
+from puzzle.costs.stage import CostsConfig
+from puzzle.stages.data import DataConfig
+from puzzle.core.distributed import all_gather_objects, barrier, distributed
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.stage import EvalConfig
+from puzzle.stages.library import LibraryConfig
+from puzzle.stages.report.stage import ReportConfig
+from puzzle.stages.scoring import ScoreConfig
+from puzzle.stages.search.stage import SearchConfig
+from puzzle.stages.uptrain.stage import UptrainConfig
+from puzzle.core.workloads import DEFAULT_WORKLOADS
 
 STAGES = ("import", "data", "library", "score", "costs", "search", "realize", "uptrain", "eval", "report")
 DISTRIBUTED_STAGES = {"library", "uptrain"}
@@ -86,7 +86,7 @@ def load_run_config(data: dict[str, Any]) -> RunConfig:
 
 def chosen_solutions(run_dir: Path, cfg: RealizeConfig) -> list[str]:
     """The solutions to realize: the configured names, else the best MIP solution of each target."""
-    from puzzle.artifacts import read_json
+    from puzzle.core.artifacts import read_json
 
     solutions = read_json(run_dir / "search" / "solutions.json")["solutions"]
     if cfg.solutions:
@@ -102,29 +102,29 @@ def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], obj
         return lambda: getattr(importlib.import_module(module), function)(*args)
 
     def realize() -> None:
-        from puzzle.realize import run_realize
+        from puzzle.stages.realize import run_realize
 
         for name in chosen_solutions(run_dir, cfg.realize):
             run_realize(run_dir, name)
 
     def uptrain() -> None:
-        from puzzle.uptrain import run_uptrain
+        from puzzle.stages.uptrain.stage import run_uptrain
 
         for name in chosen_solutions(run_dir, cfg.realize):
             run_uptrain(run_dir, run_dir / "children" / name, cfg.uptrain)
 
     return {
-        "import": call("puzzle.importer", "run_import", run_dir, cfg.parent),
-        "data": call("puzzle.data", "run_data", run_dir, cfg.data),
-        "library": call("puzzle.library", "run_library", run_dir, cfg.library),
-        "score": call("puzzle.scoring", "run_score", run_dir, cfg.score),
-        "costs": call("puzzle.costs", "run_costs", run_dir, cfg.costs),
+        "import": call("puzzle.stages.importer", "run_import", run_dir, cfg.parent),
+        "data": call("puzzle.stages.data", "run_data", run_dir, cfg.data),
+        "library": call("puzzle.stages.library", "run_library", run_dir, cfg.library),
+        "score": call("puzzle.stages.scoring", "run_score", run_dir, cfg.score),
+        "costs": call("puzzle.costs.stage", "run_costs", run_dir, cfg.costs),
         # The search times its children in the graphs mode eval will time them in (search.verify_rounds).
-        "search": call("puzzle.search", "run_search", run_dir, cfg.search, cfg.eval.graphs),
+        "search": call("puzzle.stages.search.stage", "run_search", run_dir, cfg.search, cfg.eval.graphs),
         "realize": realize,
         "uptrain": uptrain,
-        "eval": call("puzzle.evaluate", "run_eval", run_dir, cfg.eval),
-        "report": call("puzzle.report", "run_report", run_dir, cfg.report),
+        "eval": call("puzzle.stages.evaluate.stage", "run_eval", run_dir, cfg.eval),
+        "report": call("puzzle.stages.report.stage", "run_report", run_dir, cfg.report),
     }
 
 
@@ -179,7 +179,7 @@ def run_pipeline(cfg: RunConfig, start: str | None = None, until: str | None = N
     with distributed(cfg.library.device if cfg.library.device != "auto" else None) as info:
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            from puzzle.artifacts import write_json
+            from puzzle.core.artifacts import write_json
 
             config_path, config = run_dir / "config.json", to_dict(cfg)
             if not config_path.exists() or json.loads(config_path.read_text()) != config:  # rerun: leave it untouched

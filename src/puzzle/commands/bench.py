@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from puzzle.errors import PuzzleError
+from puzzle.core.errors import PuzzleError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", help="model paths; the first is the reference (usually the parent)")
     parser.add_argument("--workload", action="append", default=None,
-                        help="named workload (repeatable; default: all); see puzzle.workloads")
+                        help="named workload (repeatable; default: all); see puzzle.core.workloads")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
@@ -28,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.artifacts import write_json
-    from puzzle.bench import bench, format_table
-    from puzzle.checkpoints import load_model
-    from puzzle.costs import load_costs
-    from puzzle.workloads import DEFAULT_WORKLOADS, workload_by_name
+    from puzzle.core.artifacts import write_json
+    from puzzle.runtime.bench import bench, format_table
+    from puzzle.formats import load_model
+    from puzzle.costs.stage import load_costs
+    from puzzle.core.workloads import DEFAULT_WORKLOADS, workload_by_name
 
     workloads = [workload_by_name(n) for n in args.workload] if args.workload else list(DEFAULT_WORKLOADS)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if run_dir is None:
         print(format_table(report))  # warnings as lines of the table
     else:  # the run keeps the warnings for its summary; `warn` prints them
-        from puzzle.notices import clear_warnings, warn
+        from puzzle.core.notices import clear_warnings, warn
 
         print(format_table({**report, "warnings": []}))
         clear_warnings(run_dir, "bench")
@@ -73,7 +73,7 @@ def remote_code_reason(path: Path) -> str | None:
     """Why transformers would run Python code shipped in the directory (None: it would not)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from puzzle.artifacts import read_json
+    from puzzle.core.artifacts import read_json
 
     config = read_json(path / "config.json")
     if config.get("auto_map"):
@@ -85,8 +85,8 @@ def remote_code_reason(path: Path) -> str | None:
 
 def _is_hf_dir(path: Path) -> bool:
     """A directory transformers loads as it is (a native puzzle directory or a llama2.c file is not one)."""
-    from puzzle.artifacts import read_json
-    from puzzle.checkpoints.native import is_native_config
+    from puzzle.core.artifacts import read_json
+    from puzzle.formats.native import is_native_config
 
     return path.is_dir() and (path / "config.json").exists() and not is_native_config(read_json(path / "config.json"))
 
@@ -115,7 +115,7 @@ def _load_hf(path: str, model, device: str, dtype: torch.dtype, trust_remote_cod
     if _is_hf_dir(p):
         trust = trusted_hf_dir(p, trust_remote_code)
     else:
-        from puzzle.checkpoints import export_hf
+        from puzzle.formats import export_hf
 
         p = Path(tempfile.mkdtemp(prefix="puzzle-bench-hf-"))
         export_hf(model, p)

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.config import load_stage_config
-    from puzzle.costs import CostsConfig, run_costs
+    from puzzle.core.config import load_stage_config
+    from puzzle.costs.stage import CostsConfig, run_costs
 
     cfg = load_stage_config(CostsConfig, args.run_dir, "costs", args.config, args.overrides)
     for name, path in run_costs(Path(args.run_dir), cfg).items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.data import DataConfig, run_data
+from puzzle.core.config import load_stage_config
+from puzzle.stages.data import DataConfig, run_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import yaml
 
-from puzzle.config import apply_overrides
+from puzzle.core.config import apply_overrides
 from puzzle.demo.pretrain import PretrainConfig
-from puzzle.errors import PuzzleError
+from puzzle.core.errors import PuzzleError
 from puzzle.pipeline import load_run_config, run_pipeline
-from puzzle.summary import print_summary
+from puzzle.stages.report.summary import print_summary
 
 
 def demo_config_text() -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.evaluate import EvalConfig, run_eval
+from puzzle.core.config import load_stage_config
+from puzzle.stages.evaluate.stage import EvalConfig, run_eval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(EvalConfig, args.run_dir, "eval", args.config, args.overrides)
     if args.task:
-        from puzzle.tasks import TaskSpec
+        from puzzle.stages.evaluate.tasks import TaskSpec
 
         cfg.tasks = [*cfg.tasks, *(TaskSpec(path=p) for p in args.task)]
     result = run_eval(args.run_dir, cfg)

@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from puzzle.checkpoints import export_hf, load_model
-from puzzle.checkpoints.export import EXPORT_FORMATS
-from puzzle.tokenizers import has_tokenizer, load_tokenizer
+from puzzle.formats import export_hf, load_model
+from puzzle.formats.export import EXPORT_FORMATS
+from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

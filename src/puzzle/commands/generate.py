@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from puzzle.errors import PuzzleError
+from puzzle.core.errors import PuzzleError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.checkpoints import load_model
+    from puzzle.formats import load_model
     from puzzle.runtime import SamplingConfig, generate
-    from puzzle.tokenizers import load_tokenizer
+    from puzzle.formats.tokenizers import load_tokenizer
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)

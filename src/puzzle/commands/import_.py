@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.importer import run_import
+from puzzle.stages.importer import run_import
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

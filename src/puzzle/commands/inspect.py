@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from puzzle.checkpoints import detect_format, load_model_config
-from puzzle.inspection import format_report, inspect_config
-from puzzle.presets import tiny_llama_config
+from puzzle.formats import detect_format, load_model_config
+from puzzle.model.inspection import format_report, inspect_config
+from puzzle.model.presets import tiny_llama_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.library import LibraryConfig, run_library
+from puzzle.core.config import load_stage_config
+from puzzle.stages.library import LibraryConfig, run_library
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

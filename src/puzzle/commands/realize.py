@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
+from puzzle.core.config import load_stage_config
 from puzzle.pipeline import RealizeConfig, chosen_solutions
-from puzzle.realize import run_realize
+from puzzle.stages.realize import run_realize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

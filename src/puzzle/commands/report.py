@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.report import ReportConfig, run_report
+from puzzle.core.config import load_stage_config
+from puzzle.stages.report.stage import ReportConfig, run_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import apply_overrides, read_yaml
+from puzzle.core.config import apply_overrides, read_yaml
 from puzzle.pipeline import STAGES, load_run_config, run_pipeline
-from puzzle.summary import print_summary
+from puzzle.stages.report.summary import print_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.scoring import ScoreConfig, run_score
+from puzzle.core.config import load_stage_config
+from puzzle.stages.scoring import ScoreConfig, run_score
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.search import SearchConfig, run_search
+from puzzle.core.config import load_stage_config
+from puzzle.stages.search.stage import SearchConfig, run_search
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

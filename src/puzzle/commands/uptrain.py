@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.config import load_stage_config
-from puzzle.errors import PuzzleError
-from puzzle.uptrain import UptrainConfig, run_uptrain
+from puzzle.core.config import load_stage_config
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.uptrain.stage import UptrainConfig, run_uptrain
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from puzzle.artifacts import atomic_dir
-from puzzle.errors import PuzzleError
+from puzzle.core.artifacts import atomic_dir
+from puzzle.core.errors import PuzzleError
 
 
 def stdlib_sources(max_bytes: int) -> list[Path]:

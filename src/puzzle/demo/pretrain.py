@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from puzzle.errors import PuzzleError
-from puzzle.lr_schedule import warmup_cosine
-from puzzle.model import PuzzleModel
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.uptrain.lr_schedule import warmup_cosine
+from puzzle.model.decoder import PuzzleModel
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from puzzle.artifacts import atomic_dir
+from puzzle.core.artifacts import atomic_dir
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 

@@ -1,6 +1,6 @@
 """Batched prefill and decode of any Puzzle child on a static per-layer KV cache, with CUDA graphs.
 
-The model (`puzzle.model.PuzzleModel`) owns the weights; this module owns the inference kernels:
+The model (`puzzle.model.decoder.PuzzleModel`) owns the weights; this module owns the inference kernels:
 - GQA attention reads its own layer's cache without expanding K/V to the query heads: the queries of
   one KV group are folded into the query-length dimension, so SDPA reads each cached byte once.
 - Linear attention and every FFN run as the model's own modules (they need no cache).
@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from puzzle.errors import PuzzleError
-from puzzle.model import AttentionBlock, FFNBlock, GQAAttention, PuzzleModel, SwiGLU, apply_rope
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import AttentionBlock, FFNBlock, GQAAttention, PuzzleModel, SwiGLU, apply_rope
 from puzzle.runtime.fusion import fuse_projections
 from puzzle.runtime.gemv import available as gemv_available
 from puzzle.runtime.gemv import norm_gemv
@@ -201,7 +201,7 @@ class FusedRegions:
     would. Sub-blocks of the same shape share one compiled graph (dynamo lifts the weights to inputs), so
     compiling a model costs one compile per distinct sub-block variant, whatever its depth and whatever the
     cached prefix length (the cache read stays outside the regions). And a sub-block runs the same kernels in
-    any model, so per-block costs measured on small stacks add up to the model's time (`puzzle.costs`).
+    any model, so per-block costs measured on small stacks add up to the model's time (`puzzle.costs.stage`).
 
     gemv=True (batch 1 on CUDA with Triton): every matrix-vector product is `puzzle.runtime.gemv.norm_gemv`,
     which also does the pending residual add, the norm and SwiGLU's silu(gate) * up; the compiled regions keep

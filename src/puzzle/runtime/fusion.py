@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from puzzle.model import GQAAttention, PuzzleModel, SwiGLU
+from puzzle.model.decoder import GQAAttention, PuzzleModel, SwiGLU
 
 
 def _fuse(module: nn.Module, parts: list[nn.Linear], name: str) -> None:

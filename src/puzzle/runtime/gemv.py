@@ -3,7 +3,7 @@
 At batch 1 every projection is a GEMV that must stream its whole weight matrix from memory: the step is
 as fast as those reads. `norm_gemv` computes, in one kernel,
     h' = h + update                      (the pending residual add; written out once)
-    x  = RMSNorm(h') * norm_weight       (rounded like `puzzle.model.RMSNorm`)
+    x  = RMSNorm(h') * norm_weight       (rounded like `puzzle.model.decoder.RMSNorm`)
     y  = W x            or, with glu=True and W = [gate; up],  y = silu(W_gate x) * (W_up x)
 Each program owns BLOCK_N output rows and streams their [BLOCK_N, K] slice of W; the norm's statistics are
 recomputed per program from the (cached) hidden vector, so no second kernel or grid-wide sync is needed.

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from puzzle.errors import PuzzleError
-from puzzle.model import PuzzleModel
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import PuzzleModel
 from puzzle.runtime.engine import Engine, GraphMode, left_pad
 from puzzle.runtime.sampling import SamplingConfig, sample
 

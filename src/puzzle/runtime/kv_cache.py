@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from puzzle.blocks import ModelConfig
-from puzzle.errors import PuzzleError
+from puzzle.model.blocks import ModelConfig
+from puzzle.core.errors import PuzzleError
 
 
 class LayerCache:
-    """K/V storage of one attention layer; implements `puzzle.model.LayerKVCache`.
+    """K/V storage of one attention layer; implements `puzzle.model.decoder.LayerKVCache`.
 
     `slots` is shared by every layer of a `StaticKVCache`: the cache indices [T] that the next `update`
     writes. `attend_len` limits what `update` returns to the first `attend_len` slots.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from puzzle.errors import PuzzleError
+from puzzle.core.errors import PuzzleError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""Export a PuzzleModel as a normal Hugging Face directory.
+
+nemotron-nas (any child): sharded safetensors + index under HF/Nemotron-NAS key names, config.json in the
+DeciLM schema with `block_configs` and `auto_map`, generation_config.json, tokenizer files, and our own
+self-contained `configuration_decilm.py` / `modeling_decilm.py` (torch + transformers only).
+llama (homogeneous models only): a plain LlamaForCausalLM (Qwen2ForCausalLM when q/k/v carry bias).
+A `puzzle.json` sidecar keeps our exact ModelConfig and whatever the caller adds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+
+from puzzle.core.artifacts import atomic_dir
+from puzzle.formats import hf
+from puzzle.formats.loading import SIDECAR
+from puzzle.formats.native import copy_tokenizer_files, make_readable
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import PuzzleModel
+
+EXPORT_FORMATS = ("nemotron-nas", "llama")
+REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+REMOTE_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_sharded_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {k: state[k].detach().to("cpu").contiguous() for k in keys}
+        save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        _write_json(out_dir / "model.safetensors.index.json",
+                    {"metadata": {**split.metadata, "total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": split.tensor_to_filename})
+    return sorted(split.filename_to_tensors)
+
+
+def export_hf(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = None,
+              extra_sidecar: dict[str, Any] | None = None, format: str = "nemotron-nas",
+              max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+    """Write `model` to out_dir (atomically replacing it). dtype None keeps the model's dtype."""
+    if format not in EXPORT_FORMATS:
+        raise PuzzleError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    config = model.config
+    state = {k: v for k, v in model.state_dict().items()}
+    if any(t.is_meta for t in state.values()):
+        raise PuzzleError("cannot export a model on the meta device (it has no weights); load its weights first")
+    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    state = {hf.key_to_hf(k): (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    if format == "llama":
+        hf_config = hf.config_to_llama(config, dtype)
+    else:
+        hf_config = hf.config_to_nemotron(config, dtype)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_sharded_safetensors(state, tmp, max_shard_size)
+        _write_json(tmp / "config.json", hf_config)
+        generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                      "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+        _write_json(tmp / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+        if format == "nemotron-nas":
+            for name in REMOTE_CODE_FILES:
+                shutil.copy2(REMOTE_CODE_DIR / name, tmp / name)
+        copy_tokenizer_files(tokenizer_source, tmp)
+        _write_json(tmp / SIDECAR, {"model_config": config.to_dict(), "export_format": format,
+                                    **(extra_sidecar or {})})
+        make_readable(tmp)
+    return out_dir

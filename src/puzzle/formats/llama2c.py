@@ -1,0 +1,212 @@
+"""llama2.c checkpoints (`.bin`, v0 "legacy" format) and their `tok*.bin` tokenizers.
+
+Model file: seven int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a negative
+vocab_size means the classifier is not shared with the embedding), then fp32 arrays in llama2.c's order:
+token embedding, attention norms, wq, wk, wv, wo, FFN norms, w1 (gate), w2 (down), w3 (up), final norm,
+two unused RoPE tables (seq_len * head_size / 2 each), and the classifier when unshared.
+llama2.c rotates interleaved pairs (x0,x1),(x2,x3)...; HF (and we) rotate halves, so wq/wk rows are permuted.
+
+Tokenizer file: int32 max_token_length, then per token: float32 score, int32 length, bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from puzzle.model.blocks import ModelConfig, uniform_blocks
+from puzzle.formats.weights import model_from_state_dict
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import PuzzleModel
+
+HEADER = struct.Struct("<7i")
+
+
+def read_header(path: Path) -> tuple[int, ...]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER.size)
+    except OSError as e:
+        raise PuzzleError(f"cannot read {path} ({e.strerror}); check the path") from None
+    if len(raw) < HEADER.size:
+        raise PuzzleError(f"{path} is too short to be a llama2.c checkpoint; it may be truncated: re-download it")
+    return HEADER.unpack(raw)
+
+
+def looks_like_llama2c(path: Path) -> bool:
+    """A plausible v0 header whose implied size matches the file size."""
+    try:
+        dim, hidden, layers, heads, kv_heads, vocab, seq = read_header(path)
+    except PuzzleError:
+        return False
+    if min(dim, hidden, layers, heads, kv_heads, seq) <= 0 or vocab == 0 or dim % heads:
+        return False
+    return path.stat().st_size == HEADER.size + 4 * _num_floats(dim, hidden, layers, heads, kv_heads, vocab, seq)
+
+
+def _num_floats(dim: int, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, seq: int) -> int:
+    head = dim // heads
+    kv = kv_heads * head
+    per_layer = 2 * dim + dim * dim * 2 + 2 * dim * kv + 3 * dim * hidden
+    n = abs(vocab) * dim + layers * per_layer + dim + seq * head
+    return n + (abs(vocab) * dim if vocab < 0 else 0)
+
+
+def config_from_header(header: tuple[int, ...]) -> ModelConfig:
+    dim, hidden, layers, heads, kv_heads, vocab, seq = header
+    if dim <= 0 or heads <= 0 or dim % heads:
+        raise PuzzleError(f"llama2.c header: n_heads={heads} does not divide dim={dim}; the file is not a valid checkpoint")
+    if kv_heads <= 0 or heads % kv_heads:
+        raise PuzzleError(f"llama2.c header: n_kv_heads={kv_heads} does not divide n_heads={heads}; invalid checkpoint")
+    return ModelConfig(
+        vocab_size=abs(vocab), hidden_size=dim, num_attention_heads=heads,
+        blocks=uniform_blocks(layers, kv_heads, hidden), max_position_embeddings=seq, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=vocab > 0, bos_token_id=1, eos_token_id=2,
+        source_architecture="llama2.c",
+    )
+
+
+def load_llama2c_config(path: Path) -> ModelConfig:
+    return config_from_header(read_header(path))
+
+
+def _interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of wq/wk [n_heads*D, dim]: per head, pairs (2i, 2i+1) -> (i, i + D/2), as HF's converter does."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_llama2c(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> PuzzleModel:
+    header = read_header(path)
+    config = config_from_header(header)
+    dim, hidden, layers, heads, kv_heads, vocab, seq = header
+    expected = HEADER.size + 4 * _num_floats(*header)
+    if path.stat().st_size != expected:
+        raise PuzzleError(
+            f"{path} is {path.stat().st_size} bytes but its header implies {expected}; the file is truncated "
+            "or not a llama2.c v0 checkpoint: re-export it"
+        )
+    data = torch.from_numpy(np.fromfile(path, dtype="<f4", offset=HEADER.size).copy())
+    head = dim // heads
+    kv = kv_heads * head
+    pos = 0
+
+    def take(*shape: int) -> torch.Tensor:
+        nonlocal pos
+        n = int(np.prod(shape))
+        t = data[pos:pos + n].view(*shape)
+        pos += n
+        return t
+
+    emb = take(abs(vocab), dim)
+    att_norm = take(layers, dim)
+    wq, wk, wv = take(layers, dim, dim), take(layers, kv, dim), take(layers, kv, dim)
+    wo = take(layers, dim, dim)
+    ffn_norm = take(layers, dim)
+    w1, w2, w3 = take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
+    final_norm = take(dim)
+    take(seq * head)  # freq_cis_real and freq_cis_imag: recomputed, never read
+    state = {"embed_tokens.weight": emb, "norm.weight": final_norm}
+    if vocab < 0:
+        state["lm_head.weight"] = take(abs(vocab), dim)
+    for i in range(layers):
+        p = f"layers.{i}."
+        state.update({
+            p + "attention.norm.weight": att_norm[i],
+            p + "attention.op.q_proj.weight": _interleaved_to_halves(wq[i], heads),
+            p + "attention.op.k_proj.weight": _interleaved_to_halves(wk[i], kv_heads),
+            p + "attention.op.v_proj.weight": wv[i],
+            p + "attention.op.o_proj.weight": wo[i],
+            p + "ffn.norm.weight": ffn_norm[i],
+            p + "ffn.op.gate_proj.weight": w1[i],
+            p + "ffn.op.down_proj.weight": w2[i],
+            p + "ffn.op.up_proj.weight": w3[i],
+        })
+    state = {k: v.contiguous() for k, v in state.items()}
+    return model_from_state_dict(config, state, str(path), device, dtype)
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
+
+_BYTE_PIECE = re.compile(rb"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class Llama2cTokenizer:
+    """llama2.c's tokenizer: encode = its greedy BPE merge by score; decode = what its `run` prints."""
+
+    bos_id = 1
+    eos_id = 2
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        raw = self.path.read_bytes()
+        if len(raw) < 4:
+            raise PuzzleError(f"{self.path} is not a llama2.c tokenizer (too short); re-download it")
+        pos = 4  # max_token_length, unused
+        self.pieces: list[bytes] = []
+        self.scores: list[float] = []
+        while pos < len(raw):
+            if pos + 8 > len(raw):
+                raise PuzzleError(f"{self.path} is truncated; re-download the llama2.c tokenizer")
+            score, length = struct.unpack_from("<fi", raw, pos)
+            pos += 8
+            if length < 0 or pos + length > len(raw):
+                raise PuzzleError(f"{self.path} is truncated or not a llama2.c tokenizer; re-download it")
+            self.pieces.append(raw[pos:pos + length])
+            self.scores.append(score)
+            pos += length
+        self.lookup = {p: i for i, p in enumerate(self.pieces)}  # first id wins, as llama2.c's bsearch mostly does
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def encode(self, text: str) -> list[int]:
+        """No BOS/EOS; a dummy prefix space as sentencepiece adds (llama2.c's add_dummy_prefix)."""
+        if not text:
+            return []
+        ids = [self.lookup[b" "]]
+        for ch in text:
+            b = ch.encode("utf-8")
+            if b in self.lookup:
+                ids.append(self.lookup[b])
+            else:  # byte fallback: the first 3 ids are <unk>, <s>, </s>
+                ids.extend(byte + 3 for byte in b)
+        while True:  # merge the adjacent pair whose concatenation has the best score
+            best, best_id, best_i = -1e10, -1, -1
+            for i in range(len(ids) - 1):
+                merged = self.lookup.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
+                if merged is not None and self.scores[merged] > best:
+                    best, best_id, best_i = self.scores[merged], merged, i
+            if best_i < 0:
+                return ids
+            ids[best_i:best_i + 2] = [best_id]
+
+    def piece_bytes(self, token: int, prev: int | None) -> bytes:
+        piece = self.pieces[token]
+        if prev == self.bos_id and piece.startswith(b" "):
+            piece = piece[1:]
+        m = _BYTE_PIECE.match(piece)
+        if m:
+            piece = bytes([int(m.group(1), 16)])
+        if len(piece) == 1 and (piece[0] < 0x20 and not chr(piece[0]).isspace() or piece[0] == 0x7F):
+            return b""  # llama2.c's safe_printf drops lone control bytes (high bytes are kept: UTF-8)
+        return piece
+
+    def decode(self, ids: list[int]) -> str:
+        out, prev = [], None
+        for token in ids:
+            token = int(token)
+            if token not in (self.bos_id, self.eos_id):
+                # At the very start, act as if BOS preceded (sentencepiece drops the leading space too).
+                out.append(self.piece_bytes(token, self.bos_id if prev is None else prev))
+            prev = token
+        return b"".join(out).decode("utf-8", errors="replace")

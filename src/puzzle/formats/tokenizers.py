@@ -1,0 +1,162 @@
+"""One small tokenizer interface over SentencePiece, Hugging Face tokenizers and llama2.c `tok*.bin`.
+
+`load_tokenizer(path)` takes a model directory or a tokenizer file. In a directory a SentencePiece
+`tokenizer.model` is preferred: transformers' automatic fast conversion differs from SentencePiece on runs
+of spaces, and SentencePiece gives the ids a Llama-2-style model was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from puzzle.core.errors import PuzzleError
+
+HF_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int | None
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def files(self) -> list[Path]:
+        """Files to copy next to an exported model so that the same tokenizer loads from there."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or EOS."""
+        ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str | Path) -> None:
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise PuzzleError(f"{self.path} is not a SentencePiece model ({e}); re-download it") from None
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def files(self) -> list[Path]:
+        siblings = [self.path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")]
+        return [self.path] + [p for p in siblings if p.exists()]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.dir = Path(model_dir)
+        try:
+            # Never run a model's remote code for its tokenizer: with trust_remote_code unset, transformers asks on
+            # stdin (and waits) when config.json maps remote classes, as a Nemotron-NAS export does.
+            self.tok = AutoTokenizer.from_pretrained(str(self.dir), trust_remote_code=False,
+                                                     **_config_override(self.dir))
+        except (OSError, ValueError) as e:
+            raise PuzzleError(f"cannot load the tokenizer in {self.dir} ({e}); check its tokenizer files") from None
+        self.bos_id = self.tok.bos_token_id
+        self.eos_id = self.tok.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.dir / n for n in HF_TOKENIZER_FILES if (self.dir / n).exists()]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+def _config_override(model_dir: Path) -> dict[str, object]:
+    """`config=` for AutoTokenizer when config.json names remote code: a blank config, so that transformers
+    neither imports that code nor warns about a model type it cannot load; the class comes from
+    tokenizer_config.json."""
+    import json
+
+    from transformers import PretrainedConfig
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"config": PretrainedConfig()} if isinstance(config, dict) and "auto_map" in config else {}
+
+
+def _llama2c_tokenizer_beside(path: Path) -> Path | None:
+    folder = path if path.is_dir() else path.parent
+    candidates = sorted(folder.glob("tok*.bin"))
+    return candidates[0] if candidates else None
+
+
+def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether `load_tokenizer(model_dir)` would find a tokenizer file in this directory."""
+    d = Path(model_dir)
+    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+    return any((d / n).exists() for n in names) or _llama2c_tokenizer_beside(d) is not None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A model directory, a llama2.c `.bin` (its `tok*.bin` beside it), or a tokenizer file."""
+    from puzzle.formats.llama2c import Llama2cTokenizer  # lazy: keeps `import puzzle.formats.tokenizers` light
+
+    path = Path(path)
+    if not path.exists():
+        raise PuzzleError(f"tokenizer path {path} does not exist; pass a model directory or a tokenizer file")
+    if path.is_dir():
+        if (path / "tokenizer.model").exists():
+            return SentencePieceTokenizer(path / "tokenizer.model")
+        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+            return HFTokenizer(path)
+        tok = _llama2c_tokenizer_beside(path)
+        if tok is not None:
+            return Llama2cTokenizer(tok)
+        raise PuzzleError(
+            f"no tokenizer in {path} (looked for tokenizer.model, tokenizer.json, tok*.bin); add one or pass "
+            "the tokenizer file"
+        )
+    name = path.name
+    if name.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if name in ("tokenizer.json", "tokenizer_config.json"):
+        return HFTokenizer(path.parent)
+    if name.startswith("tok") and name.endswith(".bin"):
+        return Llama2cTokenizer(path)
+    if name.endswith(".bin"):  # a llama2.c model: its tokenizer lies beside it
+        tok = _llama2c_tokenizer_beside(path)
+        if tok is not None:
+            return Llama2cTokenizer(tok)
+    if name == "config.json":
+        return load_tokenizer(path.parent)
+    raise PuzzleError(
+        f"{path} is not a tokenizer this package reads; use a SentencePiece .model, tokenizer.json, or tok*.bin"
+    )

@@ -1,0 +1,222 @@
+"""Quality and throughput of the parent and its children, side by side -> `eval/eval.json`.
+
+Per model: held-out LM loss and perplexity, KL(parent || model) and top-1 agreement with the parent on the
+test split, which nothing before eval reads (BLD, scoring and uptraining use train and valid);
+multiple-choice / last-word task accuracy (`puzzle.stages.evaluate.tasks`) and accuracy retained as a percentage of the
+parent's; measured generation throughput from the runtime when a GPU is present.
+Models are loaded one at a time next to the parent, so memory holds at most two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from puzzle.core.artifacts import (
+    fingerprint_files,
+    hash_json,
+    mark_stage_done,
+    read_json,
+    stage_is_current,
+    write_json,
+)
+from puzzle.core.config import check_device, to_dict
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.uptrain.gkd import loss_terms
+from puzzle.model.decoder import PuzzleModel
+from puzzle.stages.evaluate.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_task, load_task, task_names
+from puzzle.core.workloads import Workload, resolve_workloads
+
+Items = list[MultipleChoiceItem] | list[LastWordItem]
+HELDOUT_SPLIT = "test"  # the data split loss / perplexity / KL / agreement are measured on
+GRAPH_MODES = ("auto", "manual", "fused", "compile", "none")  # the runtime's decode modes (runtime.engine)
+
+
+@dataclass
+class EvalConfig:
+    children: list[str] = field(default_factory=list)  # names under children/; empty = every child
+    uptrained: bool = True  # also evaluate children/<name>/uptrained where present
+    batch_size: int = 8
+    max_sequences: int | None = 256  # test-split sequences for loss / KL / agreement; None = all
+    tasks: list[TaskSpec] = field(default_factory=list)
+    task_limit: int | None = None  # cap on items per task unless the task sets its own limit
+    throughput: bool = True  # measured with the runtime; GPU only
+    workloads: list[str] = field(default_factory=lambda: ["batch1"])
+    graphs: str = "auto"  # the runtime's decode mode; keep it equal to costs.graphs so predictions compare
+    device: str | None = None  # default: cuda when present
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    parent: str = "parent"
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise PuzzleError(f"eval.batch_size must be positive, got {self.batch_size}")
+        for name in ("max_sequences", "task_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise PuzzleError(f"eval.{name} must be positive (or unset), got {value}")
+        if self.graphs not in GRAPH_MODES:
+            raise PuzzleError(f"eval.graphs {self.graphs!r} is not one of {list(GRAPH_MODES)}")
+        check_device("eval.device", self.device)
+
+
+@torch.no_grad()
+def heldout_metrics(model: PuzzleModel, parent: PuzzleModel, tokens: np.ndarray, batch_size: int,
+                    device: torch.device) -> dict[str, float]:
+    """LM loss, perplexity, KL(parent || model) and top-1 agreement over `tokens` [N, T]."""
+    if len(tokens) == 0:
+        raise PuzzleError("the test split holds no sequences; add text, lower data.seq_len or raise data.test_fraction")
+    kl = lm = agree = 0.0
+    n_tok = n_lm = 0
+    for s in range(0, len(tokens), batch_size):
+        ids = torch.from_numpy(np.asarray(tokens[s:s + batch_size], dtype=np.int64)).to(device)  # [B, T]
+        t = loss_terms(model(ids).logits, parent(ids).logits, None, None, ids)
+        kl, lm, agree = kl + float(t.kl), lm + float(t.lm), agree + float(t.agree)
+        n_tok, n_lm = n_tok + t.tokens, n_lm + t.lm_tokens
+    loss = lm / max(n_lm, 1)
+    return {"lm_loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "kl_to_parent": kl / n_tok,
+            "agreement": agree / n_tok, "tokens": n_tok}
+
+
+def task_metrics(model: PuzzleModel, tasks: dict[str, Items], tokenizer: Any, batch_size: int,
+                 device: torch.device) -> dict[str, dict[str, float]]:
+    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids).logits
+
+    max_len = model.config.max_position_embeddings
+    return {name: evaluate_task(items, logits_fn, tokenizer.encode, tokenizer.bos_id, device, batch_size, max_len)
+            for name, items in tasks.items()}
+
+
+def add_retention(results: dict[str, dict[str, Any]], reference: str = "parent") -> None:
+    """Each model's task accuracy as a percentage of the reference's, and their mean (the paper's metric)."""
+    ref = results[reference].get("tasks", {})
+    for res in results.values():
+        retained = {name: 100.0 * m["accuracy"] / ref[name]["accuracy"]
+                    for name, m in res.get("tasks", {}).items() if ref.get(name, {}).get("accuracy")}
+        res["retention_pct"] = retained
+        res["mean_retention_pct"] = float(np.mean(list(retained.values()))) if retained else None
+        ref_tp, tp = results[reference].get("throughput", {}), res.get("throughput", {})
+        res["speedup"] = {w: tp[w]["output_tokens_per_s"] / ref_tp[w]["output_tokens_per_s"]
+                          for w in tp if "output_tokens_per_s" in tp[w] and "output_tokens_per_s" in ref_tp.get(w, {})}
+
+
+def measure_throughput(model: PuzzleModel, workloads: list[Workload], graphs: str = "auto") -> dict[str, Any]:
+    """Output tokens/s per workload with the runtime (static cache, CUDA graphs); skipped without a GPU."""
+    if model.embed_tokens.weight.device.type != "cuda":
+        return {"skipped": "no GPU: throughput is measured on CUDA only"}
+    try:
+        from puzzle.runtime.bench import run_workload
+    except ImportError as e:  # the runtime is optional
+        return {"skipped": f"runtime unavailable ({e})"}
+    out: dict[str, Any] = {}
+    for w in workloads:
+        try:
+            out[w.name] = run_workload(model, w, graphs=graphs)  # records the mode it ran with
+        except PuzzleError as e:  # e.g. the workload does not fit this model: record, do not abort the eval
+            out[w.name] = {"error": str(e)}
+    return out
+
+
+def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, heldout: np.ndarray,
+                    tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device,
+                    workloads: list[Workload] | None = None) -> dict[str, Any]:
+    """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, load in loaders.items():
+        model = load()
+        model.eval()
+        res: dict[str, Any] = {"params": model.config.param_count(),
+                               "kv_bytes_per_token": model.config.kv_cache_bytes_per_token(),
+                               "blocks": [b.name for b in model.config.blocks]}
+        res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
+        if tasks:
+            res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.batch_size, device)
+        if cfg.throughput:
+            res["throughput"] = measure_throughput(model, workloads or resolve_workloads(cfg.workloads), cfg.graphs)
+        results[name] = res
+        if model is not parent:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    add_retention(results, reference=next(iter(loaders)))
+    return results
+
+
+def load_tasks(cfg: EvalConfig) -> dict[str, Items]:
+    tasks: dict[str, Items] = {}
+    for name, spec in zip(task_names(cfg.tasks), cfg.tasks, strict=True):  # distinct: none overwrites another
+        if spec.limit is None and cfg.task_limit is not None:
+            spec = TaskSpec(spec.path, spec.name, spec.format, cfg.task_limit)
+        tasks[name] = load_task(spec)
+    return tasks
+
+
+def discover_children(run_dir: Path, cfg: EvalConfig) -> dict[str, Path]:
+    """name -> model dir for the realized children (and their uptrained versions)."""
+    root = run_dir / "children"
+    names = list(cfg.children)
+    if not names and root.is_dir():
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found: dict[str, Path] = {}
+    for name in names:
+        path = root / name
+        if not (path / "config.json").exists():
+            raise PuzzleError(f"child {name!r} not found in {root}; run `puzzle realize` or fix eval.children")
+        found[name] = path
+        if cfg.uptrained and (path / "uptrained" / "config.json").exists():
+            found[f"{name}/uptrained"] = path / "uptrained"
+    return found
+
+
+def _model_dtype(cfg: EvalConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def _inputs_hash(run_dir: Path, models: dict[str, Path], cfg: EvalConfig) -> str:
+    paths = [run_dir / cfg.parent, run_dir / "data", *models.values(), *(Path(t.path) for t in cfg.tasks)]
+    return hash_json({"inputs": [[str(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
+
+
+def run_eval(run_dir: Path, cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate parent and children; writes and returns `eval/eval.json`."""
+    from puzzle.formats import load_model  # engineer A
+    from puzzle.stages.data import load_tokens  # engineer B
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "eval"
+    children = discover_children(run_dir, cfg)
+    inputs_hash = _inputs_hash(run_dir, children, cfg)
+    if stage_is_current(out_dir, inputs_hash) and (out_dir / "eval.json").exists():
+        return read_json(out_dir / "eval.json")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _model_dtype(cfg, device)
+    tasks = load_tasks(cfg)
+    tokenizer = None
+    if tasks:
+        from puzzle.formats.tokenizers import load_tokenizer  # engineer A
+
+        tokenizer = load_tokenizer(run_dir / cfg.parent)
+    # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
+    heldout = load_tokens(run_dir / "data", HELDOUT_SPLIT)
+    if cfg.max_sequences is not None:
+        heldout = heldout[:cfg.max_sequences]
+    parent = load_model(run_dir / cfg.parent, device=device, dtype=dtype)
+    loaders: dict[str, Callable[[], PuzzleModel]] = {"parent": lambda: parent}
+    for name, path in children.items():
+        loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
+    workloads = resolve_workloads(cfg.workloads, run_dir)  # custom shapes from the run's costs files
+    models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, workloads)
+    result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
+              "split": HELDOUT_SPLIT, "sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
+              "tasks": {name: len(items) for name, items in tasks.items()}, "models": models,
+              "config": to_dict(cfg)}
+    write_json(out_dir / "eval.json", result)
+    mark_stage_done(out_dir, "eval", inputs_hash)
+    return result

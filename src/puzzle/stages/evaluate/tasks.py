@@ -1,0 +1,286 @@
+"""Multiple-choice and last-word tasks, scored by log-likelihood (the lm-evaluation-harness way).
+
+Formats:
+  hellaswag  six lines per item: context, gold label (0-3), four endings (`.txt`, optionally .bz2/.xz/.gz)
+  lambada    JSONL {"text": ...}; the task is the passage's last word, greedy: every token of it must be argmax
+  jsonl      JSONL {"context": str, "choices": [str, ...], "gold": int}: any multiple-choice task of your own
+Files are UTF-8 (a byte-order mark is fine). An ending is scored as the sum of its tokens' log-probabilities given
+the context; `acc_norm` divides by the ending's length in bytes, as lm-eval does.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import gzip
+import json
+import lzma
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+import torch
+import torch.nn.functional as F
+
+from puzzle.core.errors import PuzzleError
+
+TaskFormat = Literal["auto", "hellaswag", "lambada", "jsonl"]
+
+
+@dataclass
+class TaskSpec:
+    path: str
+    name: str | None = None  # default: the file name without extensions (see task_names for clashes)
+    format: TaskFormat = "auto"
+    limit: int | None = None  # first N items only
+
+
+@dataclass(frozen=True)
+class MultipleChoiceItem:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class LastWordItem:
+    context: str
+    target: str  # the last word with its leading space
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    opener = {".bz2": bz2.open, ".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    return opener(path, "rb")  # type: ignore[operator]
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without its line break); a UTF-8 byte-order mark is dropped, and a byte that is
+    not UTF-8 is an error naming its line (decoding line by line is what makes the number exact)."""
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PuzzleError(f"{path}:{lineno}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8; "
+                                  "re-save the file as UTF-8") from None
+            yield lineno, text.rstrip("\r\n")
+
+
+def _stem(name: str) -> str:
+    for suffix in (".bz2", ".xz", ".gz", ".jsonl", ".txt", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def task_names(specs: list[TaskSpec]) -> list[str]:
+    """One distinct result name per task, in order. A given `name` is used as is; otherwise the file name without
+    extensions, and files whose names collide (`a/hellaswag.txt`, `b/hellaswag.txt`) get as many parent
+    directories as make them distinct (`a/hellaswag`, `b/hellaswag`). The same file twice, or two tasks given the
+    same `name`, is an error: one result would overwrite the other."""
+    given = [s.name for s in specs if s.name]
+    if len(set(given)) < len(given):
+        twice = next(n for n in given if given.count(n) > 1)
+        raise PuzzleError(f"two eval tasks are named {twice!r}; give each task its own name")
+    files = [Path(s.path).resolve() for s in specs]
+    for i, f in enumerate(files):
+        if not specs[i].name and files.index(f) != i:
+            raise PuzzleError(f"task file {specs[i].path} is listed twice in eval.tasks / --task; list it once")
+    depth = [0] * len(specs)
+
+    def name(i: int) -> str:
+        parts = files[i].parent.parts[len(files[i].parent.parts) - depth[i]:] if depth[i] else ()
+        return "/".join([*parts, _stem(files[i].name)])
+
+    while True:
+        names = [s.name or name(i) for i, s in enumerate(specs)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and not specs[i].name]
+        if not clash:
+            return names
+        for i in clash:
+            if depth[i] >= len(files[i].parent.parts):
+                raise PuzzleError(f"task file {specs[i].path} gives the name {names[i]!r}, which another task uses; "
+                                  "set a distinct `name` for it in eval.tasks")
+            depth[i] += 1
+
+
+def _json_line(path: Path, lineno: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PuzzleError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix that line") from None
+
+
+CHOICE_FIELDS = ("context", "choices", "gold")
+
+
+def detect_format(path: Path) -> str:
+    """hellaswag for text files; for JSON lines, from the first record's fields."""
+    if ".jsonl" not in path.name and ".json" not in path.name:
+        return "hellaswag"
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        record = _json_line(path, lineno, line)
+        if isinstance(record, dict) and any(k in record for k in CHOICE_FIELDS):
+            return "jsonl"
+        if isinstance(record, dict) and "text" in record:
+            return "lambada"
+        raise PuzzleError(
+            f"{path}:{lineno}: a task line needs \"context\", \"choices\" and \"gold\" (multiple choice) or "
+            f"\"text\" (LAMBADA); this one has {_fields(record)}"
+        )
+    return "jsonl"
+
+
+def _fields(record: object) -> str:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    return "fields " + ", ".join(map(repr, record)) if record else "no fields"
+
+
+def read_hellaswag(path: Path, limit: int | None = None) -> list[MultipleChoiceItem]:
+    lines = [text for _, text in read_lines(path)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) % 6:
+        raise PuzzleError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings per item)")
+    items = []
+    for start in range(0, len(lines), 6):
+        if limit is not None and len(items) >= limit:
+            break
+        label = lines[start + 1].strip()
+        if not label.isdigit() or not 0 <= int(label) < 4:
+            raise PuzzleError(f"{path}:{start + 2}: gold label {label!r} is not 0-3; fix that line")
+        items.append(MultipleChoiceItem(lines[start], tuple(lines[start + 2:start + 6]), int(label)))
+    return items
+
+
+def _jsonl_records(path: Path, limit: int | None) -> list[tuple[int, object]]:
+    out = []
+    for lineno, line in read_lines(path):
+        if limit is not None and len(out) >= limit:
+            break
+        if line.strip():
+            out.append((lineno, _json_line(path, lineno, line)))
+    return out
+
+
+def read_lambada(path: Path, limit: int | None = None) -> list[LastWordItem]:
+    items = []
+    for lineno, record in _jsonl_records(path, limit):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or " " not in text.strip():
+            raise PuzzleError(f"{path}:{lineno}: a LAMBADA line needs a \"text\" string with at least two words")
+        context, word = text.rstrip().rsplit(" ", 1)
+        items.append(LastWordItem(context, " " + word))
+    return items
+
+
+def read_choice_jsonl(path: Path, limit: int | None = None) -> list[MultipleChoiceItem]:
+    items = []
+    for lineno, record in _jsonl_records(path, limit):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise PuzzleError(f"{where}: a multiple-choice line must be a JSON object with \"context\", "
+                              f"\"choices\" and \"gold\"; this one is {_fields(record)}")
+        missing = [k for k in CHOICE_FIELDS if k not in record]
+        if missing:
+            raise PuzzleError(f"{where}: missing {', '.join(map(repr, missing))}; a multiple-choice line needs "
+                              "\"context\" (string), \"choices\" (list of strings) and \"gold\" (index)")
+        context, choices, gold = record["context"], record["choices"], record["gold"]
+        if not isinstance(context, str):
+            raise PuzzleError(f"{where}: \"context\" must be a string, got {json.dumps(context)}; use \"\" for none")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise PuzzleError(f"{where}: \"choices\" must be a list of at least two strings")
+        if isinstance(gold, bool) or not isinstance(gold, int):
+            raise PuzzleError(f"{where}: \"gold\" must be an integer index into \"choices\" (0..{len(choices) - 1}), "
+                              f"got {json.dumps(gold)}")
+        if not 0 <= gold < len(choices):
+            raise PuzzleError(f"{where}: gold index {gold} is out of range for {len(choices)} choices; "
+                              f"use 0..{len(choices) - 1}")
+        items.append(MultipleChoiceItem(context, tuple(choices), gold))
+    return items
+
+
+def load_task(spec: TaskSpec) -> list[MultipleChoiceItem] | list[LastWordItem]:
+    path = Path(spec.path)
+    if not path.is_file():
+        raise PuzzleError(f"task file {path} does not exist; fix eval.tasks[].path")
+    fmt = detect_format(path) if spec.format == "auto" else spec.format
+    reader = {"hellaswag": read_hellaswag, "lambada": read_lambada, "jsonl": read_choice_jsonl}[fmt]
+    items = reader(path, spec.limit)
+    if not items:
+        raise PuzzleError(f"task file {path} holds no items; check its format ({fmt})")
+    return items
+
+
+# ---- scoring ------------------------------------------------------------------------------------------------
+
+Encoder = Callable[[str], list[int]]
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [B, T] -> logits [B, T, V]
+
+
+def split_request(encode: Encoder, context: str, continuation: str, bos_id: int | None) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval forms them: encode the whole string and split at the context,
+    with trailing context whitespace moved into the continuation."""
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped):] + continuation
+    ctx = encode(stripped)
+    whole = encode(stripped + continuation)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else encode(continuation)
+    prefix = [bos_id] if bos_id is not None else []
+    return prefix + ctx, cont
+
+
+@torch.no_grad()
+def score_requests(logits_fn: LogitsFn, requests: list[tuple[list[int], list[int]]], device: torch.device,
+                   batch_size: int, max_len: int) -> list[tuple[float, bool]]:
+    """For each (context, continuation): sum of continuation log-probs and whether every token is the argmax.
+
+    Requests are sorted by length and right-padded: with a causal model padding after a sequence does not
+    change the logits at its positions.
+    """
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        seqs = [(requests[i][0] + requests[i][1])[-(max_len + 1):] for i in chunk]
+        conts = [len(requests[i][1]) for i in chunk]
+        width = max(len(q) for q in seqs) - 1
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, q in enumerate(seqs):
+            ids[row, :len(q) - 1] = torch.tensor(q[:-1])
+        logprobs = F.log_softmax(logits_fn(ids.to(device)).float(), dim=-1).cpu()  # [B, width, V]
+        for row, (i, q, n) in enumerate(zip(chunk, seqs, conts, strict=True)):
+            target = torch.tensor(q[len(q) - n:])  # [n]
+            lp = logprobs[row, len(q) - 1 - n:len(q) - 1]  # [n, V]: positions predicting the continuation
+            results[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+    return results
+
+
+def evaluate_task(items: list[MultipleChoiceItem] | list[LastWordItem], logits_fn: LogitsFn, encode: Encoder,
+                  bos_id: int | None, device: torch.device, batch_size: int, max_len: int) -> dict[str, float]:
+    """accuracy (and acc_norm for multiple choice) over the items."""
+    if isinstance(items[0], LastWordItem):
+        reqs = [split_request(encode, it.context, it.target, bos_id) for it in items]  # type: ignore[union-attr]
+        scored = score_requests(logits_fn, reqs, device, batch_size, max_len)
+        nll = -sum(s for s, _ in scored) / len(scored)
+        return {"accuracy": sum(g for _, g in scored) / len(scored), "target_nll": nll, "n": len(items)}
+    reqs = []
+    for it in items:
+        for choice in it.choices:  # type: ignore[union-attr]
+            reqs.append(split_request(encode, it.context, " " + choice.lstrip(" "), bos_id))
+    scored = score_requests(logits_fn, reqs, device, batch_size, max_len)
+    correct = correct_norm = 0
+    pos = 0
+    for it in items:
+        n = len(it.choices)  # type: ignore[union-attr]
+        lls = [s for s, _ in scored[pos:pos + n]]
+        lengths = [len((" " + c.lstrip(" ")).encode()) for c in it.choices]  # type: ignore[union-attr]
+        correct += max(range(n), key=lambda j: lls[j]) == it.gold  # type: ignore[union-attr]
+        correct_norm += max(range(n), key=lambda j: lls[j] / lengths[j]) == it.gold  # type: ignore[union-attr]
+        pos += n
+    return {"accuracy": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}

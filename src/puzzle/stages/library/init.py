@@ -1,0 +1,118 @@
+"""Initialising variants from the parent, as in the Puzzle paper.
+
+- fewer KV heads: mean-pool the K and V projections of each group of consecutive parent KV heads;
+- smaller SwiGLU: keep the intermediate channels with the largest measured contribution
+  mean|silu(gate) * up| x ||down_proj column|| on calibration tokens (kept in their original order);
+- linear: ridge least squares from the sub-block's normalised input to its output on calibration tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from puzzle.model.blocks import AttentionConfig, FFNConfig, ModelConfig
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import AttentionBlock, FFNBlock, build_attention_block, build_ffn_block
+
+
+@dataclass
+class CalibrationStats:
+    """Streaming sums over calibration tokens for one sub-block of one layer (fp64 for the normal equations)."""
+
+    xtx: torch.Tensor | None = None  # [H, H]  sum of x^T x, x = normalised sub-block input
+    xty: torch.Tensor | None = None  # [H, H]  sum of x^T y, y = sub-block output
+    act_abs: torch.Tensor | None = None  # [I]  sum of |silu(gate) * up| (SwiGLU only)
+    tokens: int = 0
+
+    def add_linear(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # x, y [B, T, H] -> flattened [N, H]
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        y2 = y.reshape(-1, y.shape[-1]).double()
+        self.xtx = x2.T @ x2 if self.xtx is None else self.xtx + x2.T @ x2
+        self.xty = x2.T @ y2 if self.xty is None else self.xty + x2.T @ y2
+
+    def add_activations(self, act: torch.Tensor) -> None:
+        # act [B, T, I]
+        s = act.reshape(-1, act.shape[-1]).abs().double().sum(0)
+        self.act_abs = s if self.act_abs is None else self.act_abs + s
+
+
+def swiglu_activations(block: FFNBlock, h: torch.Tensor) -> torch.Tensor:
+    """The parent FFN's intermediate activations silu(gate(x)) * up(x), [B, T, I], for input h [B, T, H]."""
+    x = block.norm(h)
+    return F.silu(block.op.gate_proj(x)) * block.op.up_proj(x)
+
+
+def ridge_fit(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W [H_out, H_in] minimising ||x W^T - y||^2 + lam ||W||^2, lam = ridge * mean diagonal of x^T x."""
+    n = xtx.shape[0]
+    lam = ridge * float(xtx.diagonal().mean()) + 1e-12
+    a = xtx + lam * torch.eye(n, dtype=xtx.dtype, device=xtx.device)
+    return torch.linalg.solve(a, xty).T  # [H_out, H_in]
+
+
+def channel_scores(parent: FFNBlock, stats: CalibrationStats) -> torch.Tensor:
+    """Contribution of each intermediate channel: mean |activation| x ||down_proj column||, [I]."""
+    if stats.act_abs is None or stats.tokens == 0:
+        raise PuzzleError("FFN channel selection needs calibration tokens; set library.init_batches >= 1")
+    col_norm = parent.op.down_proj.weight.detach().double().norm(dim=0)  # [I]
+    return stats.act_abs.to(col_norm.device) / stats.tokens * col_norm
+
+
+def init_attention(parent: AttentionBlock, variant: AttentionConfig, model: ModelConfig,
+                   stats: CalibrationStats | None, ridge: float) -> AttentionBlock | None:
+    """A new attention sub-block initialised from the parent's (fp32, on the parent's device)."""
+    if variant.kind == "no_op":
+        return None
+    device = parent.norm.weight.device
+    with torch.device(device):
+        child = build_attention_block(model, variant)
+    child = child.float()
+    with torch.no_grad():
+        child.norm.weight.copy_(parent.norm.weight)
+        if variant.kind == "linear":
+            if stats is None or stats.xtx is None:
+                raise PuzzleError("linear attention init needs calibration tokens; set library.init_batches >= 1")
+            child.op.linear_attn.weight.copy_(ridge_fit(stats.xtx, stats.xty, ridge))
+            return child
+        p, c = parent.op, child.op
+        c.q_proj.load_state_dict(p.q_proj.state_dict())
+        c.o_proj.load_state_dict(p.o_proj.state_dict())
+        group = p.num_kv_heads // c.num_kv_heads  # consecutive parent KV heads merged into one
+        for name in ("k_proj", "v_proj"):
+            src, dst = getattr(p, name), getattr(c, name)
+            w = src.weight.float().view(c.num_kv_heads, group, p.head_dim, -1).mean(1)  # [Nkv', D, H]
+            dst.weight.copy_(w.reshape(dst.weight.shape))
+            if src.bias is not None:
+                dst.bias.copy_(src.bias.float().view(c.num_kv_heads, group, p.head_dim).mean(1).reshape(-1))
+    return child
+
+
+def init_ffn(parent: FFNBlock, variant: FFNConfig, model: ModelConfig,
+             stats: CalibrationStats | None, ridge: float) -> FFNBlock | None:
+    if variant.kind == "no_op":
+        return None
+    device = parent.norm.weight.device
+    with torch.device(device):
+        child = build_ffn_block(model, variant)
+    child = child.float()
+    with torch.no_grad():
+        child.norm.weight.copy_(parent.norm.weight)
+        if variant.kind == "linear":
+            if stats is None or stats.xtx is None:
+                raise PuzzleError("linear FFN init needs calibration tokens; set library.init_batches >= 1")
+            child.op.linear_mlp.weight.copy_(ridge_fit(stats.xtx, stats.xty, ridge))
+            return child
+        n, full = variant.intermediate_size, parent.op.gate_proj.weight.shape[0]
+        if n == full:
+            keep = torch.arange(full, device=device)
+        else:
+            keep = channel_scores(parent, stats).topk(n).indices.sort().values.to(device)
+        child.op.gate_proj.weight.copy_(parent.op.gate_proj.weight[keep])
+        child.op.up_proj.weight.copy_(parent.op.up_proj.weight[keep])
+        child.op.down_proj.weight.copy_(parent.op.down_proj.weight[:, keep])
+    return child
+

@@ -1,0 +1,91 @@
+"""`puzzle realize`: assemble a chosen child from library weights and write it as a Nemotron-NAS HF directory.
+
+Each layer's sub-blocks come from the library (`Library.block`, decoupled or coupled); the embeddings, final
+norm and LM head are the parent's. The child is cast to the parent's dtype (bit-exact when the library was
+stored in that dtype). Output: `children/<name>/` via `puzzle.formats.export_hf`, whose `puzzle.json`
+sidecar also names the parent, the solution, its predicted costs and its scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from puzzle.core.artifacts import (
+    fingerprint_files,
+    hash_json,
+    hash_paths,
+    mark_stage_done,
+    read_json,
+    stage_is_current,
+)
+from puzzle.model.blocks import BlockConfig
+from puzzle.core.errors import PuzzleError
+from puzzle.model.decoder import PuzzleModel
+from puzzle.core.notices import warn
+from puzzle.stages.scoring import library_provider
+
+
+def build_child(parent: PuzzleModel, library: Any, blocks: list[BlockConfig]) -> PuzzleModel:
+    """The child, built *in place* from `parent` (so a 70B parent is never held twice): the parent's
+    embeddings / final norm / LM head, and per layer the library's sub-blocks (the parent's own where
+    the library has no entry for the parent's variant)."""
+    if len(blocks) != parent.config.num_layers:
+        raise PuzzleError(f"the solution has {len(blocks)} layers but the parent has {parent.config.num_layers}; "
+                          "rerun `puzzle score` and `puzzle search` for this parent")
+    p0 = next(parent.parameters())
+    provide = library_provider(library, parent)
+    for i, block in enumerate(blocks):
+        att, ffn = provide(i, block)  # reads layer i before it is replaced
+        parent.set_layer(i, *(m.to(device=p0.device, dtype=p0.dtype) if m is not None else None for m in (att, ffn)))
+    if parent.block_configs != list(blocks):
+        raise PuzzleError("the library's blocks do not match the solution; rebuild the library and rerun search")
+    return parent.eval()
+
+
+def find_solution(solutions: dict[str, Any], name: str) -> dict[str, Any]:
+    for sol in solutions.get("solutions", []):
+        if sol["name"] == name:
+            return sol
+    names = [s["name"] for s in solutions.get("solutions", [])]
+    raise PuzzleError(f"no solution named {name!r} in search/solutions.json; choose one of {names}")
+
+
+def run_realize(run_dir: Path, solution_name: str) -> Path:
+    """Write children/<solution_name>/ (does nothing when it is current)."""
+    from puzzle.formats import export_hf, load_model
+    from puzzle.stages.library.store import Library
+    from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
+
+    run_dir = Path(run_dir)
+    solutions_path = run_dir / "search" / "solutions.json"
+    if not solutions_path.exists():
+        raise PuzzleError(f"{solutions_path} does not exist; run `puzzle search {run_dir}` first")
+    solution = find_solution(read_json(solutions_path), solution_name)
+    out_dir = run_dir / "children" / solution_name
+    inputs_hash = hash_json({"solution": solution, "library": hash_paths([run_dir / "library" / "library.json"]),
+                             "parent": fingerprint_files(run_dir / "parent", recursive=True)})
+    if stage_is_current(out_dir, inputs_hash) and (out_dir / "config.json").exists():
+        return out_dir
+    parent = load_model(run_dir / "parent")
+    library = Library.open(run_dir / "library")
+    child = build_child(parent, library, [BlockConfig.from_dict(b) for b in solution["blocks"]])
+    # A tokenizer that is there but does not load is an error; a parent with none (e.g. random weights) gives
+    # a child with none, and the run says so.
+    tokenizer = load_tokenizer(run_dir / "parent") if has_tokenizer(run_dir / "parent") else None
+    if tokenizer is None:
+        warn(run_dir, "realize", f"the parent has no tokenizer, so {out_dir} is written without one; to ship one, "
+                                 "add tokenizer files to the parent model and rerun `puzzle import`")
+    sidecar = {
+        "parent": str((run_dir / "parent").resolve()),
+        "parent_config": parent.config.to_dict(),
+        "solution": {k: solution[k] for k in ("name", "target", "rank", "optimal") if k in solution},
+        "metric": read_json(solutions_path).get("metric"),
+        "objective": solution.get("objective"),
+        "scores": solution.get("scores"),
+        "predicted": solution.get("predicted"),
+        "blocks": solution["blocks"],
+    }
+    export_hf(child, out_dir, tokenizer_source=tokenizer, extra_sidecar={"puzzle_child": sidecar})
+    mark_stage_done(out_dir, "realize", inputs_hash, solution=solution_name)
+    return out_dir

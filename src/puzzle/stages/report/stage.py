@@ -1,0 +1,335 @@
+"""`report.md` and PNG plots from whatever stages have run (absent inputs are noted, never fatal).
+
+Reads eval/eval.json, search/solutions.json, costs/*.json, library/**.json sidecars, children/*/ configs and
+children/*/uptrained/training_log.json. Writes `RUN_DIR/report.md` and `RUN_DIR/report/*.png`:
+  quality_vs_throughput.png  the paper's Figure 5: predicted throughput vs replace-1-block score (solutions,
+                             baselines, parent), and measured throughput vs quality of evaluated models
+  layer_costs-<child>.png    Figure 6: each layer's attention and FFN cost relative to the parent
+  bld_losses.png, gkd_curves.png   BLD validation loss per layer and variant; GKD loss / KL per step
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from puzzle.stages.report import plots as report_plots
+from puzzle.core.artifacts import hash_file, hash_json, mark_stage_done, stage_is_current, write_text
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.config import to_dict
+from puzzle.costs.consistency import adjustment_rows
+from puzzle.core.errors import PuzzleError
+
+COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots
+
+
+@dataclass
+class ReportConfig:
+    workload: str | None = None  # the workload plotted; default: the first one found
+    cost_metric: str = "workload"  # 'workload' (prefill + gen_len decode steps), 'decode_step_s' or 'prefill_s'
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cost_metric not in COST_METRICS:
+            raise PuzzleError(f"report.cost_metric {self.cost_metric!r} is not one of {list(COST_METRICS)}")
+
+
+@dataclass
+class ReportInputs:
+    eval: dict[str, Any] | None = None
+    solutions: dict[str, Any] | None = None
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload name -> costs JSON
+    library: list[dict[str, Any]] = field(default_factory=list)  # library sidecars (entries)
+    gkd: dict[str, dict[str, Any]] = field(default_factory=dict)  # child name -> training log
+    parent_blocks: list[BlockConfig] | None = None
+    children: dict[str, list[BlockConfig]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _json(path: Path, notes: list[str], what: str) -> Any:
+    if not path.exists():
+        notes.append(f"{what}: {path.name} not found (run its stage to include it)")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        notes.append(f"{what}: {path} is not valid JSON; skipped")
+        return None
+
+
+def _blocks(path: Path, notes: list[str]) -> list[BlockConfig] | None:
+    from puzzle.formats import load_model_config  # engineer A
+
+    try:
+        return list(load_model_config(path).blocks)
+    except PuzzleError as e:
+        notes.append(f"{path}: {e}")
+        return None
+
+
+def gather(run_dir: Path) -> ReportInputs:
+    inp = ReportInputs()
+    inp.eval = _json(run_dir / "eval" / "eval.json", inp.notes, "evaluation")
+    inp.solutions = _json(run_dir / "search" / "solutions.json", inp.notes, "search")
+    for path in sorted((run_dir / "costs").glob("*.json")):
+        data = _json(path, inp.notes, "costs") or {}
+        name = data.get("workload", {}).get("name", path.stem)
+        if name not in inp.costs or data.get("kind") == "measured":  # measured costs win over estimates
+            inp.costs[name] = data
+    for path in sorted((run_dir / "library").glob("layer*/*.json")):
+        entry = _json(path, inp.notes, "library")
+        if isinstance(entry, dict) and "layer" in entry:
+            inp.library.append(entry)
+    if (run_dir / "parent").exists():
+        inp.parent_blocks = _blocks(run_dir / "parent", inp.notes)
+    for child in sorted(p for p in (run_dir / "children").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        blocks = _blocks(child, inp.notes) if (child / "config.json").exists() else None
+        if blocks is not None:
+            inp.children[child.name] = blocks
+        log = child / "uptrained" / "training_log.json"
+        if log.exists():
+            inp.gkd[child.name] = _json(log, inp.notes, "uptrain")
+    return inp
+
+
+def library_variant(entry: dict[str, Any]) -> str:
+    """'gqa2', 'swiglu256' or 'gqa2+swiglu256' from a library sidecar."""
+    parts = [AttentionConfig.from_dict(entry["attention"]).name] if entry.get("attention") else []
+    parts += [FFNConfig.from_dict(entry["ffn"]).name] if entry.get("ffn") else []
+    return "+".join(parts)
+
+
+# ---- costs -------------------------------------------------------------------------------------------------
+
+
+def variant_cost(costs: dict[str, Any], kind: str, name: str, metric: str) -> float | None:
+    rec = costs.get(kind, {}).get(name)
+    if not rec or rec.get("oom") or rec.get("prefill_s") is None:
+        return None
+    if metric == "workload":
+        gen = costs.get("workload", {}).get("gen_len", 1)
+        return rec["prefill_s"] + (gen - 1) * rec["decode_step_s"]
+    return rec.get(metric)
+
+
+def relative_layer_costs(parent: list[BlockConfig], child: list[BlockConfig], costs: dict[str, Any] | None,
+                         metric: str) -> tuple[list[float | None], list[float | None], str]:
+    """Per layer: child attention / FFN cost over the parent's, from measured costs, else parameter counts."""
+    att, ffn = [], []
+    source = "measured time" if costs and costs.get("kind") == "measured" else "estimated time"
+    for p, c in zip(parent, child, strict=True):
+        for out, kind, pv, cv in ((att, "attention", p.attention, c.attention), (ffn, "ffn", p.ffn, c.ffn)):
+            if costs:
+                base, mine = variant_cost(costs, kind, pv.name, metric), variant_cost(costs, kind, cv.name, metric)
+                out.append(mine / base if base and mine is not None else None)
+            else:
+                out.append(None)
+    if not costs:
+        source = "no costs"
+    return att, ffn, source
+
+
+# ---- markdown ----------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def eval_section(ev: dict[str, Any]) -> str:
+    models = ev.get("models", {})
+    tasks = sorted({t for m in models.values() for t in m.get("tasks", {})})
+    workloads = sorted({w for m in models.values() for w, r in m.get("throughput", {}).items()
+                        if isinstance(r, dict) and "output_tokens_per_s" in r})
+    header = ["model", "params", "LM loss", "ppl", "KL to parent", "top-1 agree", *[f"{t} acc" for t in tasks],
+              "retained %", *[f"{w} tok/s" for w in workloads], *[f"{w} speedup" for w in workloads]]
+    rows = []
+    for name, m in models.items():
+        rows.append([name, m.get("params"), m.get("lm_loss"), m.get("perplexity"), m.get("kl_to_parent"),
+                     m.get("agreement"), *[m.get("tasks", {}).get(t, {}).get("accuracy") for t in tasks],
+                     m.get("mean_retention_pct"),
+                     *[m.get("throughput", {}).get(w, {}).get("output_tokens_per_s") for w in workloads],
+                     *[m.get("speedup", {}).get(w) for w in workloads]])
+    skipped = {r.get("skipped") for m in models.values() for r in [m.get("throughput", {})] if "skipped" in r}
+    note = f"\n\nThroughput: {skipped.pop()}." if skipped else ""
+    split = ev.get("split", "valid")  # eval.json written before test splits existed: valid
+    where = (f"LM loss, perplexity, KL and top-1 agreement on the {split} split: {ev.get('sequences', '?')} "
+             f"sequences of {ev.get('seq_len', '?')} tokens"
+             + (" from documents that no earlier stage read (BLD, scoring and uptraining use train and valid)."
+                if split == "test" else " (the split scoring chose blocks on; not held out from selection)."))
+    return f"## Quality (held-out, against the parent)\n\n{where}\n\n{table(header, rows)}{note}\n"
+
+
+def solutions_section(sol: dict[str, Any]) -> str:
+    workloads = sorted(sol.get("parent", {}))
+    header = ["method", "name", "target", "objective", "attention layers",
+              *[f"{w} pred. speedup" for w in workloads]]
+    rows = [["mip", s.get("name"), s.get("target"), s.get("objective"), s.get("attention_layers"),
+             *[s.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]] for s in sol.get("solutions", [])]
+    rows += [[b.get("method"), "", b.get("target"), b.get("objective"), b.get("attention_layers"),
+              *[b.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]]
+             for b in sol.get("baselines", []) if b.get("feasible", True)]
+    return f"## Search solutions (predicted)\n\n{table(header, rows)}\n"
+
+
+def architecture_section(name: str, parent: list[BlockConfig] | None, child: list[BlockConfig],
+                         att_rel: list[float | None], ffn_rel: list[float | None], source: str) -> str:
+    rows = [[i, b.attention.name, b.ffn.name, parent[i].name if parent else "-", att_rel[i], ffn_rel[i]]
+            for i, b in enumerate(child)]
+    header = ["layer", "attention", "FFN", "parent", f"attention cost / parent ({source})", "FFN cost / parent"]
+    return f"### {name}\n\n{table(header, rows)}\n"
+
+
+def gkd_section(logs: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, log in logs.items():
+        valid = log.get("valid", [])
+        first, last = (valid[0], valid[-1]) if valid else ({}, {})
+        rows.append([name, log.get("steps"), log.get("train", [{}])[-1].get("tokens") if log.get("train") else None,
+                     first.get("kl"), last.get("kl"), first.get("agreement"), last.get("agreement")])
+    header = ["child", "steps", "tokens", "valid KL before", "valid KL after", "agreement before", "agreement after"]
+    return f"## Global distillation (GKD)\n\n{table(header, rows)}\n"
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------
+
+
+def _workload(inp: ReportInputs, cfg: ReportConfig) -> str | None:
+    if cfg.workload:
+        return cfg.workload
+    if inp.solutions and inp.solutions.get("parent"):
+        return next(iter(inp.solutions["parent"]))
+    return next(iter(inp.costs), None)
+
+
+def _fig5_points(inp: ReportInputs, workload: str) -> list[dict[str, Any]]:
+    sol = inp.solutions or {}
+    points = []
+    parent = sol.get("parent", {}).get(workload)
+    if parent:
+        points.append({"label": "parent", "x": parent["throughput_tok_s"], "y": 0.0, "group": "parent"})
+    for group, items in (("solution", sol.get("solutions", [])), ("baseline", sol.get("baselines", []))):
+        for s in items:
+            pred = s.get("predicted", {}).get(workload)
+            if pred and s.get("objective") is not None:
+                label = s.get("name") or s.get("method", "")
+                points.append({"label": label, "x": pred["throughput_tok_s"], "y": s["objective"], "group": group})
+    return points
+
+
+def _measured_points(ev: dict[str, Any], workload: str | None) -> tuple[list[dict[str, Any]], str]:
+    """Evaluated models: measured tok/s (or parameter count without a GPU) vs retention (or KL)."""
+    points, xlabel = [], "parameters"
+    for name, m in ev.get("models", {}).items():
+        tp = m.get("throughput", {}).get(workload or "", {})
+        x = tp.get("output_tokens_per_s") if isinstance(tp, dict) else None
+        if x is not None:
+            xlabel = f"measured output tokens/s ({workload})"
+        y = m.get("mean_retention_pct")
+        group = "parent" if name == "parent" else "uptrained" if name.endswith("/uptrained") else "child"
+        points.append({"label": name, "x": x if x is not None else m.get("params", 0),
+                       "y": y if y is not None else m.get("kl_to_parent"), "group": group})
+    return points, xlabel
+
+
+def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
+    """Write `run_dir/report.md` (+ `run_dir/report/*.png`); returns the report's path."""
+    cfg = cfg or ReportConfig()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PuzzleError(f"run directory {run_dir} does not exist; pass the directory `puzzle run` wrote")
+    plots_dir = run_dir / "report"
+    plots = cfg.plots and report_plots.available()
+    inputs_hash = _inputs_hash(run_dir, cfg, plots)
+    out = run_dir / "report.md"
+    if out.exists() and stage_is_current(plots_dir, inputs_hash):
+        return out  # nothing it reads has changed: a second `puzzle run` leaves the report untouched
+    inp = gather(run_dir)
+    if cfg.plots and not plots:
+        inp.notes.append("plots skipped: matplotlib is not installed (pip install 'puzzle-llm[plots]')")
+    workload = _workload(inp, cfg)
+    parts = [f"# Puzzle report: {run_dir.name}\n"]
+    figures: list[tuple[str, Path]] = []
+    if inp.eval:
+        parts.append(eval_section(inp.eval))
+        if plots and inp.eval.get("models"):
+            pts, xlabel = _measured_points(inp.eval, workload)
+            has_ret = any(m.get("mean_retention_pct") is not None for m in inp.eval["models"].values())
+            figures.append(("Evaluated models", report_plots.quality_vs_throughput(
+                pts, xlabel, "accuracy retained (% of parent)" if has_ret else "KL to parent",
+                "Evaluated models", plots_dir / "measured_quality.png")))
+    if inp.solutions:
+        parts.append(solutions_section(inp.solutions))
+        if plots and workload:
+            figures.append(("Quality vs throughput (Fig. 5)", report_plots.quality_vs_throughput(
+                _fig5_points(inp, workload), f"predicted throughput, tokens/s ({workload})",
+                f"summed replace-1-block {inp.solutions.get('metric', 'score')} (lower is better)",
+                "Solutions, baselines and parent", plots_dir / "quality_vs_throughput.png")))
+    if inp.children:
+        parts.append("## Chosen architectures\n")
+        costs = inp.costs.get(workload) if workload else None
+        for name, blocks in inp.children.items():
+            if inp.parent_blocks is None or len(inp.parent_blocks) != len(blocks):
+                att = ffn = [None] * len(blocks)
+                source = "parent unavailable"
+            else:
+                att, ffn, source = relative_layer_costs(inp.parent_blocks, blocks, costs, cfg.cost_metric)
+            parts.append(architecture_section(name, inp.parent_blocks, blocks, att, ffn, source))
+            if plots and any(v is not None for v in att + ffn):
+                figures.append((f"Per-layer cost of {name} (Fig. 6)", report_plots.layer_costs(
+                    att, ffn, f"{name}: cost relative to the parent ({source}, {workload})",
+                    plots_dir / f"layer_costs-{name}.png")))
+    if inp.gkd:
+        parts.append(gkd_section(inp.gkd))
+        if plots:
+            series = {f"{n} train loss": ([r["step"] for r in g["train"]], [r["loss"] for r in g["train"]])
+                      for n, g in inp.gkd.items() if g.get("train")}
+            series |= {f"{n} valid KL": ([v["step"] for v in g["valid"]], [v["kl"] for v in g["valid"]])
+                       for n, g in inp.gkd.items() if g.get("valid")}
+            figures.append(("GKD loss curves", report_plots.curves(series, "step", "loss", "Global distillation",
+                                                                   plots_dir / "gkd_curves.png", logy=True)))
+    if inp.library and plots:
+        bld: dict[str, tuple[list[float], list[float]]] = {}
+        for e in sorted(inp.library, key=lambda e: e["layer"]):
+            val = e.get("metrics", {}).get("val_nmse_after")
+            if val is not None:
+                xs, ys = bld.setdefault(f"{e['kind']} {library_variant(e)}", ([], []))
+                xs.append(e["layer"])
+                ys.append(val)
+        if bld:
+            figures.append(("BLD validation loss per layer", report_plots.curves(
+                bld, "layer", "normalised MSE to the parent block (after BLD)", "Blockwise local distillation",
+                plots_dir / "bld_losses.png", logy=True)))
+    if adjusted := adjustment_rows(inp.costs):
+        parts.append("## Per-variant costs made width-consistent\n\nMore KV heads or a wider FFN never cost less: "
+                     "measured values that broke that order (after re-measuring) were fitted (isotonic, per phase; "
+                     "`consistency` in each costs file).\n\n"
+                     + table(["workload", "variant", "phase", "measured us", "adjusted us"], adjusted) + "\n")
+    if figures:
+        parts.append("## Plots\n\n" + "\n\n".join(f"![{t}](report/{p.name})" for t, p in figures) + "\n")
+    if inp.notes:
+        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in inp.notes) + "\n")
+    write_text(out, "\n".join(parts))
+    mark_stage_done(plots_dir, "report", inputs_hash)
+    return out
+
+
+def _inputs_hash(run_dir: Path, cfg: ReportConfig, plots: bool) -> str:
+    """Every file `gather` reads (small JSON files only), the config and whether plots can be drawn."""
+    patterns = ["eval/eval.json", "search/solutions.json", "costs/*.json", "library/layer*/*.json",
+                "parent/config.json", "children/*/config.json", "children/*/uptrained/training_log.json"]
+    files = sorted(p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file())
+    return hash_json({"files": {str(p.relative_to(run_dir)): hash_file(p) for p in files},
+                      "config": to_dict(cfg), "plots": plots})
