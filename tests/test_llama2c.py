@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from puzzle.formats import detect_format, load_model, load_model_config
-from puzzle.formats.llama2c import Llama2cTokenizer
+from puzzle.formats.tokenizers import Llama2cTokenizer
 from puzzle.formats.tokenizers import load_tokenizer
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"

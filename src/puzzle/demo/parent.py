@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from puzzle.formats import export_hf
+from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.blocks import ModelConfig, uniform_blocks
 from puzzle.stages.data import DataConfig, load_tokens, run_data
 from puzzle.demo.corpus import write_stdlib_corpus
@@ -28,8 +30,6 @@ def demo_parent_config(vocab_size: int) -> ModelConfig:
 
 def build_demo_parent(work_dir: Path, pretrain_cfg: PretrainConfig, seq_len: int = 128) -> tuple[Path, Path]:
     """Returns (parent model directory, corpus directory)."""
-    from puzzle.formats import export_hf
-
     corpus = write_stdlib_corpus(work_dir / "corpus")
     parent_dir = work_dir / "parent-model"
     if (parent_dir / "config.json").is_file():
@@ -37,8 +37,6 @@ def build_demo_parent(work_dir: Path, pretrain_cfg: PretrainConfig, seq_len: int
     tokenizer_dir = train_tokenizer(corpus, work_dir / "tokenizer")
     run_data(work_dir / "pretrain", DataConfig(sources=[str(corpus)], seq_len=seq_len + 1), tokenizer_dir)
     tokens = load_tokens(work_dir / "pretrain" / "data", "train")
-    from puzzle.formats.tokenizers import load_tokenizer
-
     model = build_model(demo_parent_config(load_tokenizer(tokenizer_dir).vocab_size), seed=pretrain_cfg.seed)
     print(f"demo: pretraining a {model.config.param_count() / 1e6:.2f}M-parameter parent on "
           f"{tokens.size / 1e6:.2f}M tokens of standard-library text", file=sys.stderr)

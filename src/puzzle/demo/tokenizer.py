@@ -17,6 +17,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = 2048) -> 
     """Train (deterministically) and save; reuse an existing `out_dir`."""
     if (out_dir / "tokenizer.json").is_file():
         return out_dir
+    # lazy: only a first demo run trains a tokenizer; transformers takes seconds to import
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

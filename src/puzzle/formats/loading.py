@@ -11,7 +11,7 @@ from puzzle.model.blocks import ModelConfig
 from puzzle.formats import hf, llama2c, native
 from puzzle.formats.weights import model_from_state_dict
 from puzzle.core.errors import PuzzleError
-from puzzle.model.decoder import PuzzleModel
+from puzzle.model.decoder import PuzzleModel, build_model
 
 FORMATS = ("native", "hf", "nemotron-nas", "llama2c", "config")
 SIDECAR = "puzzle.json"  # written by export_hf: our exact ModelConfig, so a round trip keeps every field
@@ -91,8 +91,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     device="meta" builds the architecture without reading weights.
     """
     if torch.device(device).type == "meta":
-        from puzzle.model.decoder import build_model
-
         return build_model(load_model_config(path), device="meta", dtype=dtype or torch.float32)
     fmt, target = _resolve(path)
     if fmt == "config":

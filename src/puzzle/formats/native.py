@@ -13,6 +13,7 @@ import torch
 from puzzle.core.artifacts import atomic_dir, load_tensors, save_tensors
 from puzzle.model.blocks import ModelConfig
 from puzzle.formats.hf import read_json_file
+from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 from puzzle.formats.weights import model_from_state_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel
@@ -39,8 +40,6 @@ def copy_tokenizer_files(tokenizer_source: Any, out_dir: Path) -> list[str]:
     """Copy the tokenizer of `tokenizer_source` (a path or a loaded Tokenizer) into out_dir; return names."""
     if tokenizer_source is None:
         return []
-    from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer  # lazy: tokenizers imports checkpoint helpers
-
     if isinstance(tokenizer_source, (str, Path)):
         source = Path(tokenizer_source)
         if source.is_dir() and not has_tokenizer(source):

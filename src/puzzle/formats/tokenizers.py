@@ -7,6 +7,9 @@ of spaces, and SentencePiece gives the ids a Llama-2-style model was trained on.
 
 from __future__ import annotations
 
+import json
+import re
+import struct
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -40,7 +43,7 @@ class Tokenizer(Protocol):
 
 class SentencePieceTokenizer:
     def __init__(self, path: str | Path) -> None:
-        import sentencepiece as spm
+        import sentencepiece as spm  # lazy: only SentencePiece models need it
 
         self.path = Path(path)
         self.sp = spm.SentencePieceProcessor()
@@ -69,7 +72,7 @@ class SentencePieceTokenizer:
 
 class HFTokenizer:
     def __init__(self, model_dir: str | Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
         self.dir = Path(model_dir)
         try:
@@ -97,13 +100,93 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids])
 
 
+# ---- llama2.c's tokenizer -------------------------------------------------------------------------------------------
+
+_BYTE_PIECE = re.compile(rb"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class Llama2cTokenizer:
+    """llama2.c's tokenizer: encode = its greedy BPE merge by score; decode = what its `run` prints."""
+
+    bos_id = 1
+    eos_id = 2
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        raw = self.path.read_bytes()
+        if len(raw) < 4:
+            raise PuzzleError(f"{self.path} is not a llama2.c tokenizer (too short); re-download it")
+        pos = 4  # max_token_length, unused
+        self.pieces: list[bytes] = []
+        self.scores: list[float] = []
+        while pos < len(raw):
+            if pos + 8 > len(raw):
+                raise PuzzleError(f"{self.path} is truncated; re-download the llama2.c tokenizer")
+            score, length = struct.unpack_from("<fi", raw, pos)
+            pos += 8
+            if length < 0 or pos + length > len(raw):
+                raise PuzzleError(f"{self.path} is truncated or not a llama2.c tokenizer; re-download it")
+            self.pieces.append(raw[pos:pos + length])
+            self.scores.append(score)
+            pos += length
+        self.lookup = {p: i for i, p in enumerate(self.pieces)}  # first id wins, as llama2.c's bsearch mostly does
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def encode(self, text: str) -> list[int]:
+        """No BOS/EOS; a dummy prefix space as sentencepiece adds (llama2.c's add_dummy_prefix)."""
+        if not text:
+            return []
+        ids = [self.lookup[b" "]]
+        for ch in text:
+            b = ch.encode("utf-8")
+            if b in self.lookup:
+                ids.append(self.lookup[b])
+            else:  # byte fallback: the first 3 ids are <unk>, <s>, </s>
+                ids.extend(byte + 3 for byte in b)
+        while True:  # merge the adjacent pair whose concatenation has the best score
+            best, best_id, best_i = -1e10, -1, -1
+            for i in range(len(ids) - 1):
+                merged = self.lookup.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
+                if merged is not None and self.scores[merged] > best:
+                    best, best_id, best_i = self.scores[merged], merged, i
+            if best_i < 0:
+                return ids
+            ids[best_i:best_i + 2] = [best_id]
+
+    def piece_bytes(self, token: int, prev: int | None) -> bytes:
+        piece = self.pieces[token]
+        if prev == self.bos_id and piece.startswith(b" "):
+            piece = piece[1:]
+        m = _BYTE_PIECE.match(piece)
+        if m:
+            piece = bytes([int(m.group(1), 16)])
+        if len(piece) == 1 and (piece[0] < 0x20 and not chr(piece[0]).isspace() or piece[0] == 0x7F):
+            return b""  # llama2.c's safe_printf drops lone control bytes (high bytes are kept: UTF-8)
+        return piece
+
+    def decode(self, ids: list[int]) -> str:
+        out, prev = [], None
+        for token in ids:
+            token = int(token)
+            if token not in (self.bos_id, self.eos_id):
+                # At the very start, act as if BOS preceded (sentencepiece drops the leading space too).
+                out.append(self.piece_bytes(token, self.bos_id if prev is None else prev))
+            prev = token
+        return b"".join(out).decode("utf-8", errors="replace")
+
+
 def _config_override(model_dir: Path) -> dict[str, object]:
     """`config=` for AutoTokenizer when config.json names remote code: a blank config, so that transformers
     neither imports that code nor warns about a model type it cannot load; the class comes from
     tokenizer_config.json."""
-    import json
-
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig  # lazy: transformers takes seconds to import
 
     try:
         config = json.loads((model_dir / "config.json").read_text())
@@ -127,8 +210,6 @@ def has_tokenizer(model_dir: str | Path) -> bool:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A model directory, a llama2.c `.bin` (its `tok*.bin` beside it), or a tokenizer file."""
-    from puzzle.formats.llama2c import Llama2cTokenizer  # lazy: keeps `import puzzle.formats.tokenizers` light
-
     path = Path(path)
     if not path.exists():
         raise PuzzleError(f"tokenizer path {path} does not exist; pass a model directory or a tokenizer file")
