@@ -191,7 +191,7 @@ def hf_generate_baseline(hf_model: Any, w: Workload, vocab_size: int, repeats: i
 
 def hf_llama_like(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
     """A random-weight transformers LlamaForCausalLM of a homogeneous config (speed needs no real weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy: only the Llama baseline needs transformers
 
     b = config.blocks[0]
     if any(x != b for x in config.blocks) or b.attention.kind != "gqa" or b.ffn.kind != "swiglu":
