@@ -24,7 +24,7 @@ from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
 from puzzle.pipeline import RealizeConfig, RunConfig, load_run_config
 from puzzle.stages.report.stage import ReportConfig
-from puzzle.stages.scoring import ScoreConfig
+from puzzle.stages.scoring.stage import ScoreConfig
 from puzzle.stages.search.stage import SearchConfig
 from puzzle.stages.uptrain.stage import UptrainConfig
 

@@ -22,7 +22,7 @@ from puzzle.stages.evaluate.stage import EvalConfig, run_eval
 from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, run_library
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
-from puzzle.stages.scoring import ScoreConfig, run_score
+from puzzle.stages.scoring.stage import ScoreConfig, run_score
 
 MARK = "QXZ"
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "an", "old", "tree", "with", "red", "blue",

@@ -13,7 +13,8 @@ from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import build_attention_block, build_ffn_block, build_model
 from puzzle.model.presets import tiny_llama_config
-from puzzle.stages.scoring import EvalBatch, TaskItem, lm_batches, load_task_file, score_model, task_batches
+from puzzle.stages.scoring.batches import EvalBatch, TaskItem, lm_batches, load_task_file, task_batches
+from puzzle.stages.scoring.score import score_model
 
 PARENT_BLOCK = BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(128))
 
@@ -170,7 +171,8 @@ class _ByteTokenizer:
 
 
 def test_run_score_writes_scores_and_resumes_per_layer(tmp_path, monkeypatch):
-    from puzzle.stages import scoring
+    from puzzle.stages.scoring import score
+    from puzzle.stages.scoring import stage as scoring
     from puzzle.stages.data import DataConfig, run_data
     from puzzle.stages.library.store import Library
     from test_realize import _make_run
@@ -181,8 +183,8 @@ def test_run_score_writes_scores_and_resumes_per_layer(tmp_path, monkeypatch):
                                   txt_documents="lines"), tokenizer=_ByteTokenizer())
     cfg = scoring.ScoreConfig(num_sequences=2, batch_size=2, candidates_per_batch=16, device="cpu")
     calls: list[int] = []
-    real = scoring._score_layer
-    monkeypatch.setattr(scoring, "_score_layer", lambda parent, i, *a: calls.append(i) or real(parent, i, *a))
+    real = score._score_layer
+    monkeypatch.setattr(score, "_score_layer", lambda parent, i, *a: calls.append(i) or real(parent, i, *a))
     path = scoring.run_score(tmp_path, cfg)
     scores = json.loads(path.read_text())
     lib = Library.open(tmp_path / "library")

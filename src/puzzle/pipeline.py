@@ -25,7 +25,7 @@ from puzzle.core.errors import PuzzleError
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
 from puzzle.stages.report.stage import ReportConfig
-from puzzle.stages.scoring import ScoreConfig
+from puzzle.stages.scoring.stage import ScoreConfig
 from puzzle.stages.search.stage import SearchConfig
 from puzzle.stages.uptrain.stage import UptrainConfig
 from puzzle.core.workloads import DEFAULT_WORKLOADS
@@ -117,7 +117,7 @@ def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], obj
         "import": call("puzzle.stages.importer", "run_import", run_dir, cfg.parent),
         "data": call("puzzle.stages.data", "run_data", run_dir, cfg.data),
         "library": call("puzzle.stages.library", "run_library", run_dir, cfg.library),
-        "score": call("puzzle.stages.scoring", "run_score", run_dir, cfg.score),
+        "score": call("puzzle.stages.scoring.stage", "run_score", run_dir, cfg.score),
         "costs": call("puzzle.costs.stage", "run_costs", run_dir, cfg.costs),
         # The search times its children in the graphs mode eval will time them in (search.verify_rounds).
         "search": call("puzzle.stages.search.stage", "run_search", run_dir, cfg.search, cfg.eval.graphs),

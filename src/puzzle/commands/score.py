@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from puzzle.core.config import load_stage_config
-from puzzle.stages.scoring import ScoreConfig, run_score
+from puzzle.stages.scoring.stage import ScoreConfig, run_score
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from puzzle.model.blocks import BlockConfig
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel
 from puzzle.core.notices import warn
-from puzzle.stages.scoring import library_provider
+from puzzle.stages.library.provider import library_provider
 
 
 def build_child(parent: PuzzleModel, library: Any, blocks: list[BlockConfig]) -> PuzzleModel:

@@ -1,0 +1,31 @@
+"""Candidate sub-blocks for a layer, from the library or the parent itself: what scoring and realize assemble."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from puzzle.model.blocks import BlockConfig
+from puzzle.model.decoder import AttentionBlock, FFNBlock, PuzzleModel
+
+# (layer, block) -> the block's attention and FFN sub-blocks (None: a no-op sub-block)
+BlockProvider = Callable[[int, BlockConfig], tuple[AttentionBlock | None, FFNBlock | None]]
+
+
+def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
+    """Candidate sub-blocks from the library (`Library.block`, either mode). Where the library holds no entry
+    for a sub-block that equals the parent's own variant, the parent's sub-block is used: it *is* that block."""
+    config = parent.config
+
+    def provide(layer: int, block: BlockConfig) -> tuple[AttentionBlock | None, FFNBlock | None]:
+        own = config.blocks[layer]
+        have = {(e.kind, e.variant) for e in library.entries_for(layer)}
+        if ("block", block.name) in have:  # a coupled pair
+            return library.block(layer, block, config)
+        att = parent.layers[layer].attention if block.attention == own.attention and \
+            ("attention", block.attention.name) not in have else library.attention_block(layer, block.attention, config)
+        ffn = parent.layers[layer].ffn if block.ffn == own.ffn and ("ffn", block.ffn.name) not in have \
+            else library.ffn_block(layer, block.ffn, config)
+        return att, ffn
+
+    return provide
