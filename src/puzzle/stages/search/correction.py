@@ -4,7 +4,7 @@ One measured model gives one equation per phase (prefill, decode step) of a work
 
     fixed + sum over its layers of factor_v * cost_v = measured            (seconds)
 
-where cost_v is the variant's calibrated per-layer time from the costs file (`puzzle.costs.stage.block_costs`, so the
+where cost_v is the variant's calibrated per-layer time from the costs file (`puzzle.costs.table.block_costs`, so the
 parent calibration stays) and v runs over attention and FFN variants ("attention/gqa4", "ffn/swiglu512").
 `fit_factors` solves the equations by least squares (each scaled to a relative error), ridge-regularised
 towards factor 1 with each variant weighted by its share of the measured time: a single equation then scales
@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import lsq_linear
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.costs.table import CostTable
+from puzzle.costs.table import CostTable, block_costs, fixed_costs
 from puzzle.core.workloads import Workload
 
 PHASES = ("prefill", "decode")
@@ -48,8 +48,6 @@ class PartCosts:
 
 def part_costs(data: dict[str, Any], candidates: list[list[BlockConfig]], workload: Workload) -> PartCosts:
     """The halves of every candidate, from the costs JSON through `block_costs` (calibration applied)."""
-    from puzzle.costs.stage import block_costs, fixed_costs
-
     keys: list[list[tuple[str, str]]] = []
     times: dict[str, list[np.ndarray]] = {p: [] for p in PHASES}
     for layer in candidates:

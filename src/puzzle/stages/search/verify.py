@@ -18,10 +18,22 @@ import copy
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from puzzle.core.artifacts import read_json
+from puzzle.core.dtypes import DTYPE_BYTES, torch_dtype
+from puzzle.core.errors import PuzzleError
+from puzzle.core.notices import warn
+from puzzle.core.rundir import RunDir
+from puzzle.core.workloads import Workload
+from puzzle.costs.schema import load_costs
+from puzzle.formats import load_model_config
 from puzzle.model.blocks import BlockConfig, ModelConfig
+from puzzle.model.decoder import build_model
+from puzzle.runtime.bench import run_workload
+from puzzle.runtime.timing import device_key
 from puzzle.stages.search.correction import (
     PHASES,
     Equation,
@@ -32,10 +44,11 @@ from puzzle.stages.search.correction import (
     part_costs,
     variant_keys,
 )
-from puzzle.core.errors import PuzzleError
-from puzzle.core.notices import warn
-from puzzle.stages.search.stage import ConstraintSpec, SearchConfig, SearchInputs, parse_target, point_specs, search
-from puzzle.core.workloads import Workload
+from puzzle.stages.search.solve import SearchInputs, point_specs, search
+from puzzle.stages.search.targets import ConstraintSpec, parse_target
+
+if TYPE_CHECKING:
+    from puzzle.stages.search.stage import SearchConfig  # the stage imports this module
 
 # blocks, workload -> `bench.run_workload`'s dict (ttft_s, decode_s, total_s, output_tokens_per_s, graphs)
 Measurer = Callable[[list[BlockConfig], Workload], dict[str, Any]]
@@ -44,17 +57,18 @@ TIME_KINDS = ("throughput", "latency", "ttft")
 
 def time_child(parent: ModelConfig, blocks: list[BlockConfig], workload: Workload, device: str,
                dtype: str, graphs: str) -> dict[str, Any]:
-    """A random-weight model of the parent's shape with `blocks`, timed as `puzzle eval` times a child."""
-    import torch
-
-    from puzzle.costs.stage import DTYPES
-    from puzzle.stages.evaluate.stage import measure_throughput
-    from puzzle.model.decoder import build_model
-
+    """A random-weight model of the parent's shape with `blocks`, timed as `puzzle eval` times a child
+    (`runtime.bench.run_workload`, on CUDA only)."""
     try:
-        model = build_model(parent.with_blocks(blocks), device=device, dtype=DTYPES.get(dtype, torch.bfloat16),
-                            seed=0).eval()
-        run = measure_throughput(model, [workload], graphs)
+        model = build_model(parent.with_blocks(blocks), device=device,
+                            dtype=torch_dtype(dtype) if dtype in DTYPE_BYTES else torch.bfloat16, seed=0).eval()
+        if model.embed_tokens.weight.device.type != "cuda":
+            run: dict[str, Any] = {"skipped": "no GPU: throughput is measured on CUDA only"}
+        else:
+            try:
+                run = {workload.name: run_workload(model, workload, graphs=graphs)}
+            except PuzzleError as e:  # e.g. the workload does not fit this model
+                run = {workload.name: {"error": str(e)}}
     except torch.cuda.OutOfMemoryError:
         run = {"skipped": "out of device memory"}
     finally:
@@ -70,24 +84,18 @@ def time_child(parent: ModelConfig, blocks: list[BlockConfig], workload: Workloa
 
 def gpu_measurer(parent_dir: Path, costs_device: str, dtype: str, graphs: str) -> Measurer | str:
     """A measurer on this GPU (`time_child` per model), or why there is none."""
-    import torch
-
     if not torch.cuda.is_available():
         return "no GPU here to time the children on"
-    from puzzle.runtime.timing import device_key
-
     here = device_key("cuda")
     if here != costs_device:
         return f"the costs were measured on {costs_device} but this GPU is {here}"
-    from puzzle.formats import load_model_config
-
     parent = load_model_config(parent_dir)
     return lambda blocks, workload: time_child(parent, blocks, workload, "cuda", dtype, graphs)
 
 
-def eval_graphs(run_dir: Path) -> str:
+def eval_graphs(run_dir: Path | RunDir) -> str:
     """The graphs mode `puzzle eval` times children in: the run's saved eval.graphs, else the default."""
-    path = Path(run_dir) / "config.json"
+    path = RunDir(run_dir).config
     saved = read_json(path).get("eval", {}).get("graphs") if path.exists() else None
     return saved if isinstance(saved, str) else "auto"
 
@@ -127,10 +135,8 @@ class Verifier:
 
     def __init__(self, inputs: SearchInputs, cfg: SearchConfig, run_dir: Path, measure: Measurer | None,
                  workloads: list[str]) -> None:
-        from puzzle.costs.stage import load_costs
-
         self.base, self.cfg, self.run_dir, self.measure = inputs, cfg, run_dir, measure
-        self.data = {w: load_costs(run_dir / "costs", w, inputs.tables[w].device) for w in workloads}
+        self.data = {w: load_costs(RunDir(run_dir).costs, w, inputs.tables[w].device) for w in workloads}
         self.workload = {w: inputs.tables[w].workload for w in workloads}
         self.parts = {w: part_costs(self.data[w], inputs.candidates, self.workload[w]) for w in workloads}
         self.parent_parts = {w: part_costs(self.data[w], [[b] for b in inputs.parent_blocks], self.workload[w])
@@ -225,7 +231,7 @@ def verified_search(inputs: SearchInputs, cfg: SearchConfig, run_dir: Path, grap
     verifier = None if reason else Verifier(inputs, cfg, run_dir, measure, workloads)
     if verifier is not None and measure is None:
         w = workloads[0]
-        got = gpu_measurer(run_dir / "parent", inputs.tables[w].device, str(verifier.data[w].get("dtype")), graphs)
+        got = gpu_measurer(RunDir(run_dir).parent, inputs.tables[w].device, str(verifier.data[w].get("dtype")), graphs)
         reason, verifier.measure = (got, None) if isinstance(got, str) else (None, got)
     if reason is not None:
         if cfg.verify_rounds != 0 and workloads:
