@@ -18,11 +18,13 @@ import yaml
 
 from puzzle.cli import main
 from puzzle.core.config import from_dict, load_stage_config, to_dict
+from puzzle.core.errors import PuzzleError
 from puzzle.costs.stage import CostsConfig
 from puzzle.stages.data import DataConfig
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
-from puzzle.pipeline import RealizeConfig, RunConfig, load_run_config
+from puzzle.pipeline import RunConfig, load_run_config
+from puzzle.stages.realize import RealizeConfig
 from puzzle.stages.report.stage import ReportConfig
 from puzzle.stages.scoring.stage import ScoreConfig
 from puzzle.stages.search.stage import SearchConfig
@@ -46,7 +48,7 @@ REF_S = REPO / "configs" / "ref-s.yaml"
     ("library.search_space.ffn_fractions=[1.0,1.5]", "library.search_space.ffn_fractions: 1.5 is outside (0, 1]"),
     ("library.search_space.round_to=0", "library.search_space.round_to must be positive, got 0"),
     ("costs.repeats=0", "costs.repeats must be positive, got 0"),
-    ("costs.workloads=[]", "costs.workloads is empty"),
+    ("workloads=[]", "workloads is empty"),
     ("search.constraints=[{kind: throughput, target: 2y, workload: text-generation-1k}]",
      "search.constraints[0].target: cannot read throughput target '2y'"),
     ("search.constraints=[{kind: memory, target: 80GiB}]", "search.constraints[0]: a memory constraint needs a workload"),
@@ -120,10 +122,7 @@ CASES = [
      {"num_sequences": 5, "batch_size": 2}, {"batch_size": 3}, "candidates_per_batch=7",
      {"num_sequences": 5, "batch_size": 3, "candidates_per_batch": 7}),
     ("costs", ("puzzle.costs.stage", "run_costs"), CostsConfig,
-     {"repeats": 4, "warmup": 1, "workloads": [{"name": "tg", "batch_size": 8, "prompt_len": 32, "gen_len": 32}]},
-     {"warmup": 2}, "mode=estimate",
-     {"repeats": 4, "warmup": 2, "mode": "estimate", "workloads": [{"name": "tg", "batch_size": 8, "prompt_len": 32,
-                                                                      "gen_len": 32}]}),
+     {"repeats": 4, "warmup": 1}, {"warmup": 2}, "mode=estimate", {"repeats": 4, "warmup": 2, "mode": "estimate"}),
     ("search", ("puzzle.commands.search", "run_search"), SearchConfig,
      {"constraints": [{"kind": "throughput", "target": "2x", "workload": "tg"}], "num_solutions": 2},
      {"num_solutions": 3}, "time_limit_s=5",
@@ -174,7 +173,7 @@ def test_stage_command_starts_from_the_saved_config(tmp_path: Path, monkeypatch:
                                                     from_yaml: dict, override: str, expected: dict) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    whole = {"parent": "p", "costs": {"workloads": [{"name": "tg", "batch_size": 8, "prompt_len": 32, "gen_len": 32}]},
+    whole = {"parent": "p", "workloads": [{"name": "tg", "batch_size": 8, "prompt_len": 32, "gen_len": 32}],
              "eval": {"workloads": ["tg"]}, command: saved}
     (run / "config.json").write_text(json.dumps(to_dict(load_run_config(whole))))  # as `puzzle run` writes it
     config = tmp_path / "more.yaml"
@@ -217,3 +216,21 @@ def test_load_stage_config_merges_mappings_and_replaces_lists(tmp_path: Path) ->
     cfg = load_stage_config(LibraryConfig, run, "library", tmp_path / "c.yaml", ["search_space.attention_no_op=false"])
     assert cfg.search_space.round_to == 16 and cfg.search_space.ffn_fractions == [0.75]
     assert cfg.search_space.attention_no_op is False
+
+
+def test_costs_workloads_key_moved_to_the_top_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config written for the old layout (`costs.workloads`) fails in one line saying where the key went."""
+    old = yaml.safe_load(REF_S.read_text())
+    old["costs"] = {"workloads": old.pop("workloads")}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert main(["run", str(path), f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "costs.workloads moved to the top-level `workloads:` list" in err, err
+    run = tmp_path / "stage"
+    run.mkdir()
+    assert main(["costs", str(run), "--config", str(path)]) == 2  # a single-stage command says the same
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "costs.workloads moved to the top-level `workloads:` list" in err, err
+    with pytest.raises(PuzzleError, match="moved to the top-level `workloads:` list"):
+        load_run_config({"parent": "p", "costs": {"workloads": []}})

@@ -184,3 +184,30 @@ def test_exported_child_works_through_lm_eval_hf_interface(tmp_path: Path) -> No
         assert req == (ctx, cont), "same tokenisation as lm-eval's"
         (our_ll, _), = score_requests(lambda x: ours(x).logits, [req], CPU, 1, 512)
         assert our_ll == pytest.approx(hf_ll, rel=1e-4, abs=1e-4)
+
+
+def test_eval_throughput_workloads_come_from_the_run_config_not_cost_files(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eval times the shapes the run's config defines (top-level `workloads:`); a costs file naming the same
+    workload with another shape is not read. An unknown name is a one-line error naming the known ones."""
+    import puzzle.stages.evaluate.stage as stage
+
+    run, _ = make_run_dir(tmp_path)
+    tg = {"name": "tg", "batch_size": 3, "prompt_len": 8, "gen_len": 4}
+    (run / "config.json").write_text(json.dumps({"parent": "p", "workloads": [tg]}))
+    (run / "costs").mkdir()
+    (run / "costs" / "estimate-tg.json").write_text(json.dumps({"workload": {**tg, "batch_size": 99}}))
+    seen: list[dict] = []
+
+    def fake(model, workloads, graphs="auto"):
+        seen.extend(w.to_dict() for w in workloads)
+        return {"skipped": "test"}
+
+    monkeypatch.setattr(stage, "measure_throughput", fake)
+    run_eval(run, EvalConfig(children=["noattn12"], uptrained=False, max_sequences=2, device="cpu",
+                             workloads=["tg", "batch1"]))
+    assert seen and all(w == tg for w in seen if w["name"] == "tg")
+    assert {w["name"] for w in seen} == {"tg", "batch1"}  # built-in shapes stay known
+    with pytest.raises(PuzzleError, match=r"unknown workload 'nope'; known: \['tg', ") as e:
+        run_eval(run, EvalConfig(max_sequences=2, device="cpu", workloads=["nope"]))
+    assert "\n" not in str(e.value)

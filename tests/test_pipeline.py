@@ -350,11 +350,11 @@ def test_shipped_config_is_valid(path: Path) -> None:
         data["parent"] = "placeholder-parent"
     cfg = load_run_config(data)
     assert cfg.run_dir
-    workloads = {w.name for w in cfg.costs.workloads}
+    workloads = {w.name for w in cfg.workloads}
     assert workloads, "a config must name the workloads it optimises for"
     for c in cfg.search.constraints:
         parse_target(c.kind, c.target)
-        assert c.workload is None or c.workload in workloads, f"{c.workload} is not in costs.workloads"
+        assert c.workload is None or c.workload in workloads, f"{c.workload} is not in workloads"
     for target in cfg.search.sweep:
         parse_target(cfg.search.constraints[cfg.search.sweep_constraint].kind, target)
     known = workloads | {w.name for w in DEFAULT_WORKLOADS}

@@ -17,37 +17,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle.core.config import from_dict, to_dict
-from puzzle.costs.stage import CostsConfig
-from puzzle.stages.data import DataConfig
+from puzzle.core.artifacts import write_json
+from puzzle.core.config import check_moved_keys, from_dict, to_dict
 from puzzle.core.distributed import all_gather_objects, barrier, distributed
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
+from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload, check_workloads
+from puzzle.costs.stage import CostsConfig
+from puzzle.stages.data import DataConfig
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
+from puzzle.stages.realize import RealizeConfig, chosen_solutions
 from puzzle.stages.report.stage import ReportConfig
 from puzzle.stages.scoring.stage import ScoreConfig
 from puzzle.stages.search.stage import SearchConfig
 from puzzle.stages.uptrain.stage import UptrainConfig
-from puzzle.core.workloads import DEFAULT_WORKLOADS
 
 STAGES = ("import", "data", "library", "score", "costs", "search", "realize", "uptrain", "eval", "report")
 DISTRIBUTED_STAGES = {"library", "uptrain"}
 
 
 @dataclass
-class RealizeConfig:
-    solutions: list[str] = field(default_factory=list)  # names in search/solutions.json; empty = best per target
-    max_children: int = 3
-
-    def __post_init__(self) -> None:
-        if self.max_children < 1:
-            raise PuzzleError(f"realize.max_children must be at least 1, got {self.max_children}")
-
-
-@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     parent: str = ""  # a model directory, llama2.c .bin, or anything `puzzle inspect` reads
+    # The inference workloads the run optimises for: costs times each, search constraints, eval and report
+    # name them.
+    workloads: list[Workload] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     data: DataConfig = field(default_factory=DataConfig)
     library: LibraryConfig = field(default_factory=LibraryConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -59,11 +55,12 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
-        """Checks across sections: every workload named anywhere is one the costs stage defines (eval may also
-        measure the built-in ones)."""
+        """Checks across sections: every workload named anywhere is one of `workloads` (eval may also measure the
+        built-in ones)."""
         if not self.run_dir:
             raise PuzzleError("config: run_dir is empty; name the directory the run writes, e.g. run_dir=runs/x")
-        defined = [w.name for w in self.costs.workloads]
+        check_workloads(self.workloads)
+        defined = [w.name for w in self.workloads]
         builtin = [w.name for w in DEFAULT_WORKLOADS]
         uses = [(f"search.constraints[{i}].workload", c.workload, defined)
                 for i, c in enumerate(self.search.constraints) if c.workload is not None]
@@ -72,59 +69,47 @@ class RunConfig:
             uses.append(("report.workload", self.report.workload, defined))
         for where, name, known in uses:
             if name not in known:
-                raise PuzzleError(f"{where}: workload {name!r} is not defined; costs.workloads defines "
+                raise PuzzleError(f"{where}: workload {name!r} is not defined; workloads defines "
                                   f"{defined}" + (f" (eval also knows {builtin})" if known is not defined else "")
-                                  + "; fix the name or add the workload to costs.workloads")
+                                  + "; fix the name or add the workload to the top-level workloads")
 
 
 def load_run_config(data: dict[str, Any]) -> RunConfig:
+    check_moved_keys(data)
     cfg = from_dict(RunConfig, data, where="config")
     if not cfg.parent:
         raise PuzzleError("config: `parent` is required (a model directory or llama2.c .bin); e.g. parent=path/to/model")
     return cfg
 
 
-def chosen_solutions(run_dir: Path, cfg: RealizeConfig) -> list[str]:
-    """The solutions to realize: the configured names, else the best MIP solution of each target."""
-    from puzzle.core.artifacts import read_json
-
-    solutions = read_json(run_dir / "search" / "solutions.json")["solutions"]
-    if cfg.solutions:
-        return list(cfg.solutions)
-    best = [s["name"] for s in solutions if s.get("rank", 0) == 0]
-    return best[: cfg.max_children]
-
-
-def stage_functions(cfg: RunConfig, run_dir: Path) -> dict[str, Callable[[], object]]:
-    """Each stage as a no-argument callable; modules load only when their stage runs."""
+def stage_functions(cfg: RunConfig, run_dir: Path | RunDir) -> dict[str, Callable[[], object]]:
+    """Each stage as a no-argument callable; stage modules other than the config classes' load only when their
+    stage runs."""
+    run = RunDir(run_dir)
 
     def call(module: str, function: str, *args: object) -> Callable[[], object]:
         return lambda: getattr(importlib.import_module(module), function)(*args)
 
     def realize() -> None:
-        from puzzle.stages.realize import run_realize
-
-        for name in chosen_solutions(run_dir, cfg.realize):
-            run_realize(run_dir, name)
+        for name in chosen_solutions(run, cfg.realize):
+            call("puzzle.stages.realize", "run_realize", run.root, name)()
 
     def uptrain() -> None:
-        from puzzle.stages.uptrain.stage import run_uptrain
-
-        for name in chosen_solutions(run_dir, cfg.realize):
-            run_uptrain(run_dir, run_dir / "children" / name, cfg.uptrain)
+        for name in chosen_solutions(run, cfg.realize):
+            call("puzzle.stages.uptrain.stage", "run_uptrain", run.root, run.child(name), cfg.uptrain)()
 
     return {
-        "import": call("puzzle.stages.importer", "run_import", run_dir, cfg.parent),
-        "data": call("puzzle.stages.data", "run_data", run_dir, cfg.data),
-        "library": call("puzzle.stages.library", "run_library", run_dir, cfg.library),
-        "score": call("puzzle.stages.scoring.stage", "run_score", run_dir, cfg.score),
-        "costs": call("puzzle.costs.stage", "run_costs", run_dir, cfg.costs),
+        "import": call("puzzle.stages.importer", "run_import", run.root, cfg.parent),
+        "data": call("puzzle.stages.data", "run_data", run.root, cfg.data),
+        "library": call("puzzle.stages.library", "run_library", run.root, cfg.library),
+        "score": call("puzzle.stages.scoring.stage", "run_score", run.root, cfg.score),
+        "costs": call("puzzle.costs.stage", "run_costs", run.root, cfg.costs, list(cfg.workloads)),
         # The search times its children in the graphs mode eval will time them in (search.verify_rounds).
-        "search": call("puzzle.stages.search.stage", "run_search", run_dir, cfg.search, cfg.eval.graphs),
+        "search": call("puzzle.stages.search.stage", "run_search", run.root, cfg.search, cfg.eval.graphs),
         "realize": realize,
         "uptrain": uptrain,
-        "eval": call("puzzle.stages.evaluate.stage", "run_eval", run_dir, cfg.eval),
-        "report": call("puzzle.stages.report.stage", "run_report", run_dir, cfg.report),
+        "eval": call("puzzle.stages.evaluate.stage", "run_eval", run.root, cfg.eval, list(cfg.workloads)),
+        "report": call("puzzle.stages.report.stage", "run_report", run.root, cfg.report),
     }
 
 
@@ -171,21 +156,19 @@ def run_pipeline(cfg: RunConfig, start: str | None = None, until: str | None = N
                  log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Run the selected stages; returns seconds spent per stage."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    run_dir = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     stages = select_stages(start, until)
     check_inputs_exist(cfg, stages)  # fail before anything is written
     # The group lives for the whole run and is torn down at its end: a rank that exits while gloo peers
     # still hold the group aborts them ("terminate called without an active exception").
     with distributed(cfg.library.device if cfg.library.device != "auto" else None) as info:
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            from puzzle.core.artifacts import write_json
-
-            config_path, config = run_dir / "config.json", to_dict(cfg)
+            run.root.mkdir(parents=True, exist_ok=True)
+            config_path, config = run.config, to_dict(cfg)
             if not config_path.exists() or json.loads(config_path.read_text()) != config:  # rerun: leave it untouched
                 write_json(config_path, config)  # what this run was asked to do, for the report
         barrier()
-        functions = stage_functions(cfg, run_dir)
+        functions = stage_functions(cfg, run)
         timings: dict[str, float] = {}
         for name in stages:
             if info.is_main:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
 
+from puzzle.core.artifacts import read_json, write_json
 from puzzle.core.errors import PuzzleError
+from puzzle.core.notices import clear_warnings, warn
+from puzzle.core.rundir import RunDir
+from puzzle.core.workloads import DEFAULT_WORKLOADS, workload_by_name
+from puzzle.costs.schema import load_costs
+from puzzle.formats import export_hf, load_model
+from puzzle.formats.native import is_native_config
+from puzzle.runtime.bench import bench, format_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--graphs", default="auto", choices=["auto", "manual", "fused", "compile", "none"])
+    parser.add_argument("--graphs", default="auto", choices=["auto", "fused", "manual", "none"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hf", action="store_true", help="also time transformers' generate on each model")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -28,12 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.core.artifacts import write_json
-    from puzzle.runtime.bench import bench, format_table
-    from puzzle.formats import load_model
-    from puzzle.costs.stage import load_costs
-    from puzzle.core.workloads import DEFAULT_WORKLOADS, workload_by_name
-
     workloads = [workload_by_name(n) for n in args.workload] if args.workload else list(DEFAULT_WORKLOADS)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
@@ -53,12 +56,10 @@ def run(args: argparse.Namespace) -> int:
         costs = {w.name: load_costs(Path(args.costs), w.name, args.costs_device) for w in workloads}
     report = bench(models, workloads, graphs=args.graphs, repeats=args.repeats, hf_models=hf_models or None,
                    costs=costs)
-    run_dir = Path(args.costs) if args.costs and (Path(args.costs) / "costs").is_dir() else None
+    run_dir = Path(args.costs) if args.costs and RunDir(args.costs).costs.is_dir() else None
     if run_dir is None:
         print(format_table(report))  # warnings as lines of the table
     else:  # the run keeps the warnings for its summary; `warn` prints them
-        from puzzle.core.notices import clear_warnings, warn
-
         print(format_table({**report, "warnings": []}))
         clear_warnings(run_dir, "bench")
         for message in report["warnings"]:
@@ -71,11 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
 def remote_code_reason(path: Path) -> str | None:
     """Why transformers would run Python code shipped in the directory (None: it would not)."""
+    # local, as below: transformers takes seconds to import and only --hf needs it
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from puzzle.core.artifacts import read_json
-
-    config = read_json(path / "config.json")
+    config = read_json(RunDir.model_config(path))
     if config.get("auto_map"):
         return "its config.json maps transformers' Auto classes to code in the directory (auto_map)"
     if config.get("model_type") not in CONFIG_MAPPING:
@@ -85,10 +85,8 @@ def remote_code_reason(path: Path) -> str | None:
 
 def _is_hf_dir(path: Path) -> bool:
     """A directory transformers loads as it is (a native puzzle directory or a llama2.c file is not one)."""
-    from puzzle.core.artifacts import read_json
-    from puzzle.formats.native import is_native_config
-
-    return path.is_dir() and (path / "config.json").exists() and not is_native_config(read_json(path / "config.json"))
+    config = RunDir.model_config(path)
+    return path.is_dir() and config.exists() and not is_native_config(read_json(config))
 
 
 def trusted_hf_dir(path: Path, trust_remote_code: bool) -> bool:
@@ -107,16 +105,12 @@ def _load_hf(path: str, model, device: str, dtype: torch.dtype, trust_remote_cod
     """transformers' model for the baseline: an HF directory as is (its own code only with
     --trust-remote-code, checked by `trusted_hf_dir`), otherwise exported by this package into a temporary
     directory (whose remote code this package wrote)."""
-    import tempfile
-
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if _is_hf_dir(p):
         trust = trusted_hf_dir(p, trust_remote_code)
     else:
-        from puzzle.formats import export_hf
-
         p = Path(tempfile.mkdtemp(prefix="puzzle-bench-hf-"))
         export_hf(model, p)
         trust = True  # the code in p is this package's own export

@@ -1,9 +1,17 @@
-"""`puzzle costs RUN_DIR [--config YAML] [key=value ...]`: per-sub-block costs on this device."""
+"""`puzzle costs RUN_DIR [--config YAML] [key=value ...]`: per-sub-block costs on this device.
+
+The workloads timed are the run's (a YAML config's top-level `workloads:`, else RUN_DIR/config.json's, else the
+built-in ones).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from puzzle.core.config import load_stage_config
+from puzzle.core.workloads import run_workloads
+from puzzle.costs.stage import CostsConfig, run_costs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,10 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.core.config import load_stage_config
-    from puzzle.costs.stage import CostsConfig, run_costs
-
     cfg = load_stage_config(CostsConfig, args.run_dir, "costs", args.config, args.overrides)
-    for name, path in run_costs(Path(args.run_dir), cfg).items():
+    for name, path in run_costs(Path(args.run_dir), cfg, run_workloads(args.run_dir, args.config)).items():
         print(f"{name}: {path}")
     return 0

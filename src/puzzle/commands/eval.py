@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 
 from puzzle.core.config import load_stage_config
+from puzzle.core.rundir import RunDir
+from puzzle.core.workloads import run_workloads
 from puzzle.stages.evaluate.stage import EvalConfig, run_eval
+from puzzle.stages.evaluate.tasks import TaskSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(EvalConfig, args.run_dir, "eval", args.config, args.overrides)
     if args.task:
-        from puzzle.stages.evaluate.tasks import TaskSpec
-
         cfg.tasks = [*cfg.tasks, *(TaskSpec(path=p) for p in args.task)]
-    result = run_eval(args.run_dir, cfg)
+    result = run_eval(args.run_dir, cfg, run_workloads(args.run_dir, args.config))
     print(f"loss / perplexity / KL / agreement on the {result.get('split', 'valid')} split "
           f"({result.get('sequences', '?')} sequences)")
     for name, m in result["models"].items():
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         extra = f"  retained {retained:.1f}%" if retained is not None else ""
         print(f"{name:32s} loss {m['lm_loss']:.4f}  ppl {m['perplexity']:.2f}  KL {m['kl_to_parent']:.4f}  "
               f"agree {m['agreement']:.3f}{extra}")
-    print(f"wrote {args.run_dir / 'eval' / 'eval.json'}")
+    print(f"wrote {RunDir(args.run_dir).eval_file}")
     return 0

@@ -7,8 +7,7 @@ import argparse
 from pathlib import Path
 
 from puzzle.core.config import load_stage_config
-from puzzle.pipeline import RealizeConfig, chosen_solutions
-from puzzle.stages.realize import run_realize
+from puzzle.stages.realize import RealizeConfig, chosen_solutions, run_realize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

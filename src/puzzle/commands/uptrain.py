@@ -10,6 +10,7 @@ from pathlib import Path
 
 from puzzle.core.config import load_stage_config
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
 from puzzle.stages.uptrain.stage import UptrainConfig, run_uptrain
 
 
@@ -23,12 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def children(run_dir: Path, names: list[str] | None) -> list[Path]:
-    root = run_dir / "children"
+    run = RunDir(run_dir)
     if names:
-        return [root / n for n in names]
-    found = sorted(p for p in root.glob("*") if p.is_dir() and (p / "config.json").exists()) if root.is_dir() else []
+        return [run.child(n) for n in names]
+    found = [p for p in run.child_dirs() if RunDir.model_config(p).exists()]
     if not found:
-        raise PuzzleError(f"no realized children in {root}; run `puzzle realize {run_dir}` first")
+        raise PuzzleError(f"no realized children in {run.children}; run `puzzle realize {run_dir}` first")
     return found
 
 

@@ -36,6 +36,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    for key in unknown:
+        check_moved_keys(data, f"{where}.{key}")
     if unknown:
         raise PuzzleError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
@@ -43,6 +45,30 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         return cls(**kwargs)
     except TypeError as e:
         raise PuzzleError(f"{where}: {e}") from None
+
+
+# Keys a config may still carry from an older layout -> where they went (a one-line error says so).
+MOVED_KEYS = {"costs.workloads": "moved to the top-level `workloads:` list (costs, search, eval and report name "
+                                 "its workloads)"}
+
+
+def check_moved_keys(data: dict[str, Any], where: str | None = None) -> None:
+    """Raise for a key that moved: `where` is one dotted key of a section (e.g. "costs.workloads"), else every
+    moved key is looked up in the whole run config `data`."""
+    if where is not None:
+        key = where.removeprefix("config.")
+        if key in MOVED_KEYS:
+            raise PuzzleError(f"{key} {MOVED_KEYS[key]}")
+        return
+    for key in MOVED_KEYS:
+        node: Any = data
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) and part in node else _ABSENT
+        if node is not _ABSENT:
+            raise PuzzleError(f"{key} {MOVED_KEYS[key]}")
+
+
+_ABSENT = object()
 
 
 def to_dict(obj: Any) -> Any:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.core.artifacts import read_json, write_json
-
-WARNINGS_FILE = "warnings.json"
+from puzzle.core.rundir import RunDir
 
 
 def read_warnings(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every kept warning: [{"stage": ..., "message": ...}] in the order they were raised."""
-    path = Path(run_dir) / WARNINGS_FILE
+    path = RunDir(run_dir).warnings
     return list(read_json(path).get("warnings", [])) if path.exists() else []
 
 
@@ -31,12 +30,12 @@ def warn(run_dir: str | Path | None, stage: str, message: str) -> None:
     kept = read_warnings(run_dir)
     entry = {"stage": stage, "message": message}
     if entry not in kept:
-        write_json(Path(run_dir) / WARNINGS_FILE, {"warnings": [*kept, entry]})
+        write_json(RunDir(run_dir).warnings, {"warnings": [*kept, entry]})
 
 
 def clear_warnings(run_dir: str | Path, stage: str) -> None:
     """Forget the warnings a stage raised before it runs again."""
-    path = Path(run_dir) / WARNINGS_FILE
+    path = RunDir(run_dir).warnings
     kept = read_warnings(run_dir)
     rest = [w for w in kept if w.get("stage") != stage]
     if rest != kept:

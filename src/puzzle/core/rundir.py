@@ -8,11 +8,12 @@ whole layout here:
       warnings.json               fallbacks a stage took (puzzle.core.notices)
       parent/                     import: the parent in the native format
       data/                       data: manifest.json, train.bin, valid.bin, test.bin
-      library/                    library: library.json, one safetensors + sidecar per trained variant
+      library/                    library: library.json, layer_NNNN/<entry>.json + .safetensors per trained variant
       scores/                     score: scores.json, scores.csv, layers/layer_NNNN.json
       costs/                      costs: <device>-<workload>.json per workload
       search/                     search: solutions.json, solutions.csv, verify.json
-      children/<name>/            realize: an HF Nemotron-NAS directory; uptrained/ holds its GKD result
+      children/<name>/            realize: an HF Nemotron-NAS directory (config.json, ...); uptrained/ holds its GKD
+                                  result (an HF directory + training_log.json)
       eval/                       eval: eval.json
       report.md, report/          report: the report and its plots
 """
@@ -27,8 +28,27 @@ from pathlib import Path
 class RunDir:
     root: Path
 
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
+    # File names inside a stage's directory, for stages that write into a temporary directory and rename it.
+    MANIFEST = "manifest.json"
+    MODEL_CONFIG = "config.json"
+    UPTRAINED = "uptrained"
+    TRAINING_LOG = "training_log.json"
+
+    def __init__(self, root: str | Path | RunDir) -> None:
+        object.__setattr__(self, "root", root.root if isinstance(root, RunDir) else Path(root))
+
+    @staticmethod
+    def split_file(split: str) -> str:
+        return f"{split}.bin"
+
+    @staticmethod
+    def model_config(model_dir: Path) -> Path:
+        """The config of a model directory (the parent, a child, an uptrained child)."""
+        return Path(model_dir) / RunDir.MODEL_CONFIG
+
+    @staticmethod
+    def uptrained_of(child_dir: Path) -> Path:
+        return Path(child_dir) / RunDir.UPTRAINED
 
     def __fspath__(self) -> str:
         return str(self.root)
@@ -53,10 +73,10 @@ class RunDir:
 
     @property
     def data_manifest(self) -> Path:
-        return self.data / "manifest.json"
+        return self.data / self.MANIFEST
 
     def data_split(self, split: str) -> Path:
-        return self.data / f"{split}.bin"
+        return self.data / self.split_file(split)
 
     @property
     def library(self) -> Path:
@@ -65,6 +85,10 @@ class RunDir:
     @property
     def library_index(self) -> Path:
         return self.library / "library.json"
+
+    def library_entry_files(self) -> list[Path]:
+        """The sidecar of every trained library entry (layer_NNNN/<entry>.json)."""
+        return sorted(self.library.glob("layer*/*.json"))
 
     @property
     def scores(self) -> Path:
@@ -75,11 +99,22 @@ class RunDir:
         return self.scores / "scores.json"
 
     @property
+    def scores_csv(self) -> Path:
+        return self.scores / "scores.csv"
+
+    def score_layer(self, layer: int) -> Path:
+        """One layer's scores, written as soon as the layer is done (a resumed score skips it)."""
+        return self.scores / "layers" / f"layer_{layer:04d}.json"
+
+    @property
     def costs(self) -> Path:
         return self.root / "costs"
 
     def costs_file(self, device_key: str, workload: str) -> Path:
         return self.costs / f"{device_key}-{workload}.json"
+
+    def costs_files(self) -> list[Path]:
+        return sorted(self.costs.glob("*.json"))
 
     @property
     def search(self) -> Path:
@@ -88,6 +123,10 @@ class RunDir:
     @property
     def solutions(self) -> Path:
         return self.search / "solutions.json"
+
+    @property
+    def solutions_csv(self) -> Path:
+        return self.search / "solutions.csv"
 
     @property
     def verify(self) -> Path:
@@ -100,8 +139,17 @@ class RunDir:
     def child(self, name: str) -> Path:
         return self.children / name
 
+    def child_dirs(self) -> list[Path]:
+        """Every directory under children/ (hidden temporaries left out), realized or not."""
+        if not self.children.is_dir():
+            return []
+        return sorted(p for p in self.children.glob("*") if p.is_dir() and not p.name.startswith("."))
+
     def uptrained(self, name: str) -> Path:
-        return self.child(name) / "uptrained"
+        return self.uptrained_of(self.child(name))
+
+    def training_log(self, name: str) -> Path:
+        return self.uptrained(name) / self.TRAINING_LOG
 
     @property
     def eval(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from puzzle.core.config import check_moved_keys, from_dict, read_yaml, saved_run_config
 from puzzle.core.errors import PuzzleError
 
 
@@ -50,15 +51,35 @@ def workload_by_name(name: str, workloads: tuple[Workload, ...] | list[Workload]
     raise PuzzleError(f"unknown workload {name!r}; known: {[w.name for w in workloads]}")
 
 
-def resolve_workloads(names: list[str], run_dir: Path | None = None) -> list[Workload]:
-    """Workloads by name: those defined in the run's costs files first (custom shapes), then the defaults."""
-    known: list[Workload] = []
-    if run_dir is not None:
-        from puzzle.costs.stage import read_costs_file  # a damaged costs file is an error naming it, never skipped
+def check_workloads(workloads: list[Workload] | tuple[Workload, ...], where: str = "workloads") -> None:
+    """A run's workloads: at least one, each name once."""
+    if not workloads:
+        raise PuzzleError(f"{where} is empty; name at least one workload, e.g. "
+                          "{name: chat, batch_size: 1, prompt_len: 128, gen_len: 128}")
+    names = [w.name for w in workloads]
+    if len(set(names)) != len(names):
+        raise PuzzleError(f"{where} names a workload twice ({names}); give each a distinct name")
 
-        for path in sorted((Path(run_dir) / "costs").glob("*.json")):
-            spec = read_costs_file(path)["workload"]
-            if spec.get("name") not in {w.name for w in known}:
-                known.append(Workload(**spec))
-    known += [w for w in DEFAULT_WORKLOADS if w.name not in {k.name for k in known}]
+
+def resolve_workloads(names: list[str], workloads: list[Workload] | tuple[Workload, ...] = DEFAULT_WORKLOADS
+                      ) -> list[Workload]:
+    """Workloads by name: those of the run (its top-level `workloads:`) first, then the built-in ones."""
+    known = list(workloads) + [w for w in DEFAULT_WORKLOADS if w.name not in {k.name for k in workloads}]
     return [workload_by_name(n, known) for n in names]
+
+
+def run_workloads(run_dir: str | Path, path: str | Path | None = None) -> list[Workload]:
+    """The workloads of a run for a single-stage command: a YAML config's top-level `workloads:` if it has them,
+    else the run's saved config's (RUN/config.json), else the built-in ones."""
+    data = read_yaml(path) if path is not None else {}
+    if "workloads" not in data:
+        data = saved_run_config(run_dir)
+    check_moved_keys(data)
+    if "workloads" not in data:
+        return list(DEFAULT_WORKLOADS)
+    items = data["workloads"]
+    if not isinstance(items, list):
+        raise PuzzleError(f"workloads: expected a list of workloads, got {items!r}")
+    workloads = [from_dict(Workload, w, where=f"workloads[{i}]") for i, w in enumerate(items)]
+    check_workloads(workloads)
+    return workloads

@@ -27,6 +27,7 @@ from typing import IO, Any, Literal, Protocol
 import numpy as np
 
 from puzzle.core.artifacts import (
+    STAMP,
     atomic_dir,
     hash_file,
     hash_json,
@@ -37,6 +38,9 @@ from puzzle.core.artifacts import (
 )
 from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
+from puzzle.formats import load_model_config
+from puzzle.formats.tokenizers import load_tokenizer
 
 SPLITS = ("train", "valid", "test")
 _OPENERS = {".xz": lzma.open, ".bz2": bz2.open, ".gz": gzip.open}
@@ -240,32 +244,21 @@ class _Packer:
         self.f.close()
 
 
-def _load_tokenizer(path: str | Path) -> Tokenizer:
-    from puzzle.formats.tokenizers import load_tokenizer  # engineer A's module; imported late so tests can stand in
-
-    return load_tokenizer(path)
+def _parent_vocab(run: RunDir) -> int | None:
+    return load_model_config(run.parent).vocab_size if run.parent.exists() else None
 
 
-def _parent_vocab(run_dir: Path) -> int | None:
-    parent = run_dir / "parent"
-    if not parent.exists():
-        return None
-    from puzzle.formats import load_model_config
-
-    return load_model_config(parent).vocab_size
-
-
-def run_data(run_dir: str | Path, cfg: DataConfig, tokenizer_path: str | Path | None = None,
+def run_data(run_dir: str | Path | RunDir, cfg: DataConfig, tokenizer_path: str | Path | None = None,
              tokenizer: Tokenizer | None = None) -> Path:
     """Tokenize, pack and split the sources into `run_dir/data`; does nothing when already current."""
-    run_dir = Path(run_dir)
-    out = run_dir / "data"
+    run = RunDir(run_dir)
+    out = run.data
     files = source_files(cfg.sources)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else run_dir / "parent"
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else run.parent
     if tokenizer is None:
         if not tokenizer_path.exists():
             raise PuzzleError(f"tokenizer {tokenizer_path} does not exist; import the parent or pass --tokenizer")
-        tokenizer = _load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
     sources = [{"path": str(f), "sha256": hash_file(f), "bytes": f.stat().st_size} for f in files]
     file_keys = {str(f): "sha256:" + src["sha256"] for f, src in zip(files, sources)}
     tok_id = {"path": str(tokenizer_path), "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
@@ -279,7 +272,7 @@ def run_data(run_dir: str | Path, cfg: DataConfig, tokenizer_path: str | Path | 
     if stage_is_current(out, inputs_hash):
         print(f"data: {out} is current, nothing to do")
         return out
-    vocab = _parent_vocab(run_dir)
+    vocab = _parent_vocab(run)
     if vocab is not None and tokenizer.vocab_size > vocab:
         raise PuzzleError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the parent's vocabulary is {vocab}; "
@@ -288,7 +281,7 @@ def run_data(run_dir: str | Path, cfg: DataConfig, tokenizer_path: str | Path | 
     limit = vocab or tokenizer.vocab_size
     dtype = np.dtype(np.uint16 if limit <= 65536 else np.uint32)
     with atomic_dir(out) as tmp:
-        packers = {s: _Packer(tmp / f"{s}.bin", cfg.seq_len, dtype) for s in SPLITS}
+        packers = {s: _Packer(tmp / RunDir.split_file(s), cfg.seq_len, dtype) for s in SPLITS}
         try:
             _tokenize(files, file_keys, cfg, tokenizer, packers, limit)
         finally:
@@ -310,8 +303,8 @@ def run_data(run_dir: str | Path, cfg: DataConfig, tokenizer_path: str | Path | 
             "seq_len": cfg.seq_len, "dtype": dtype.name, "splits": counts, "sources": sources,
             "tokenizer": tok_id, "config": to_dict(cfg),
         }
-        write_json(tmp / "manifest.json", manifest)
-        write_json(tmp / ".stage.json", {"stage": "data", "inputs_hash": inputs_hash})
+        write_json(tmp / RunDir.MANIFEST, manifest)
+        write_json(tmp / STAMP, {"stage": "data", "inputs_hash": inputs_hash})
     split_counts = ", ".join(f"{s} {counts[s]['sequences']} ({counts[s]['documents']} documents)" for s in SPLITS)
     print(f"data: sequences of {cfg.seq_len} tokens: {split_counts} -> {out}")
     return out
@@ -340,11 +333,12 @@ def _tokenize(files: list[Path], file_keys: dict[str, str], cfg: DataConfig, tok
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
-    """The packed sequences of one split as a read-only memmap [num_sequences, seq_len]."""
+    """The packed sequences of one split (of a data directory, `RunDir.data`) as a read-only memmap
+    [num_sequences, seq_len]."""
     data_dir = Path(data_dir)
     if split not in SPLITS:
         raise PuzzleError(f"unknown data split {split!r}; use one of {SPLITS}")
-    manifest_path = data_dir / "manifest.json"
+    manifest_path = data_dir / RunDir.MANIFEST
     if not manifest_path.exists():
         raise PuzzleError(f"{manifest_path} does not exist; run `puzzle data` first")
     manifest = read_json(manifest_path)
@@ -352,7 +346,7 @@ def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
         raise PuzzleError(f"{data_dir} has no {split} split (written by an older version); "
                           "rerun `puzzle data` to write train / valid / test")
     n, seq_len = manifest["splits"][split]["sequences"], manifest["seq_len"]
-    path = data_dir / f"{split}.bin"
+    path = data_dir / RunDir.split_file(split)
     dtype = np.dtype(manifest["dtype"])
     if not path.exists() or path.stat().st_size != n * seq_len * dtype.itemsize:
         raise PuzzleError(f"{path} is missing or does not match its manifest; delete {data_dir} and rerun `puzzle data`")

@@ -13,6 +13,7 @@ from puzzle.core.artifacts import hash_json, mark_stage_done, stage_is_current
 from puzzle.formats import detect_format, load_model, save_model
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
+from puzzle.core.rundir import RunDir
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 
 STAGE = "import"
@@ -31,9 +32,10 @@ def source_fingerprint(parent_path: str | Path) -> str:
     })
 
 
-def run_import(run_dir: Path, parent_path: str) -> Path:
+def run_import(run_dir: Path | RunDir, parent_path: str) -> Path:
     """Write run_dir/parent/ (native) from `parent_path`; returns that directory. Does nothing when current."""
-    out = Path(run_dir) / "parent"
+    run = RunDir(run_dir)
+    out = run.parent
     fingerprint = source_fingerprint(parent_path)
     if stage_is_current(out, fingerprint):
         print(f"import: {out} is current; nothing to do", file=sys.stderr)
@@ -41,10 +43,10 @@ def run_import(run_dir: Path, parent_path: str) -> Path:
     fmt = detect_format(parent_path)
     model = load_model(parent_path)
     # A tokenizer that is there but does not load is an error, not a parent without one.
-    clear_warnings(run_dir, STAGE)
+    clear_warnings(run.root, STAGE)
     tokenizer = load_tokenizer(parent_path) if has_tokenizer(parent_path) else None
     if tokenizer is None:
-        warn(run_dir, STAGE, f"{parent_path} has no tokenizer (tokenizer.model, tokenizer.json or tok*.bin); "
+        warn(run.root, STAGE, f"{parent_path} has no tokenizer (tokenizer.model, tokenizer.json or tok*.bin); "
                              "the data stage needs data.tokenizer, and children are written without one")
     save_model(model, out, tokenizer_source=tokenizer)
     mark_stage_done(out, STAGE, fingerprint, source=str(Path(parent_path).resolve()), source_format=fmt,

@@ -8,6 +8,7 @@ sidecar also names the parent, the solution, its predicted costs and its scores.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,34 @@ from puzzle.core.artifacts import (
     read_json,
     stage_is_current,
 )
-from puzzle.model.blocks import BlockConfig
 from puzzle.core.errors import PuzzleError
-from puzzle.model.decoder import PuzzleModel
 from puzzle.core.notices import warn
+from puzzle.core.rundir import RunDir
+from puzzle.formats import export_hf, load_model
+from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
+from puzzle.model.blocks import BlockConfig
+from puzzle.model.decoder import PuzzleModel
+from puzzle.stages.library.store import Library
 from puzzle.stages.library.provider import library_provider
+
+
+@dataclass
+class RealizeConfig:
+    solutions: list[str] = field(default_factory=list)  # names in search/solutions.json; empty = best per target
+    max_children: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_children < 1:
+            raise PuzzleError(f"realize.max_children must be at least 1, got {self.max_children}")
+
+
+def chosen_solutions(run_dir: Path | RunDir, cfg: RealizeConfig) -> list[str]:
+    """The solutions to realize: the configured names, else the best MIP solution of each target."""
+    solutions = read_json(RunDir(run_dir).solutions)["solutions"]
+    if cfg.solutions:
+        return list(cfg.solutions)
+    best = [s["name"] for s in solutions if s.get("rank", 0) == 0]
+    return best[: cfg.max_children]
 
 
 def build_child(parent: PuzzleModel, library: Any, blocks: list[BlockConfig]) -> PuzzleModel:
@@ -51,33 +75,29 @@ def find_solution(solutions: dict[str, Any], name: str) -> dict[str, Any]:
     raise PuzzleError(f"no solution named {name!r} in search/solutions.json; choose one of {names}")
 
 
-def run_realize(run_dir: Path, solution_name: str) -> Path:
+def run_realize(run_dir: Path | RunDir, solution_name: str) -> Path:
     """Write children/<solution_name>/ (does nothing when it is current)."""
-    from puzzle.formats import export_hf, load_model
-    from puzzle.stages.library.store import Library
-    from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
-
-    run_dir = Path(run_dir)
-    solutions_path = run_dir / "search" / "solutions.json"
+    run = RunDir(run_dir)
+    solutions_path = run.solutions
     if not solutions_path.exists():
-        raise PuzzleError(f"{solutions_path} does not exist; run `puzzle search {run_dir}` first")
+        raise PuzzleError(f"{solutions_path} does not exist; run `puzzle search {run.root}` first")
     solution = find_solution(read_json(solutions_path), solution_name)
-    out_dir = run_dir / "children" / solution_name
-    inputs_hash = hash_json({"solution": solution, "library": hash_paths([run_dir / "library" / "library.json"]),
-                             "parent": fingerprint_files(run_dir / "parent", recursive=True)})
-    if stage_is_current(out_dir, inputs_hash) and (out_dir / "config.json").exists():
+    out_dir = run.child(solution_name)
+    inputs_hash = hash_json({"solution": solution, "library": hash_paths([run.library_index]),
+                             "parent": fingerprint_files(run.parent, recursive=True)})
+    if stage_is_current(out_dir, inputs_hash) and RunDir.model_config(out_dir).exists():
         return out_dir
-    parent = load_model(run_dir / "parent")
-    library = Library.open(run_dir / "library")
+    parent = load_model(run.parent)
+    library = Library.open(run.library)
     child = build_child(parent, library, [BlockConfig.from_dict(b) for b in solution["blocks"]])
     # A tokenizer that is there but does not load is an error; a parent with none (e.g. random weights) gives
     # a child with none, and the run says so.
-    tokenizer = load_tokenizer(run_dir / "parent") if has_tokenizer(run_dir / "parent") else None
+    tokenizer = load_tokenizer(run.parent) if has_tokenizer(run.parent) else None
     if tokenizer is None:
-        warn(run_dir, "realize", f"the parent has no tokenizer, so {out_dir} is written without one; to ship one, "
+        warn(run.root, "realize", f"the parent has no tokenizer, so {out_dir} is written without one; to ship one, "
                                  "add tokenizer files to the parent model and rerun `puzzle import`")
     sidecar = {
-        "parent": str((run_dir / "parent").resolve()),
+        "parent": str(run.parent.resolve()),
         "parent_config": parent.config.to_dict(),
         "solution": {k: solution[k] for k in ("name", "target", "rank", "optimal") if k in solution},
         "metric": read_json(solutions_path).get("metric"),

@@ -27,14 +27,18 @@ from puzzle.core.artifacts import (
 )
 from puzzle.core.config import check_device, to_dict
 from puzzle.core.errors import PuzzleError
-from puzzle.stages.uptrain.gkd import loss_terms
+from puzzle.core.rundir import RunDir
+from puzzle.core.workloads import Workload, resolve_workloads, run_workloads
+from puzzle.formats import load_model
+from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.decoder import PuzzleModel
+from puzzle.stages.data import load_tokens
 from puzzle.stages.evaluate.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_task, load_task, task_names
-from puzzle.core.workloads import Workload, resolve_workloads
+from puzzle.stages.uptrain.gkd import loss_terms
 
 Items = list[MultipleChoiceItem] | list[LastWordItem]
 HELDOUT_SPLIT = "test"  # the data split loss / perplexity / KL / agreement are measured on
-GRAPH_MODES = ("auto", "manual", "fused", "compile", "none")  # the runtime's decode modes (runtime.engine)
+GRAPH_MODES = ("auto", "fused", "manual", "none")  # the runtime's decode modes (runtime.engine.GRAPH_MODES)
 
 
 @dataclass
@@ -46,7 +50,7 @@ class EvalConfig:
     tasks: list[TaskSpec] = field(default_factory=list)
     task_limit: int | None = None  # cap on items per task unless the task sets its own limit
     throughput: bool = True  # measured with the runtime; GPU only
-    workloads: list[str] = field(default_factory=lambda: ["batch1"])
+    workloads: list[str] = field(default_factory=lambda: ["batch1"])  # names: the run's workloads, then built-ins
     graphs: str = "auto"  # the runtime's decode mode; keep it equal to costs.graphs so predictions compare
     device: str | None = None  # default: cuda when present
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -110,8 +114,8 @@ def measure_throughput(model: PuzzleModel, workloads: list[Workload], graphs: st
     if model.embed_tokens.weight.device.type != "cuda":
         return {"skipped": "no GPU: throughput is measured on CUDA only"}
     try:
-        from puzzle.runtime.bench import run_workload
-    except ImportError as e:  # the runtime is optional
+        from puzzle.runtime.bench import run_workload  # local: the runtime is optional, and GPU only here
+    except ImportError as e:
         return {"skipped": f"runtime unavailable ({e})"}
     out: dict[str, Any] = {}
     for w in workloads:
@@ -156,20 +160,18 @@ def load_tasks(cfg: EvalConfig) -> dict[str, Items]:
     return tasks
 
 
-def discover_children(run_dir: Path, cfg: EvalConfig) -> dict[str, Path]:
+def discover_children(run_dir: Path | RunDir, cfg: EvalConfig) -> dict[str, Path]:
     """name -> model dir for the realized children (and their uptrained versions)."""
-    root = run_dir / "children"
-    names = list(cfg.children)
-    if not names and root.is_dir():
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    run = RunDir(run_dir)
+    names = list(cfg.children) or [p.name for p in run.child_dirs()]
     found: dict[str, Path] = {}
     for name in names:
-        path = root / name
-        if not (path / "config.json").exists():
-            raise PuzzleError(f"child {name!r} not found in {root}; run `puzzle realize` or fix eval.children")
+        path = run.child(name)
+        if not RunDir.model_config(path).exists():
+            raise PuzzleError(f"child {name!r} not found in {run.children}; run `puzzle realize` or fix eval.children")
         found[name] = path
-        if cfg.uptrained and (path / "uptrained" / "config.json").exists():
-            found[f"{name}/uptrained"] = path / "uptrained"
+        if cfg.uptrained and RunDir.model_config(run.uptrained(name)).exists():
+            found[f"{name}/uptrained"] = run.uptrained(name)
     return found
 
 
@@ -179,44 +181,44 @@ def _model_dtype(cfg: EvalConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def _inputs_hash(run_dir: Path, models: dict[str, Path], cfg: EvalConfig) -> str:
-    paths = [run_dir / cfg.parent, run_dir / "data", *models.values(), *(Path(t.path) for t in cfg.tasks)]
+def _inputs_hash(run: RunDir, models: dict[str, Path], cfg: EvalConfig) -> str:
+    paths = [run.root / cfg.parent, run.data, *models.values(), *(Path(t.path) for t in cfg.tasks)]
     return hash_json({"inputs": [[str(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
 
 
-def run_eval(run_dir: Path, cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate parent and children; writes and returns `eval/eval.json`."""
-    from puzzle.formats import load_model  # engineer A
-    from puzzle.stages.data import load_tokens  # engineer B
+def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] | None = None) -> dict[str, Any]:
+    """Evaluate parent and children; writes and returns `eval/eval.json`.
 
-    run_dir = Path(run_dir)
-    out_dir = run_dir / "eval"
-    children = discover_children(run_dir, cfg)
-    inputs_hash = _inputs_hash(run_dir, children, cfg)
-    if stage_is_current(out_dir, inputs_hash) and (out_dir / "eval.json").exists():
-        return read_json(out_dir / "eval.json")
+    `workloads`: the run's workloads (its config's top-level list), which `cfg.workloads` names; default: those
+    of the config the run saved, else the built-in ones.
+    """
+    run = RunDir(run_dir)
+    # Resolved before anything runs: an unknown name is a one-line error naming the known ones.
+    throughput_workloads = resolve_workloads(cfg.workloads, run_workloads(run.root) if workloads is None else workloads)
+    out_dir = run.eval
+    children = discover_children(run, cfg)
+    inputs_hash = _inputs_hash(run, children, cfg)
+    if stage_is_current(out_dir, inputs_hash) and run.eval_file.exists():
+        return read_json(run.eval_file)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _model_dtype(cfg, device)
     tasks = load_tasks(cfg)
     tokenizer = None
     if tasks:
-        from puzzle.formats.tokenizers import load_tokenizer  # engineer A
-
-        tokenizer = load_tokenizer(run_dir / cfg.parent)
+        tokenizer = load_tokenizer(run.root / cfg.parent)
     # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
-    heldout = load_tokens(run_dir / "data", HELDOUT_SPLIT)
+    heldout = load_tokens(run.data, HELDOUT_SPLIT)
     if cfg.max_sequences is not None:
         heldout = heldout[:cfg.max_sequences]
-    parent = load_model(run_dir / cfg.parent, device=device, dtype=dtype)
+    parent = load_model(run.root / cfg.parent, device=device, dtype=dtype)
     loaders: dict[str, Callable[[], PuzzleModel]] = {"parent": lambda: parent}
     for name, path in children.items():
         loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
-    workloads = resolve_workloads(cfg.workloads, run_dir)  # custom shapes from the run's costs files
-    models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, workloads)
+    models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
               "split": HELDOUT_SPLIT, "sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
               "tasks": {name: len(items) for name, items in tasks.items()}, "models": models,
               "config": to_dict(cfg)}
-    write_json(out_dir / "eval.json", result)
+    write_json(run.eval_file, result)
     mark_stage_done(out_dir, "eval", inputs_hash)
     return result

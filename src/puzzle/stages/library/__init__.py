@@ -17,19 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puzzle.core.artifacts import hash_file, hash_json, hash_paths, mark_stage_done, read_json, stage_is_current
+from puzzle.core.artifacts import STAMP, hash_file, hash_json, hash_paths, mark_stage_done, read_json, stage_is_current
 from puzzle.core.config import check_device, to_dict
 from puzzle.core.distributed import all_gather_objects, barrier, distributed
+from puzzle.core.dtypes import DTYPE_BYTES, torch_dtype
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
+from puzzle.formats import load_model
+from puzzle.model.decoder import PuzzleModel
+from puzzle.stages.data import load_tokens
 from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
 from puzzle.stages.library.store import Library, LibraryEntry, read_sidecar, write_entry, write_index
 from puzzle.stages.library.train import is_trained, train_wave
 from puzzle.stages.library.worksplit import item_cost, split_items, waves
-from puzzle.model.decoder import PuzzleModel
 
 __all__ = ["Library", "LibraryConfig", "LibraryEntry", "SearchSpaceConfig", "build_library", "run_library"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -65,8 +68,8 @@ class LibraryConfig:
             raise PuzzleError(f"library.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.min_lr_fraction <= 1:
             raise PuzzleError(f"library.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
-        if self.dtype not in ("auto", *_DTYPES):
-            raise PuzzleError(f"library.dtype {self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        if self.dtype not in ("auto", *DTYPE_BYTES):
+            raise PuzzleError(f"library.dtype {self.dtype!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
         check_device("library.device", self.device)
 
 
@@ -97,7 +100,7 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         raise PuzzleError("BLD needs non-empty train and valid token arrays [N, seq_len]; rerun `puzzle data`")
     with distributed(_device(cfg)) as info:
         device = info.device
-        dtype = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
+        dtype = torch_dtype(cfg.dtype) if cfg.dtype != "auto" else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         settings = {k: v for k, v in to_dict(cfg).items()
                     if k not in ("progress", "device", "max_params_per_wave", "max_items_per_wave", "log_every")}
@@ -178,33 +181,29 @@ def _fmt(x: float | None) -> str:
 
 
 def _parent_hash(parent_dir: Path) -> str:
-    stamp = parent_dir / ".stage.json"
+    stamp = parent_dir / STAMP
     if stamp.exists():  # the import stage's own record of what it read: no need to re-hash gigabytes
         return str(read_json(stamp).get("inputs_hash"))
     return hash_paths([parent_dir])
 
 
-def run_library(run_dir: str | Path, cfg: LibraryConfig, parent: PuzzleModel | None = None) -> Path:
+def run_library(run_dir: str | Path | RunDir, cfg: LibraryConfig, parent: PuzzleModel | None = None) -> Path:
     """The pipeline entry point: parent from `run_dir/parent`, tokens from `run_dir/data`, writes `run_dir/library`."""
-    from puzzle.stages.data import load_tokens  # local: data imports tokenizers, not needed by Library readers
-
-    run_dir = Path(run_dir)
-    data_dir = run_dir / "data"
-    train, valid = load_tokens(data_dir, "train"), load_tokens(data_dir, "valid")
+    run = RunDir(run_dir)
+    train, valid = load_tokens(run.data, "train"), load_tokens(run.data, "valid")
     if parent is None:
-        parent_dir = run_dir / "parent"
+        parent_dir = run.parent
         if not parent_dir.exists():
             raise PuzzleError(f"{parent_dir} does not exist; run `puzzle import` first")
-        from puzzle.formats import load_model
 
         def parent_loader(device: torch.device, dtype: torch.dtype) -> PuzzleModel:
             return load_model(parent_dir, device=str(device), dtype=dtype)
 
         parent_hash = _parent_hash(parent_dir)
-        return build_library(run_dir / "library", parent_loader, train, valid, cfg,
-                             hash_json({"parent": parent_hash, "data": hash_file(data_dir / "manifest.json")}))
+        return build_library(run.library, parent_loader, train, valid, cfg,
+                             hash_json({"parent": parent_hash, "data": hash_file(run.data_manifest)}))
     # An in-memory parent: identify it by its config and a cheap fingerprint of its weights.
     parent_hash = hash_json(parent.config.to_dict()) + hash_json(
         {k: float(v.float().sum()) for k, v in parent.state_dict().items()})
-    inputs_hash = hash_json({"parent": parent_hash, "data": hash_file(data_dir / "manifest.json")})
-    return build_library(run_dir / "library", parent, train, valid, cfg, inputs_hash)
+    inputs_hash = hash_json({"parent": parent_hash, "data": hash_file(run.data_manifest)})
+    return build_library(run.library, parent, train, valid, cfg, inputs_hash)

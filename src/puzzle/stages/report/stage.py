@@ -15,19 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle.stages.report import plots as report_plots
 from puzzle.core.artifacts import hash_file, hash_json, mark_stage_done, stage_is_current, write_text
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.config import to_dict
-from puzzle.costs.consistency import adjustment_rows
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
+from puzzle.costs.consistency import adjustment_rows
+from puzzle.formats import load_model_config
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.stages.report import plots as report_plots
 
 COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots
 
 
 @dataclass
 class ReportConfig:
-    workload: str | None = None  # the workload plotted; default: the first one found
+    workload: str | None = None  # the workload plotted (a name of the run's workloads); default: the first found
     cost_metric: str = "workload"  # 'workload' (prefill + gen_len decode steps), 'decode_step_s' or 'prefill_s'
     plots: bool = True
 
@@ -60,8 +62,6 @@ def _json(path: Path, notes: list[str], what: str) -> Any:
 
 
 def _blocks(path: Path, notes: list[str]) -> list[BlockConfig] | None:
-    from puzzle.formats import load_model_config  # engineer A
-
     try:
         return list(load_model_config(path).blocks)
     except PuzzleError as e:
@@ -69,26 +69,27 @@ def _blocks(path: Path, notes: list[str]) -> list[BlockConfig] | None:
         return None
 
 
-def gather(run_dir: Path) -> ReportInputs:
+def gather(run_dir: Path | RunDir) -> ReportInputs:
+    run = RunDir(run_dir)
     inp = ReportInputs()
-    inp.eval = _json(run_dir / "eval" / "eval.json", inp.notes, "evaluation")
-    inp.solutions = _json(run_dir / "search" / "solutions.json", inp.notes, "search")
-    for path in sorted((run_dir / "costs").glob("*.json")):
+    inp.eval = _json(run.eval_file, inp.notes, "evaluation")
+    inp.solutions = _json(run.solutions, inp.notes, "search")
+    for path in run.costs_files():
         data = _json(path, inp.notes, "costs") or {}
         name = data.get("workload", {}).get("name", path.stem)
         if name not in inp.costs or data.get("kind") == "measured":  # measured costs win over estimates
             inp.costs[name] = data
-    for path in sorted((run_dir / "library").glob("layer*/*.json")):
+    for path in run.library_entry_files():
         entry = _json(path, inp.notes, "library")
         if isinstance(entry, dict) and "layer" in entry:
             inp.library.append(entry)
-    if (run_dir / "parent").exists():
-        inp.parent_blocks = _blocks(run_dir / "parent", inp.notes)
-    for child in sorted(p for p in (run_dir / "children").glob("*") if p.is_dir() and not p.name.startswith(".")):
-        blocks = _blocks(child, inp.notes) if (child / "config.json").exists() else None
+    if run.parent.exists():
+        inp.parent_blocks = _blocks(run.parent, inp.notes)
+    for child in run.child_dirs():
+        blocks = _blocks(child, inp.notes) if RunDir.model_config(child).exists() else None
         if blocks is not None:
             inp.children[child.name] = blocks
-        log = child / "uptrained" / "training_log.json"
+        log = run.training_log(child.name)
         if log.exists():
             inp.gkd[child.name] = _json(log, inp.notes, "uptrain")
     return inp
@@ -244,23 +245,23 @@ def _measured_points(ev: dict[str, Any], workload: str | None) -> tuple[list[dic
     return points, xlabel
 
 
-def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
+def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
     """Write `run_dir/report.md` (+ `run_dir/report/*.png`); returns the report's path."""
     cfg = cfg or ReportConfig()
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PuzzleError(f"run directory {run_dir} does not exist; pass the directory `puzzle run` wrote")
-    plots_dir = run_dir / "report"
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise PuzzleError(f"run directory {run.root} does not exist; pass the directory `puzzle run` wrote")
+    plots_dir = run.plots
     plots = cfg.plots and report_plots.available()
-    inputs_hash = _inputs_hash(run_dir, cfg, plots)
-    out = run_dir / "report.md"
+    inputs_hash = _inputs_hash(run, cfg, plots)
+    out = run.report
     if out.exists() and stage_is_current(plots_dir, inputs_hash):
         return out  # nothing it reads has changed: a second `puzzle run` leaves the report untouched
-    inp = gather(run_dir)
+    inp = gather(run)
     if cfg.plots and not plots:
         inp.notes.append("plots skipped: matplotlib is not installed (pip install 'puzzle-llm[plots]')")
     workload = _workload(inp, cfg)
-    parts = [f"# Puzzle report: {run_dir.name}\n"]
+    parts = [f"# Puzzle report: {run.root.name}\n"]
     figures: list[tuple[str, Path]] = []
     if inp.eval:
         parts.append(eval_section(inp.eval))
@@ -318,7 +319,8 @@ def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
                      "`consistency` in each costs file).\n\n"
                      + table(["workload", "variant", "phase", "measured us", "adjusted us"], adjusted) + "\n")
     if figures:
-        parts.append("## Plots\n\n" + "\n\n".join(f"![{t}](report/{p.name})" for t, p in figures) + "\n")
+        parts.append("## Plots\n\n" + "\n\n".join(f"![{t}]({p.relative_to(run.root).as_posix()})" for t, p in figures)
+                     + "\n")
     if inp.notes:
         parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in inp.notes) + "\n")
     write_text(out, "\n".join(parts))
@@ -326,10 +328,12 @@ def run_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
     return out
 
 
-def _inputs_hash(run_dir: Path, cfg: ReportConfig, plots: bool) -> str:
+def _inputs_hash(run: RunDir, cfg: ReportConfig, plots: bool) -> str:
     """Every file `gather` reads (small JSON files only), the config and whether plots can be drawn."""
-    patterns = ["eval/eval.json", "search/solutions.json", "costs/*.json", "library/layer*/*.json",
-                "parent/config.json", "children/*/config.json", "children/*/uptrained/training_log.json"]
-    files = sorted(p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file())
-    return hash_json({"files": {str(p.relative_to(run_dir)): hash_file(p) for p in files},
+    children = run.child_dirs()
+    candidates = [run.eval_file, run.solutions, *run.costs_files(), *run.library_entry_files(),
+                  RunDir.model_config(run.parent), *(RunDir.model_config(c) for c in children),
+                  *(run.training_log(c.name) for c in children)]
+    files = sorted(p for p in candidates if p.is_file())
+    return hash_json({"files": {str(p.relative_to(run.root)): hash_file(p) for p in files},
                       "config": to_dict(cfg), "plots": plots})

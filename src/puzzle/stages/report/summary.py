@@ -13,6 +13,7 @@ from typing import Any
 
 from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
+from puzzle.core.rundir import RunDir
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -24,10 +25,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]:
+def summary_rows(run_dir: Path | RunDir) -> tuple[list[str], list[list[str]], str | None]:
     """(header, rows, workload) of the summary table."""
-    evaluation = _load(run_dir / "eval" / "eval.json").get("models", {})
-    solutions = _load(run_dir / "search" / "solutions.json")
+    run = RunDir(run_dir)
+    evaluation = _load(run.eval_file).get("models", {})
+    solutions = _load(run.solutions)
     predicted_parent = solutions.get("parent", {})
     workload = next(iter(predicted_parent), None)
     # Prefer the workload the search was constrained on.
@@ -39,7 +41,7 @@ def summary_rows(run_dir: Path) -> tuple[list[str], list[list[str]], str | None]
     checked = {s["name"]: s["verify"] for s in solutions.get("solutions", []) if "verify" in s}  # timed at search
     rounds = solutions.get("verify", {}).get("rounds")
     tasks = list(dict.fromkeys(t for res in evaluation.values() for t in res.get("retention_pct", {})))
-    split = _load(run_dir / "eval" / "eval.json").get("split", "valid")  # eval.json before test splits: valid
+    split = _load(run.eval_file).get("split", "valid")  # eval.json before test splits: valid
     header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "search meas. x", "rounds", "meas. tok/s",
               "meas. speed-up",
               f"{split} KL", f"{split} top-1", f"{split} ppl", *[f"{t} acc (ret. %)" for t in tasks]]
@@ -92,27 +94,28 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
 
 
-def print_summary(run_dir: Path) -> None:
+def print_summary(run_dir: Path | RunDir) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints (the group is already torn down)
         return
-    header, rows, workload = summary_rows(run_dir)
-    parent = _load(run_dir / "search" / "solutions.json").get("parent", {}).get(workload or "", {})
+    run = RunDir(run_dir)
+    header, rows, workload = summary_rows(run)
+    parent = _load(run.solutions).get("parent", {}).get(workload or "", {})
     source = "ESTIMATED (analytic roofline, not measured)" if parent.get("estimate") else "measured"
-    evaluation = _load(run_dir / "eval" / "eval.json")
+    evaluation = _load(run.eval_file)
     quality = (f"; KL / top-1 / ppl on the {evaluation.get('split', 'valid')} split, "
                f"{evaluation.get('sequences', '?')} sequences of {evaluation.get('seq_len', '?')} tokens"
                if evaluation else "")
-    print(f"\nSummary of {run_dir} (throughput: workload {workload or '-'}; "
+    print(f"\nSummary of {run.root} (throughput: workload {workload or '-'}; "
           f"predicted from {source} per-block costs{quality})")
     print(format_table(header, rows))
-    verify = _load(run_dir / "search" / "solutions.json").get("verify", {})
+    verify = _load(run.solutions).get("verify", {})
     if verify.get("status") == "skipped":
         print(f"search meas.: not timed at search ({verify.get('reason')})")
     elif verify:
         print(f"search meas.: each child timed at search as eval times it (random weights), {verify.get('rounds')} "
               f"round(s) of search.verify_rounds={verify.get('verify_rounds')}: {verify.get('status')}")
-    for w in read_warnings(run_dir):
+    for w in read_warnings(run.root):
         print(f"warning ({w['stage']}): {w['message']}")
-    report = run_dir / "report.md"
+    report = run.report
     if report.exists():
         print(f"\nReport: {report}")

@@ -34,9 +34,12 @@ from puzzle.core.artifacts import (
 from puzzle.core.config import check_device, to_dict
 from puzzle.core.distributed import DistInfo, barrier, distributed
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
+from puzzle.formats import export_hf, load_model
+from puzzle.model.decoder import PuzzleModel, RotaryEmbedding
+from puzzle.stages.data import load_tokens
 from puzzle.stages.uptrain.gkd import LossTerms, loss_terms
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
-from puzzle.model.decoder import PuzzleModel, RotaryEmbedding
 
 
 @dataclass
@@ -308,19 +311,16 @@ def unshard_to_plain(model: nn.Module, config: Any, dtype: torch.dtype) -> Puzzl
     return plain.to(dtype)
 
 
-def run_uptrain(run_dir: Path, child_dir: Path, cfg: UptrainConfig) -> Path:
+def run_uptrain(run_dir: Path | RunDir, child_dir: Path, cfg: UptrainConfig) -> Path:
     """GKD of the child in `child_dir` against `run_dir/parent`; writes `child_dir/uptrained/` (HF dir + log)."""
-    from puzzle.formats import export_hf, load_model  # engineer A
-    from puzzle.stages.data import load_tokens  # engineer B
-
-    run_dir, child_dir = Path(run_dir), Path(child_dir)
-    out = child_dir / "uptrained"
-    parent_dir = run_dir / cfg.parent
+    run, child_dir = RunDir(run_dir), Path(child_dir)
+    out = RunDir.uptrained_of(child_dir)
+    parent_dir = run.root / cfg.parent
     if not child_dir.is_dir():
         raise PuzzleError(f"child directory {child_dir} does not exist; run `puzzle realize` first")
     # Top-level files only: a 70B child is not re-hashed, and the child's own uptrained/ output is not an input.
     inputs = {"child": fingerprint_files(child_dir), "parent": fingerprint_files(parent_dir),
-              "data": fingerprint_files(run_dir / "data"), "config": _trajectory_config(cfg)}
+              "data": fingerprint_files(run.data), "config": _trajectory_config(cfg)}
     inputs_hash = hash_json(inputs)
     if stage_is_current(out, inputs_hash):
         return out
@@ -329,8 +329,8 @@ def run_uptrain(run_dir: Path, child_dir: Path, cfg: UptrainConfig) -> Path:
         child = load_model(child_dir)
         export_dtype = next(child.parameters()).dtype
         config = child.config
-        train = load_tokens(run_dir / "data", "train")
-        valid = load_tokens(run_dir / "data", "valid")
+        train = load_tokens(run.data, "train")
+        valid = load_tokens(run.data, "valid")
         work = child_dir / ".uptrain"
         result = train_gkd(child, parent, train, valid, cfg, work, info, fingerprint=inputs_hash)
         plain = unshard_to_plain(result.model, config, export_dtype)
@@ -340,7 +340,7 @@ def run_uptrain(run_dir: Path, child_dir: Path, cfg: UptrainConfig) -> Path:
                            "final_valid": result.log["valid"][-1] if result.log["valid"] else None}
                 # The parent's native dir: loading a tokenizer from the child's remote-code dir can prompt for trust.
                 export_hf(plain, tmp, tokenizer_source=parent_dir, extra_sidecar=sidecar)
-                write_json(tmp / "training_log.json", {"config": to_dict(cfg), **result.log})
+                write_json(tmp / RunDir.TRAINING_LOG, {"config": to_dict(cfg), **result.log})
                 mark_stage_done(tmp, "uptrain", inputs_hash)
             if not cfg.keep_checkpoint:
                 shutil.rmtree(work, ignore_errors=True)
