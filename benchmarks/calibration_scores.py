@@ -92,7 +92,7 @@ def additivity_files(results: Path) -> tuple[str, dict[str, Any]]:
 def width_consistent(costs: dict[str, Any], parent: Any) -> dict[str, Any]:
     """The costs with the width-order fit applied and the calibration fitted again on the parent's measurement."""
     from puzzle.costs.consistency import check, parent_anchors
-    from puzzle.costs.stage import fit_calibration
+    from puzzle.costs.calibration import fit_calibration
 
     fitted, section = check(costs, parent_anchors(parent.blocks))
     cal = costs.get("calibration") or {}
@@ -105,7 +105,7 @@ def width_consistent(costs: dict[str, Any], parent: Any) -> dict[str, Any]:
 def reference_run(run: Path) -> tuple[str, dict[str, Any]]:
     """The reference run's children: measured (eval) vs predicted from its costs, three ways."""
     from puzzle.model.blocks import BlockConfig
-    from puzzle.costs.stage import predict
+    from puzzle.costs.table import predict
 
     evaluation = json.loads((run / "eval.json").read_text())["models"]
     solutions = json.loads((run / "solutions.json").read_text())["solutions"]

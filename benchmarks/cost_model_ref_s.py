@@ -4,7 +4,7 @@
    (attention gqa8/4/2/1, linear, no-op x SwiGLU at the default fractions of 768 rounded to 64, linear,
    no-op) and the reference config's two workloads; its wall time, compiles included (target < 90 s).
 2. The parent and three children (random weights: speed does not depend on them) generated with
-   `puzzle.runtime.bench.run_workload` (what `puzzle eval` measures), against `puzzle.costs.stage.predict` and the
+   `puzzle.runtime.bench.run_workload` (what `puzzle eval` measures), against `puzzle.costs.table.predict` and the
    search's `CostTable` (target: within 5%), uncalibrated and under each calibration method. The calibration
    is fitted on the parent, so only the children's errors count (`errors`, `max_abs_rel_error_*`); the
    parent's rows say `calibration_fitted_on_this_model` and are kept apart.
@@ -33,10 +33,11 @@ from puzzle.runtime.bench import run_workload
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig, uniform_blocks
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.stage import CostsConfig, load_costs, predict, run_costs
+from puzzle.costs.schema import load_costs
+from puzzle.costs.stage import CostsConfig, run_costs
 from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
 from puzzle.model.decoder import build_model
-from puzzle.costs.table import cost_table_from_json
+from puzzle.costs.table import cost_table_from_json, predict
 from puzzle.core.workloads import Workload
 
 WORKLOADS = [Workload("text-generation-1k", 256, 128, 896), Workload("batch1", 1, 128, 128)]

@@ -33,7 +33,8 @@ from puzzle.runtime.bench import bench, format_table, hf_generate_baseline, hf_l
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.stage import CostsConfig, costs_for_workload, predict
+from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.costs.table import predict
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.core.workloads import Workload

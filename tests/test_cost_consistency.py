@@ -11,7 +11,8 @@ import pytest
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.costs.consistency import PHASES, chains, check, isotonic_fit, main, violations
-from puzzle.costs.stage import CostsConfig, block_costs, costs_for_workload, predict
+from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.costs.table import block_costs, predict
 from puzzle.model.presets import tiny_llama_config
 from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload
 
@@ -100,7 +101,7 @@ def test_noise_is_remeasured_away_through_the_injected_timer():
     """gqa2 times slower than gqa4 the first time only: it and gqa4 are timed again (bounded rounds) until the
     pair agrees with the width order; no fit is needed, and the file records all of it."""
     calls: list[str] = []
-    cfg = CostsConfig(workloads=[WL], consistency_remeasure=2, **CPU)
+    cfg = CostsConfig(consistency_remeasure=2, **CPU)
     data = costs_for_workload(PARENT, SPACE, WL, cfg, timer=fake_timer({"gqa2": [5.0]}, calls))
     sec = data["consistency"]
     v = [x for x in sec["violations"] if x["phase"] == "decode_step_s"]
@@ -118,7 +119,7 @@ def test_a_lasting_violation_is_fitted_and_predict_uses_the_fit():
     """gqa2 always times slower than gqa4: re-measured at most `consistency_remeasure` times, then the isotonic
     fit pools the pair; the calibration and `predict` see the fitted values."""
     calls: list[str] = []
-    cfg = CostsConfig(workloads=[WL], consistency_remeasure=1, **CPU)
+    cfg = CostsConfig(consistency_remeasure=1, **CPU)
     data = costs_for_workload(PARENT, SPACE, WL, cfg, timer=fake_timer({"gqa2": [3.0] * 10}, calls))
     sec = data["consistency"]
     assert calls.count("gqa2") == 2 and len(sec["remeasured"]) == 1
@@ -144,7 +145,7 @@ def test_a_lasting_violation_is_fitted_and_predict_uses_the_fit():
 
 def test_no_remeasure_rounds_when_switched_off():
     calls: list[str] = []
-    cfg = CostsConfig(workloads=[WL], consistency_remeasure=0, **CPU)
+    cfg = CostsConfig(consistency_remeasure=0, **CPU)
     data = costs_for_workload(PARENT, SPACE, WL, cfg, timer=fake_timer({"gqa2": [3.0]}, calls))
     assert calls.count("gqa2") == 1 and data["consistency"]["remeasured"] == []
     assert data["consistency"]["adjusted"] and _monotone(data)
@@ -163,7 +164,7 @@ def test_precise_measurements_move_less_in_the_fit():
 
 @pytest.mark.parametrize("workload", DEFAULT_WORKLOADS, ids=lambda w: w.name)
 def test_analytic_estimates_respect_the_width_order(workload):
-    data = costs_for_workload(PARENT, SPACE, workload, CostsConfig(workloads=[workload], mode="estimate"))
+    data = costs_for_workload(PARENT, SPACE, workload, CostsConfig(mode="estimate"))
     assert data["consistency"]["violations"] == [] and data["consistency"]["adjusted"] == []
     assert data["consistency"]["chains"] == {"attention": ["gqa1", "gqa2", "gqa4"], "ffn": ["swiglu64", "swiglu128"]}
     assert _monotone(data)

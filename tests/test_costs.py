@@ -11,7 +11,10 @@ import torch
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.config import load_config
-from puzzle.costs.stage import CostsConfig, costs_for_workload, load_costs, parent_halves, predict, run_costs
+from puzzle.costs.measure import parent_halves
+from puzzle.costs.schema import load_costs
+from puzzle.costs.stage import CostsConfig, costs_for_workload, run_costs
+from puzzle.costs.table import predict
 from puzzle.core.errors import PuzzleError
 from puzzle.model.memory import fits, max_batch_size, memory_model
 from puzzle.model.decoder import build_model
@@ -27,8 +30,8 @@ WL = Workload("small", 2, 16, 8)
 
 
 def test_analytic_costs_are_labelled_and_ordered(tmp_path):
-    cfg = CostsConfig(workloads=[WL], mode="estimate")
-    written = run_costs(tmp_path, cfg, SPACE, model_config=PARENT)
+    cfg = CostsConfig(mode="estimate")
+    written = run_costs(tmp_path, cfg, [WL], SPACE, model_config=PARENT)
     path = written["small"]
     assert path == tmp_path / "costs" / "estimate-small.json"
     data = json.loads(path.read_text())
@@ -41,15 +44,15 @@ def test_analytic_costs_are_labelled_and_ordered(tmp_path):
     assert att["gqa4"]["params"] + ffn["swiglu128"]["params"] == PARENT.block_param_count(PARENT.blocks[0])
     # Resumable: a current file is not rewritten.
     mtime = path.stat().st_mtime_ns
-    run_costs(tmp_path, cfg, SPACE, model_config=PARENT)
+    run_costs(tmp_path, cfg, [WL], SPACE, model_config=PARENT)
     assert path.stat().st_mtime_ns == mtime
 
 
 def test_measured_costs_on_cpu(tmp_path):
-    cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=2, warmup=1,
+    cfg = CostsConfig(mode="measure", device="cpu", dtype="float32", repeats=2, warmup=1,
                       input_sets=1, decode_inner=1, max_stack=2)
     blocks = [BlockConfig(A.gqa(4), F.swiglu(128)), BlockConfig(A.no_op(), F.linear())]
-    path = run_costs(tmp_path, cfg, blocks, model_config=PARENT)["small"]
+    path = run_costs(tmp_path, cfg, [WL], blocks, model_config=PARENT)["small"]
     data = json.loads(path.read_text())
     assert path.name == "cpu-small.json" and data["kind"] == "measured" and data["device"] == "cpu"
     for part, name in [("attention", "gqa4"), ("ffn", "swiglu128"), ("ffn", "linear")]:
@@ -83,7 +86,7 @@ def test_max_batch_size_is_the_fitting_boundary():
 
 
 def test_other_device_costs_are_not_used_silently(tmp_path):
-    run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE, model_config=PARENT)
+    run_costs(tmp_path, CostsConfig(mode="estimate"), [WL], SPACE, model_config=PARENT)
     costs_dir = tmp_path / "costs"
     data = json.loads((costs_dir / "estimate-small.json").read_text())
     data["device_key"], data["kind"], data["device"] = "nvidia-h200", "measured", "NVIDIA H200"
@@ -100,7 +103,7 @@ def test_other_device_costs_are_not_used_silently(tmp_path):
 
 
 def test_predict_sums_blocks_and_prefers_cheaper_children(tmp_path):
-    run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE, model_config=PARENT)
+    run_costs(tmp_path, CostsConfig(mode="estimate"), [WL], SPACE, model_config=PARENT)
     costs = load_costs(tmp_path, "small", device="estimate")
     parent = predict(PARENT, costs)
     child_blocks = [BlockConfig(A.gqa(1), F.swiglu(64)), BlockConfig(A.no_op(), F.linear()),
@@ -119,26 +122,25 @@ def test_predict_sums_blocks_and_prefers_cheaper_children(tmp_path):
 
 def test_bad_config(tmp_path):
     with pytest.raises(PuzzleError, match="dtype"):
-        run_costs(tmp_path, CostsConfig(workloads=[WL], dtype="int8"), SPACE, model_config=PARENT)
+        run_costs(tmp_path, CostsConfig(dtype="int8"), [WL], SPACE, model_config=PARENT)
     if not torch.cuda.is_available():
         with pytest.raises(PuzzleError, match="needs a CUDA GPU"):
-            run_costs(tmp_path, CostsConfig(workloads=[WL], mode="measure"), SPACE, model_config=PARENT)
+            run_costs(tmp_path, CostsConfig(mode="measure"), [WL], SPACE, model_config=PARENT)
     with pytest.raises(PuzzleError, match="import"):
-        run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE)
+        run_costs(tmp_path, CostsConfig(mode="estimate"), [WL], SPACE)
 
 
 def test_calibration_fits_the_whole_parent_and_search_agrees(tmp_path):
     """Measured costs carry the parent timed whole; calibrated predictions of the parent reproduce it, and the
     search's CostTable adds up exactly what `predict` does."""
-    from puzzle.costs.stage import block_costs
-    from puzzle.costs.table import cost_table_from_json
+    from puzzle.costs.table import block_costs, cost_table_from_json
 
-    cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=3, warmup=1,
+    cfg = CostsConfig(mode="measure", device="cpu", dtype="float32", repeats=3, warmup=1,
                       input_sets=1, decode_inner=1, max_stack=2)
     child = PARENT.with_blocks([BlockConfig(A.gqa(2), F.swiglu(64)), BlockConfig(A.no_op(), F.linear()),
                                 BlockConfig(A.gqa(4), F.no_op())])
     blocks = list(PARENT.blocks) + list(child.blocks)
-    data = json.loads(run_costs(tmp_path, cfg, blocks, model_config=PARENT)["small"].read_text())
+    data = json.loads(run_costs(tmp_path, cfg, [WL], blocks, model_config=PARENT)["small"].read_text())
     cal = data["calibration"]
     assert data["graphs"] == "none" and cal["method"] == "scale"
     measured = cal["parent_measured"]
@@ -166,9 +168,9 @@ CPU_MEASURE = {"mode": "measure", "device": "cpu", "dtype": "float32", "repeats"
 
 
 def test_neighbourhood_is_the_default_and_isolated_keeps_its_layout(tmp_path):
-    cfg = CostsConfig(workloads=[WL], neighbours=2, max_stack=2, **CPU_MEASURE)
+    cfg = CostsConfig(neighbours=2, max_stack=2, **CPU_MEASURE)
     assert CostsConfig().method == "neighbourhood" and CostsConfig().neighbours == 4
-    data = json.loads(run_costs(tmp_path, cfg, SPACE, model_config=PARENT)["small"].read_text())
+    data = json.loads(run_costs(tmp_path, cfg, [WL], SPACE, model_config=PARENT)["small"].read_text())
     assert data["method"] == "neighbourhood" and data["kind"] == "measured"
     assert len(data["attention"]) == 5 and len(data["ffn"]) == 4
     for part in ("attention", "ffn"):
@@ -179,7 +181,7 @@ def test_neighbourhood_is_the_default_and_isolated_keeps_its_layout(tmp_path):
     assert load_costs(tmp_path, "small", device="cpu")["method"] == "neighbourhood"
     assert predict(PARENT, data)["total_s"] > 0
     # Another method is another measurement (the config is part of the inputs hash), in the old layout.
-    iso = json.loads(run_costs(tmp_path, replace(cfg, method="isolated"), SPACE, model_config=PARENT)["small"]
+    iso = json.loads(run_costs(tmp_path, replace(cfg, method="isolated"), [WL], SPACE, model_config=PARENT)["small"]
                      .read_text())
     assert iso["method"] == "isolated" and iso["inputs_hash"] != data["inputs_hash"]
     assert set(iso["attention"]) == set(data["attention"]) and set(iso["ffn"]) == set(data["ffn"])
@@ -220,14 +222,14 @@ def _fake_time_model(calls):
 def test_neighbourhood_costs_include_the_parents_other_half(tmp_path, monkeypatch):
     """With the parent's FFN around it, an attention variant costs its own time + the interaction; timed alone
     (isolated) it costs its own time only. Same for FFN variants around the parent's attention."""
-    import puzzle.costs.stage
+    import puzzle.costs.measure
 
     blocks = [BlockConfig(a, f) for a in (A.gqa(4), A.gqa(2), A.linear(), A.no_op())
               for f in (F.swiglu(128), F.swiglu(64), F.linear(), F.no_op())]
     for method in ("neighbourhood", "isolated"):
         calls: list = []
-        monkeypatch.setattr(puzzle.costs.stage, "_time_model", _fake_time_model(calls))
-        cfg = CostsConfig(workloads=[WL], method=method, neighbours=3, max_stack=2, **CPU_MEASURE)
+        monkeypatch.setattr(puzzle.costs.measure, "_time_model", _fake_time_model(calls))
+        cfg = CostsConfig(method=method, neighbours=3, max_stack=2, **CPU_MEASURE)
         data = costs_for_workload(PARENT, blocks, WL, cfg)
         extra = INTERACTION if method == "neighbourhood" else 0.0
         for part, own in (("attention", ATT_S), ("ffn", FFN_S)):
@@ -248,7 +250,7 @@ def test_neighbourhood_costs_include_the_parents_other_half(tmp_path, monkeypatc
 
 
 def test_a_reference_stack_that_does_not_fit_marks_its_part_oom(monkeypatch, capsys):
-    import puzzle.costs.stage
+    import puzzle.costs.measure
 
     calls: list = []
     fake = _fake_time_model(calls)
@@ -258,9 +260,9 @@ def test_a_reference_stack_that_does_not_fit_marks_its_part_oom(monkeypatch, cap
             raise torch.cuda.OutOfMemoryError("fake")
         return fake(config, *args)
 
-    monkeypatch.setattr(puzzle.costs.stage, "_time_model", oom_without_attention)
+    monkeypatch.setattr(puzzle.costs.measure, "_time_model", oom_without_attention)
     blocks = [BlockConfig(A.gqa(2), F.swiglu(64)), BlockConfig(A.no_op(), F.swiglu(128))]
-    data = costs_for_workload(PARENT, blocks, WL, CostsConfig(workloads=[WL], neighbours=2, **CPU_MEASURE))
+    data = costs_for_workload(PARENT, blocks, WL, CostsConfig(neighbours=2, **CPU_MEASURE))
     assert data["attention"]["gqa2"]["oom"] and data["attention"]["gqa2"]["decode_step_s"] is None
     assert not data["attention"]["no_op"]["oom"] and data["attention"]["no_op"]["decode_step_s"] == 0.0
     assert data["ffn"]["swiglu64"]["decode_step_s"] == pytest.approx(FFN_S["swiglu64"] + INTERACTION)
@@ -278,7 +280,7 @@ def test_unknown_method_is_a_clear_error(tmp_path):
     # Built in code, past the YAML checks: refused before anything is timed.
     for bad, match in (({"method": "nearest"}, "costs.method 'nearest'"), ({"neighbours": 0}, "neighbours")):
         with pytest.raises(PuzzleError, match=match):
-            run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate", **bad), SPACE, model_config=PARENT)
+            run_costs(tmp_path, CostsConfig(mode="estimate", **bad), [WL], SPACE, model_config=PARENT)
 
 
 # ---- damaged costs files and the uncalibrated fallback ---------------------------------------------------
@@ -288,9 +290,8 @@ def test_unknown_method_is_a_clear_error(tmp_path):
                                      "{\"schema\": \"puzzle-costs/1\", \"workload\": {\"name\": \"small\"}}"])
 def test_a_damaged_costs_file_is_an_error_naming_it(tmp_path, content):
     from puzzle.costs.table import measured_workloads
-    from puzzle.core.workloads import resolve_workloads
 
-    run_costs(tmp_path, CostsConfig(workloads=[WL], mode="estimate"), SPACE, model_config=PARENT)
+    run_costs(tmp_path, CostsConfig(mode="estimate"), [WL], SPACE, model_config=PARENT)
     bad = tmp_path / "costs" / "estimate-other.json"
     bad.write_text(content)
     fix = r"estimate-other.json is not a valid costs file .*; delete it and rerun `puzzle costs`"
@@ -298,16 +299,14 @@ def test_a_damaged_costs_file_is_an_error_naming_it(tmp_path, content):
         load_costs(tmp_path, "other", device="estimate")
     with pytest.raises(PuzzleError, match=fix):  # the search's workload discovery
         measured_workloads(tmp_path / "costs", "auto")
-    with pytest.raises(PuzzleError, match=fix):  # eval's custom workload shapes
-        resolve_workloads(["batch1"], tmp_path)
     assert "\n" not in str(pytest.raises(PuzzleError, load_costs, tmp_path, "other", "estimate").value)
 
 
 def test_the_costs_stage_measures_a_damaged_file_again(tmp_path, capsys):
-    cfg = CostsConfig(workloads=[WL], mode="estimate")
-    path = run_costs(tmp_path, cfg, SPACE, model_config=PARENT)["small"]
+    cfg = CostsConfig(mode="estimate")
+    path = run_costs(tmp_path, cfg, [WL], SPACE, model_config=PARENT)["small"]
     path.write_text("{\"schema\": ")
-    run_costs(tmp_path, cfg, SPACE, model_config=PARENT)
+    run_costs(tmp_path, cfg, [WL], SPACE, model_config=PARENT)
     assert "measuring it again" in capsys.readouterr().out
     assert load_costs(tmp_path, "small", device="estimate")["attention"]["gqa4"]["decode_step_s"] > 0
 
@@ -315,7 +314,7 @@ def test_the_costs_stage_measures_a_damaged_file_again(tmp_path, capsys):
 def test_an_uncalibrated_fallback_is_a_kept_warning(tmp_path, monkeypatch):
     """When the whole parent cannot be timed (out of memory), the costs are kept uncalibrated and the run
     says so in warnings.json (shown by the summary), also when the stage runs again over the kept file."""
-    import puzzle.costs.stage
+    import puzzle.costs.measure
     from puzzle.core.notices import read_warnings
 
     def timer(config, w, ctx, cfg, device, gen):
@@ -323,14 +322,26 @@ def test_an_uncalibrated_fallback_is_a_kept_warning(tmp_path, monkeypatch):
             raise torch.cuda.OutOfMemoryError("fake")
         return [1.0 + config.num_layers], [0.1 + 0.01 * config.num_layers]
 
-    monkeypatch.setattr(puzzle.costs.stage, "_time_model", timer)
-    cfg = CostsConfig(workloads=[WL], mode="measure", device="cpu", dtype="float32", repeats=2, warmup=1,
+    monkeypatch.setattr(puzzle.costs.measure, "_time_model", timer)
+    cfg = CostsConfig(mode="measure", device="cpu", dtype="float32", repeats=2, warmup=1,
                       input_sets=1, decode_inner=1, neighbours=2)
-    path = run_costs(tmp_path, cfg, list(PARENT.blocks), model_config=PARENT)["small"]
+    path = run_costs(tmp_path, cfg, [WL], list(PARENT.blocks), model_config=PARENT)["small"]
     assert json.loads(path.read_text())["calibration"]["method"] == "none"
     for _ in range(2):  # the second run keeps the file and warns again (once)
         kept = read_warnings(tmp_path)
         assert [w["stage"] for w in kept] == ["costs"]
         assert "cpu-small.json: not calibrated against the whole parent" in kept[0]["message"]
         assert "does not fit in device memory" in kept[0]["message"]
-        run_costs(tmp_path, cfg, list(PARENT.blocks), model_config=PARENT)
+        run_costs(tmp_path, cfg, [WL], list(PARENT.blocks), model_config=PARENT)
+
+
+def test_the_search_side_of_costs_imports_without_torch():
+    """Reading costs files and the MIP need no torch: `puzzle.costs.table` and the solver import without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport puzzle.costs.table, puzzle.costs.schema, puzzle.costs.calibration\n"
+            "import puzzle.stages.search.mip\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('puzzle'))\n")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

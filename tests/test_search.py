@@ -11,7 +11,9 @@ import pytest
 from puzzle.stages.search import mip
 from puzzle.core.artifacts import write_json
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.costs.stage import SCHEMA, CostsConfig, estimate_workload
+from puzzle.costs.estimate import estimate_workload
+from puzzle.costs.schema import SCHEMA
+from puzzle.costs.stage import CostsConfig
 from puzzle.core.errors import PuzzleError
 from puzzle.model.memory import memory_model
 from puzzle.model.presets import tiny_llama_config

@@ -11,7 +11,10 @@ import pytest
 from puzzle.core.artifacts import read_json, write_json
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.search.correction import Equation, corrected_table, fit_factors, part_costs
-from puzzle.costs.stage import SCHEMA, CostsConfig, estimate_workload, predict
+from puzzle.costs.estimate import estimate_workload
+from puzzle.costs.schema import SCHEMA
+from puzzle.costs.stage import CostsConfig
+from puzzle.costs.table import predict
 from puzzle.model.memory import memory_model
 from puzzle.core.notices import read_warnings
 from puzzle.model.presets import tiny_llama_config

@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from puzzle.core.dtypes import ALIASES, torch_dtype
 from puzzle.formats import export_hf, load_model
 from puzzle.formats.export import EXPORT_FORMATS
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="directory to write (replaced atomically)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="nemotron-nas",
                         help="nemotron-nas (any child; loads with trust_remote_code) or llama (homogeneous only)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: as stored)")
+    parser.add_argument("--dtype", choices=sorted(ALIASES), default=None, help="weight dtype (default: as stored)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
 
 
@@ -30,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print(f"puzzle export: note: {args.model} has no tokenizer; exporting without one", file=sys.stderr)
     out = export_hf(model, args.out_dir, tokenizer_source=tokenizer, format=args.format,
-                    max_shard_size=args.max_shard_size, dtype=DTYPES[args.dtype] if args.dtype else None)
+                    max_shard_size=args.max_shard_size, dtype=torch_dtype(args.dtype) if args.dtype else None)
     print(f"wrote {out} ({args.format})")
     return 0

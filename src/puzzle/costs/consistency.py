@@ -14,7 +14,7 @@ time slower than a wider one, and the MIP would choose on that noise. After meas
    by the whole parent's measurement (the calibration), so they weigh ANCHOR times more and stay put: moving
    them would move every child's prediction through the calibration (on the reference run's costs, an
    unanchored fit raised gqa8's decode step by 13% and the children's prediction error from 2.0% to 4.7%).
-The variant records keep the consistent values (what `puzzle.costs.stage.predict` and the search use); the returned
+The variant records keep the consistent values (what `puzzle.costs.table.predict` and the search use); the returned
 section records the first measurement, the violations, the re-measurements and every value the fit changed.
 Linear and no-op variants are outside the chains (a linear FFN is not narrower or wider than a SwiGLU).
 

@@ -1,5 +1,8 @@
-"""The search's view of costs: per-(layer, candidate) time, params and KV bytes for one workload (`CostTable`),
-built from the measured `costs/<device>-<workload>.json` in one function, and the predicted cost of a child.
+"""Reading costs: one layer's, the fixed and a whole model's time for a workload (`block_costs`, `fixed_costs`,
+`predict`), and the search's per-(layer, candidate) view of one costs file (`CostTable`).
+
+The one place that turns a costs file (`puzzle.costs.schema`) into times; torch-free, so the search, the
+verification and the report read costs without it.
 """
 
 from __future__ import annotations
@@ -10,11 +13,78 @@ from typing import Any
 
 import numpy as np
 
-from puzzle.model.blocks import BlockConfig
+from puzzle.core.dtypes import dtype_bytes
 from puzzle.core.errors import PuzzleError
 from puzzle.core.workloads import Workload, workload_by_name
+from puzzle.costs.calibration import correction
+from puzzle.costs.schema import load_costs, lookup_variant, read_costs_file
+from puzzle.model.blocks import BlockConfig, ModelConfig
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
+
+def workload_time(prefill_s: float, decode_step_s: float, w: Workload) -> float:
+    """A part's time over the workload: its prefill share (first token) + gen_len - 1 decode steps."""
+    return prefill_s + (w.gen_len - 1) * decode_step_s
+
+
+def block_costs(costs: dict[str, Any], block: BlockConfig, workload: Workload | None = None,
+                source: Path | str | None = None) -> dict[str, float]:
+    """One layer's (calibrated) costs: prefill_s, decode_step_s, total_s (over the workload), params, KV bytes.
+
+    The one place that turns a costs JSON into a block's time; `predict` and the search's `CostTable` use it.
+    """
+    w = workload or Workload(**costs["workload"])
+    a = lookup_variant(costs, "attention", block.attention.name, source, w.name)
+    f = lookup_variant(costs, "ffn", block.ffn.name, source, w.name)
+    method, corr = correction(costs)
+    out = {key: a[key] + f[key] for key in ("prefill_s", "decode_step_s")}
+    if method == "scale":
+        out = {key: value * corr[key] for key, value in out.items()}
+    out["total_s"] = workload_time(out["prefill_s"], out["decode_step_s"], w)
+    out["params"] = a["params"] + f["params"]
+    out["kv_bytes_per_token"] = a.get("kv_bytes_per_token", 0) + f.get("kv_bytes_per_token", 0)
+    return out
+
+
+def fixed_costs(costs: dict[str, Any], workload: Workload | None = None) -> dict[str, float]:
+    """Embedding, final norm, LM head and sampling (+ an "offset" calibration): prefill_s, decode_step_s, total_s."""
+    w = workload or Workload(**costs["workload"])
+    fixed = costs["fixed"]
+    method, corr = correction(costs)
+    out = {key: float(fixed.get(key, 0.0)) + (corr[key] if method == "offset" else 0.0)
+           for key in ("prefill_s", "decode_step_s")}
+    out["total_s"] = workload_time(out["prefill_s"], out["decode_step_s"], w)
+    out["params"] = int(fixed.get("params", 0))
+    return out
+
+
+def predict(model: ModelConfig | list[BlockConfig] | tuple[BlockConfig, ...], costs: dict[str, Any],
+            workload: Workload | None = None) -> dict[str, Any]:
+    """Predicted prefill, decode and total time and throughput of a model from per-block costs.
+
+    The first token comes from the prefill; the other gen_len - 1 come from decode steps.
+    """
+    blocks = model.blocks if isinstance(model, ModelConfig) else tuple(model)
+    w = workload or Workload(**costs["workload"])
+    fixed = fixed_costs(costs, w)
+    prefill, step = fixed["prefill_s"], fixed["decode_step_s"]
+    kv_per_token = 0
+    for b in blocks:
+        c = block_costs(costs, b, w)
+        prefill += c["prefill_s"]
+        step += c["decode_step_s"]
+        kv_per_token += c["kv_bytes_per_token"]
+    total = workload_time(prefill, step, w)
+    return {
+        "kind": costs["kind"], "device": costs["device"], "workload": w.name, "graphs": costs.get("graphs"),
+        "calibration": correction(costs)[0],
+        "prefill_s": prefill, "decode_step_s": step, "decode_s": total - prefill, "total_s": total,
+        "output_tokens_per_s": w.batch_size * w.gen_len / total,
+        "total_tokens_per_s": w.batch_size * (w.prompt_len + w.gen_len) / total,
+        "kv_cache_bytes": kv_per_token * w.batch_size * w.max_seq_len,
+    }
+
+
+# ---- the search's table ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -22,7 +92,7 @@ class CostTable:
     """Costs of every candidate of every layer for one (device, workload); the MIP adds them up.
 
     total_s = the block's prefill time for the workload's prompt + (gen_len - 1) decode steps (seconds; the
-    first token comes from the prefill), from `puzzle.costs.stage.block_costs`, the same numbers `predict` adds up
+    first token comes from the prefill), from `block_costs`, the same numbers `predict` adds up
     (calibrated against the whole parent when the costs file carries a calibration);
     throughput = batch * gen_len / (fixed_total_s + sum of the chosen blocks' total_s).
     Memory = weights + KV cache for batch x (prompt + generated) tokens, plus the parent's activation
@@ -67,51 +137,30 @@ class CostTable:
         }
 
 
-def _variant(section: dict[str, Any], name: str, kind: str, path: Path, workload: str) -> dict[str, float]:
-    entry = section.get(name)
-    if entry is None and name == "no_op":
-        return {"prefill_s": 0.0, "decode_step_s": 0.0, "params": 0, "kv_bytes_per_token": 0}
-    if isinstance(entry, dict) and entry.get("oom"):
-        raise PuzzleError(f"{path}: {kind} '{name}' did not fit in device memory for workload '{workload}'; "
-                          "lower that workload's batch size and rerun `puzzle costs`")
-    if not isinstance(entry, dict):
-        raise PuzzleError(f"{path} has no {kind} variant '{name}' (it has {sorted(section)}); "
-                          "rerun `puzzle costs` after `puzzle library` so every variant is measured")
-    for key in ("prefill_s", "decode_step_s", "params"):
-        if not isinstance(entry.get(key), (int, float)):
-            raise PuzzleError(f"{path}: {kind} '{name}' lacks a numeric '{key}'; rerun `puzzle costs`")
-    return entry
-
-
 def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig]], path: Path,
                          device: str, workload_name: str) -> CostTable:
-    """The one place that knows the costs JSON layout (`puzzle.costs.stage`, schema puzzle-costs/1)."""
+    """The table of `candidates` (per layer) from a costs file's contents (`puzzle.costs.schema`); `path` names
+    the file in errors."""
     for key in ("attention", "ffn", "fixed"):
         if not isinstance(data.get(key), dict):
             raise PuzzleError(f"{path} has no '{key}' section; it is not a costs file: rerun `puzzle costs`")
     wl = data.get("workload")
     workload = Workload(**{k: wl[k] for k in ("name", "batch_size", "prompt_len", "gen_len")}) \
         if isinstance(wl, dict) else workload_by_name(workload_name)
-    dtype = str(data.get("dtype", "bfloat16")).removeprefix("torch.")
-    if dtype not in DTYPE_BYTES:
-        raise PuzzleError(f"{path}: unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    # Times come from `puzzle.costs.stage.block_costs` / `fixed_costs` (calibration included), as `predict` does.
-    from puzzle.costs.stage import block_costs, fixed_costs
-
+    dtype_size = dtype_bytes(data.get("dtype", "bfloat16"), f"{path}: dtype")
+    # Times come from `block_costs` / `fixed_costs` (calibration included), as `predict` adds them up.
     fixed = fixed_costs(data, workload)
     arrays: dict[str, list[np.ndarray]] = {"total": [], "prefill": [], "params": [], "kv": []}
     for layer_cands in candidates:
         rows = []
         for block in layer_cands:
-            _variant(data["attention"], block.attention.name, "attention", path, workload.name)  # clear errors
-            _variant(data["ffn"], block.ffn.name, "ffn", path, workload.name)
-            c = block_costs(data, block, workload)
+            c = block_costs(data, block, workload, source=path)
             rows.append((c["total_s"], c["prefill_s"], c["params"], c["kv_bytes_per_token"]))
         cols = np.array(rows, dtype=float).reshape(-1, 4)
         for key, col in zip(arrays, cols.T):
             arrays[key].append(col)
     return CostTable(
-        device=device, workload=workload, dtype_bytes=DTYPE_BYTES[dtype],
+        device=device, workload=workload, dtype_bytes=dtype_size,
         total_s=arrays["total"], prefill_s=arrays["prefill"], params=arrays["params"],
         kv_bytes_per_token=arrays["kv"],
         fixed_total_s=fixed["total_s"], fixed_prefill_s=fixed["prefill_s"], fixed_params=fixed["params"],
@@ -122,11 +171,9 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
 
 def measured_workloads(costs_dir: Path, device: str) -> list[str]:
     """Workloads with a costs file for `device` ('auto': for the one device measured)."""
-    from puzzle.costs.stage import read_costs_file  # a damaged file is an error naming it, never skipped
-
     found = {}
     for path in sorted(costs_dir.glob("*.json")):
-        data = read_costs_file(path)
+        data = read_costs_file(path)  # a damaged file is an error naming it, never skipped
         found[path] = (data["device_key"], data["workload"].get("name"))
     devices = sorted({d for d, _ in found.values()})
     if device == "auto" and len(devices) > 1:
@@ -153,8 +200,8 @@ def costs_path(costs_dir: Path, device: str, workload: str) -> Path:
 
 
 def load_cost_table(costs_dir: Path, device: str, workload: str, candidates: list[list[BlockConfig]]) -> CostTable:
-    from puzzle.costs.stage import load_costs  # validates the schema and the device key
-
+    """The `CostTable` of `workload` on `device` ('auto': the one device measured) from `costs_dir`."""
     path = costs_path(costs_dir, device, workload)
     dev = path.name[: -len(f"-{workload}.json")]
-    return cost_table_from_json(load_costs(costs_dir, workload, dev), candidates, path, dev, workload)
+    data = load_costs(costs_dir, workload, dev)  # validates the schema and the device key
+    return cost_table_from_json(data, candidates, path, dev, workload)

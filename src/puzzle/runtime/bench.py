@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from puzzle.model.blocks import ModelConfig
-from puzzle.costs.stage import mean_decode_context, predict
+from puzzle.costs.estimate import mean_decode_context
+from puzzle.costs.table import predict
 from puzzle.runtime.datasheet import DATASHEETS, DeviceSpec, datasheet
 from puzzle.core.errors import PuzzleError
 from puzzle.model.memory import activation_bytes, kv_cache_bytes, max_batch_size

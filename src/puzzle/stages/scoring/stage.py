@@ -26,6 +26,7 @@ from puzzle.core.artifacts import (
     write_text,
 )
 from puzzle.core.config import check_device, to_dict
+from puzzle.core.dtypes import DTYPE_BYTES, torch_dtype
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
 from puzzle.formats import load_model
@@ -36,7 +37,6 @@ from puzzle.stages.library.store import Library
 from puzzle.stages.scoring.batches import lm_batches, load_task_file, task_batches
 from puzzle.stages.scoring.score import LOWER_IS_BETTER, METRICS, score_model
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -53,8 +53,8 @@ class ScoreConfig:
         for name in ("num_sequences", "batch_size", "candidates_per_batch", "max_task_items"):
             if getattr(self, name) <= 0:
                 raise PuzzleError(f"score.{name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in _DTYPES:
-            raise PuzzleError(f"score.dtype={self.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        if self.dtype not in DTYPE_BYTES:
+            raise PuzzleError(f"score.dtype={self.dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
         check_device("score.device", self.device)
 
 
@@ -67,9 +67,9 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _resolve_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise PuzzleError(f"score.dtype={name!r} is not supported; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPE_BYTES:
+        raise PuzzleError(f"score.dtype={name!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+    return torch_dtype(name)
 
 
 def _inputs_hash(run: RunDir, cfg: ScoreConfig) -> str:

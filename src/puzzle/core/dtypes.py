@@ -1,0 +1,35 @@
+"""Weight dtypes by name: the bytes per element (torch-free, for the search and the memory model) and the
+torch dtype (for building models). The one table of them; every config field naming a dtype checks it here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from puzzle.core.errors import PuzzleError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # canonical names (torch's), bytes per element
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(name: str, field: str = "dtype") -> str:
+    """The canonical name of `name` ("bf16", "torch.bfloat16" and "bfloat16" all give "bfloat16")."""
+    key = str(name).removeprefix("torch.")
+    key = ALIASES.get(key, key)
+    if key not in DTYPE_BYTES:
+        raise PuzzleError(f"{field} {name!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+    return key
+
+
+def dtype_bytes(name: str, field: str = "dtype") -> int:
+    return DTYPE_BYTES[dtype_name(name, field)]
+
+
+def torch_dtype(name: str, field: str = "dtype") -> torch.dtype:
+    # torch is imported here, not above: the search and the memory model read byte sizes without torch
+    import torch
+
+    return getattr(torch, dtype_name(name, field))

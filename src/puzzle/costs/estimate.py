@@ -1,0 +1,90 @@
+"""The analytic fallback: each variant's FLOPs and bytes against a roofline (peak FLOP/s, memory bandwidth),
+and what every costs file is built from whether measured or estimated (the variants of the search space, a
+variant's record, its KV bytes, a workload's mean decode context).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from puzzle.core.dtypes import dtype_bytes
+from puzzle.core.workloads import Workload
+from puzzle.model.blocks import (
+    AttentionConfig,
+    BlockConfig,
+    FFNConfig,
+    ModelConfig,
+    attention_param_count,
+    ffn_param_count,
+)
+
+if TYPE_CHECKING:
+    from puzzle.costs.stage import CostsConfig
+
+
+def split_variants(blocks: list[BlockConfig]) -> tuple[list[AttentionConfig], list[FFNConfig]]:
+    """The distinct attention and FFN variants of `blocks`, in first-seen order."""
+    att = list(dict.fromkeys(b.attention for b in blocks))
+    ffn = list(dict.fromkeys(b.ffn for b in blocks))
+    return att, ffn
+
+
+def attention_kv_bytes(att: AttentionConfig, head_dim: int, elem_bytes: int) -> int:
+    """K + V bytes one token adds to the cache of an attention variant."""
+    return 2 * att.num_kv_heads * head_dim * elem_bytes if att.kind == "gqa" else 0
+
+
+def mean_decode_context(workload: Workload, bucket: int) -> int:
+    """Cache slots a decode step reads, averaged over the workload's decode steps (bucketed like the runtime)."""
+    s = workload.max_seq_len
+    lengths = [min(s, -(-(workload.prompt_len + i + 1) // bucket) * bucket) for i in range(workload.gen_len - 1)]
+    return round(statistics.mean(lengths)) if lengths else workload.prompt_len + 1
+
+
+def variant_record(params: int, kv: int) -> dict[str, Any]:
+    """A variant's entry in a costs file before it is timed or estimated (the schema: `puzzle.costs.schema`)."""
+    return {"prefill_s": None, "decode_step_s": None, "params": params, "kv_bytes_per_token": kv,
+            "prefill_rel_spread": 0.0, "decode_rel_spread": 0.0, "prefill_spread_s": 0.0, "decode_spread_s": 0.0,
+            "stack": 0, "oom": False}
+
+
+def _roofline(flops: float, nbytes: float, cfg: CostsConfig) -> float:
+    return max(flops / cfg.peak_flops, nbytes / cfg.mem_bandwidth)
+
+
+def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
+                      cfg: CostsConfig, ctx: int) -> dict[str, Any]:
+    """FLOPs and bytes of each variant against the roofline (peak_flops, mem_bandwidth): an estimate."""
+    eb = dtype_bytes(cfg.dtype)
+    h, d, nq, b, p = model.hidden_size, model.head_dim, model.num_attention_heads, w.batch_size, w.prompt_len
+    act = lambda tokens: 4 * tokens * h * eb  # read + write of a few hidden-sized tensors
+    out: dict[str, Any] = {"attention": {}, "ffn": {}}
+    for att in atts:
+        params = attention_param_count(att, h, d, nq, model.attention_bias)
+        kv = attention_kv_bytes(att, d, eb)
+        rec = variant_record(params, kv)
+        if att.kind != "no_op":
+            attn_pf = 2 * b * nq * d * p * p if att.kind == "gqa" else 0  # causal QK^T + PV
+            rec["prefill_s"] = _roofline(2 * params * b * p + attn_pf, params * eb + act(b * p) + b * p * kv, cfg)
+            rec["decode_step_s"] = _roofline(2 * params * b + 4 * b * nq * d * ctx,
+                                             params * eb + act(b) + b * ctx * kv, cfg)
+        else:
+            rec["prefill_s"] = rec["decode_step_s"] = 0.0
+        out["attention"][att.name] = rec
+    for ffn in ffns:
+        params = ffn_param_count(ffn, h)
+        rec = variant_record(params, 0)
+        if ffn.kind != "no_op":
+            rec["prefill_s"] = _roofline(2 * params * b * p, params * eb + act(b * p), cfg)
+            rec["decode_step_s"] = _roofline(2 * params * b, params * eb + act(b), cfg)
+        else:
+            rec["prefill_s"] = rec["decode_step_s"] = 0.0
+        out["ffn"][ffn.name] = rec
+    head = model.vocab_size * h
+    out["fixed"] = {
+        "prefill_s": _roofline(2 * head * b, head * eb + act(b * p), cfg),  # LM head on the last token only
+        "decode_step_s": _roofline(2 * head * b, head * eb + b * model.vocab_size * 4, cfg),
+        "sampling_s": 0.0, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
+    }
+    return out
