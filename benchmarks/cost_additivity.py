@@ -38,7 +38,6 @@ from puzzle.runtime.bench import DEFAULT_BUCKET
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.stage import decode_at
 from puzzle.costs.estimate import mean_decode_context
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
@@ -73,7 +72,7 @@ def ready_engine(config: ModelConfig, w: Workload, ctx: int, device: torch.devic
     model = build_model(config, device=device, dtype=dtype, seed=0).eval()
     engine = Engine(model, w.batch_size, max(w.prompt_len, ctx) + 1, bucket=1)
     engine.prefill(torch.randint(0, config.vocab_size, (w.batch_size, w.prompt_len), device=device))
-    return engine, decode_at(engine, ctx, torch.randint(0, config.vocab_size, (w.batch_size,), device=device))
+    return engine, engine.decode_at(ctx, torch.randint(0, config.vocab_size, (w.batch_size,), device=device))
 
 
 def kernel_profile(step: Any, device: torch.device, steps: int = 3) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from _meta import metadata
 from puzzle.runtime.bench import decode_step_bytes
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
-from puzzle.runtime import engine as engine_mod
+from puzzle.runtime import subblocks
 from puzzle.runtime.engine import Engine
 from puzzle.runtime.timing import measure_bandwidth, sync
 from puzzle.core.workloads import Workload
@@ -42,7 +42,7 @@ def set_variant(name: str) -> dict[str, Any]:
     import torch._inductor.config as ic
 
     torch._dynamo.reset()
-    getattr(engine_mod, "_COMPILED", {}).clear()
+    getattr(subblocks, "_COMPILED", {}).clear()
     ic.coordinate_descent_tuning = "cdt" in name
     ic.max_autotune = "autotune" in name
     kwargs: dict[str, Any] = {}

@@ -26,7 +26,6 @@ from _meta import metadata
 from cost_additivity import kernel_profile
 from cost_model_ref_s import ref_s_config
 
-from puzzle.costs.stage import decode_at
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config
 from puzzle.runtime.engine import Engine
@@ -51,7 +50,7 @@ def measure(name: str, config: Any, device: torch.device) -> dict[str, Any]:
     model = build_model(config, device=device, dtype=torch.bfloat16, seed=0).eval()
     engine = Engine(model, 1, 256)
     engine.prefill(torch.randint(0, config.vocab_size, (1, 128), device=device))
-    step = decode_at(engine, 129, torch.randint(0, config.vocab_size, (1,), device=device))
+    step = engine.decode_at(129, torch.randint(0, config.vocab_size, (1,), device=device))
     step()  # captures the graph
     graph = next(iter(engine._graphs.values()))
     gpu = statistics.median(time_calls(step, device, repeats=20, warmup=5, inner=20))

@@ -28,7 +28,7 @@ from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.blocks import FFNConfig as F
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
-from puzzle.runtime import engine as engine_mod
+from puzzle.runtime import subblocks
 from puzzle.core.workloads import Workload
 
 SETTINGS: dict[str, dict[str, Any]] = {  # inductor settings on top of the runtime's own
@@ -46,7 +46,7 @@ def fresh_compiles(settings: dict[str, Any]) -> None:
     import torch._inductor.config as ic
 
     torch._dynamo.reset()
-    engine_mod._COMPILED.clear()
+    subblocks._COMPILED.clear()
     cc.PyCodeCache.cache_clear()
     ic.force_disable_caches = True
     ic.coordinate_descent_tuning = False

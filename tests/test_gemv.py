@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 from puzzle.model.decoder import RMSNorm
 from puzzle.runtime import gemv
-from puzzle.runtime.engine import Engine, FusedRegions
+from puzzle.runtime.engine import Engine
+from puzzle.runtime.subblocks import FusedRegions
 
 
 @pytest.fixture

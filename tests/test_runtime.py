@@ -171,7 +171,7 @@ def _decode_logits(engine: Engine, prompts: list[list[int]], steps: int) -> torc
 
 def test_fused_regions_equal_the_eager_step():
     """The "fused" decode step's decomposition (pending residual adds carried into the next region) is exact."""
-    from puzzle.runtime.engine import FusedRegions
+    from puzzle.runtime.subblocks import FusedRegions
 
     model = child_model()
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
@@ -185,7 +185,7 @@ def test_fused_regions_compile_once_per_sub_block_variant():
     """Layers of the same shape share one compiled region, and new cache lengths compile nothing."""
     from torch._dynamo.utils import counters
 
-    from puzzle.runtime.engine import FusedRegions
+    from puzzle.runtime.subblocks import FusedRegions
 
     torch._dynamo.reset()
     config = tiny_llama_config(num_layers=4, num_kv_heads=2)

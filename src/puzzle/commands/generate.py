@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--graphs", default="auto", choices=["auto", "manual", "fused", "compile", "none"])
+    parser.add_argument("--graphs", default="auto", choices=["auto", "fused", "manual", "none"])
 
 
 def run(args: argparse.Namespace) -> int:

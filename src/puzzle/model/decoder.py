@@ -1,8 +1,10 @@
 """The heterogeneous decoder: any Puzzle child (per-layer GQA / linear / no-op attention and FFN).
 
-Plain single-device PyTorch. Parallelism (DDP, FSDP2, placement) is applied from outside.
+Plain single-device PyTorch for training, scoring and evaluation: causal attention over the given tokens,
+no KV cache (inference with a cache is `puzzle.runtime`). Parallelism (DDP, FSDP2, placement) is applied
+from outside.
 
-Shapes: B batch, T new tokens, S attended tokens (cache + new), H hidden, Nq/Nkv heads, D head_dim.
+Shapes: B batch, T tokens, H hidden, Nq/Nkv heads, D head_dim.
 State-dict keys: `embed_tokens.weight`, `layers.{i}.attention.norm.weight`, `layers.{i}.attention.op.q_proj.weight`,
 `layers.{i}.ffn.op.down_proj.weight`, `norm.weight`, `lm_head.weight` (absent when tied). The HF adapter in
 `puzzle.formats.hf` maps them to HF / Nemotron-NAS names.
@@ -12,21 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
-
-
-class LayerKVCache(Protocol):
-    """What an attention layer needs from a KV cache (the runtime provides static implementations)."""
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new k, v [B, Nkv, T, D]; return everything to attend to, [B, Nkv, S, D] each."""
-        ...
 
 
 class RMSNorm(nn.Module):
@@ -108,30 +101,19 @@ class GQAAttention(nn.Module):
         self.v_proj = nn.Linear(h, num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, T, H], already normalised
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,  # bool [B, 1, T, S], True = attend; None = causal
-        cache: LayerKVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the T tokens of x [B, T, H] (already normalised) -> [B, T, H]."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Nq, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Nkv, T, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v)  # [B, Nkv, S, D]
         if self.num_kv_heads != self.num_heads:
             # Expanding is as fast as SDPA's enable_gqa on every backend and works on all torch versions.
             group = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -176,9 +158,8 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.op = GQAAttention(config, attention.num_kv_heads) if attention.kind == "gqa" else LinearAttention(config)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
-        return self.op(self.norm(h), cos, sin, attn_mask, cache)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.op(self.norm(h), cos, sin)
 
 
 class FFNBlock(nn.Module):
@@ -218,10 +199,9 @@ class DecoderLayer(nn.Module):
             self.ffn.config if self.ffn is not None else FFNConfig.no_op(),
         )
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.attention is not None:
-            h = h + self.attention(h, cos, sin, attn_mask, cache)
+            h = h + self.attention(h, cos, sin)
         if self.ffn is not None:
             h = h + self.ffn(h)
         return h
@@ -264,8 +244,6 @@ class PuzzleModel(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        caches: list[LayerKVCache | None] | None = None,
         start: int = 0,
         end: int | None = None,
         hidden_states: list[torch.Tensor] | None = None,
@@ -273,7 +251,7 @@ class PuzzleModel(nn.Module):
         """Layers [start, end); appends each layer's output to `hidden_states` when given."""
         end = len(self.layers) if end is None else end
         for i in range(start, end):
-            h = self.layers[i](h, cos, sin, attn_mask, caches[i] if caches is not None else None)
+            h = self.layers[i](h, cos, sin)
             if hidden_states is not None:
                 hidden_states.append(h)
         return h
@@ -286,8 +264,6 @@ class PuzzleModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [B, T]
         position_ids: torch.Tensor | None = None,  # [B, T]; default 0..T-1
-        attn_mask: torch.Tensor | None = None,  # bool [B, 1, T, S]; None = causal over the T tokens
-        caches: list[LayerKVCache | None] | None = None,
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         if position_ids is None:
@@ -295,7 +271,7 @@ class PuzzleModel(nn.Module):
         h = self.embed(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
-        h = self.run_layers(h, cos, sin, attn_mask, caches, hidden_states=hidden)
+        h = self.run_layers(h, cos, sin, hidden_states=hidden)
         return ModelOutput(self.head(h), hidden)
 
     # ---- architecture ----------------------------------------------------------------------------

@@ -61,9 +61,10 @@ def oom_error(model: PuzzleModel, w: Workload) -> PuzzleError:
 
 @torch.inference_mode()
 def run_workload(model: PuzzleModel, w: Workload, graphs: GraphMode = "auto", repeats: int = 2,
-                 seed: int = 0, bucket: int = DEFAULT_BUCKET) -> dict[str, Any]:
+                 seed: int = 0, bucket: int = DEFAULT_BUCKET, engine_cls: type[Engine] = Engine) -> dict[str, Any]:
     """Greedy generation of w.gen_len tokens for w.batch_size random prompts; the last repeat's timings
-    (the first one warms up and captures the CUDA graphs)."""
+    (the first one warms up and captures the CUDA graphs). engine_cls: an Engine subclass (the benchmarks'
+    own graph modes, benchmarks/_graph_modes.py)."""
     if w.max_seq_len > model.config.max_position_embeddings:
         raise PuzzleError(f"workload {w.name!r} needs {w.max_seq_len} tokens but the model's context is "
                           f"{model.config.max_position_embeddings}; pick a shorter workload")
@@ -72,7 +73,7 @@ def run_workload(model: PuzzleModel, w: Workload, graphs: GraphMode = "auto", re
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(device)
     try:
-        engine = Engine(model, w.batch_size, w.max_seq_len, graphs=graphs, bucket=bucket)
+        engine = engine_cls(model, w.batch_size, w.max_seq_len, graphs=graphs, bucket=bucket)
         runs = []
         for _ in range(max(1, repeats)):
             sync(device)

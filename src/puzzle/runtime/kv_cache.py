@@ -14,10 +14,10 @@ from puzzle.core.errors import PuzzleError
 
 
 class LayerCache:
-    """K/V storage of one attention layer; implements `puzzle.model.decoder.LayerKVCache`.
+    """K/V storage of one attention layer.
 
-    `slots` is shared by every layer of a `StaticKVCache`: the cache indices [T] that the next `update`
-    writes. `attend_len` limits what `update` returns to the first `attend_len` slots.
+    The owner's `slots` (shared by every layer of a `StaticKVCache`) are the cache indices [T] that the next
+    `write` fills; attention reads the first `owner.attend_len` slots (`puzzle.runtime.attention`).
     """
 
     def __init__(self, owner: StaticKVCache, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -29,11 +29,6 @@ class LayerCache:
         # k, v [B, Nkv, T, D] -> slots owner.slots [T] along the sequence dim
         self.k.index_copy_(2, self.owner.slots, k)
         self.v.index_copy_(2, self.owner.slots, v)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.write(k, v)
-        n = self.owner.attend_len
-        return self.k[:, :, :n], self.v[:, :, :n]  # [B, Nkv, attend_len, D]
 
 
 class StaticKVCache:
