@@ -96,10 +96,9 @@ def main() -> None:
     ap.add_argument("--input-sets", type=int, default=3)
     args = ap.parse_args()
     parent = llama31_8b_config()
-    cfg = CostsConfig(workloads=resolve(args.workloads), mode=args.mode, repeats=args.repeats,
-                      input_sets=args.input_sets)
+    cfg = CostsConfig(mode=args.mode, repeats=args.repeats, input_sets=args.input_sets)
     costs = {}
-    for w in cfg.workloads:
+    for w in resolve(args.workloads):
         costs[w.name] = costs_for_workload(parent, variant_blocks(parent) + list(parent.blocks), w, cfg)
         print_table(costs[w.name])
         out = write_table(args.out, costs, cfg)
