@@ -22,7 +22,7 @@ from puzzle.stages.search.tables import describe_best
 from puzzle.stages.search.targets import NEEDS_WORKLOAD, ConstraintSpec, parse_target
 
 if TYPE_CHECKING:
-    from puzzle.stages.search.stage import SearchConfig
+    from puzzle.stages.search.stage import SearchConfig  # type only: the stage imports this module
 
 Metric = Literal["kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy"]
 HIGHER_IS_BETTER = {"top1", "top5", "task_accuracy"}

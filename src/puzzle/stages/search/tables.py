@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from puzzle.stages.search.targets import parse_target
 
 if TYPE_CHECKING:
-    from puzzle.stages.search.solve import Target
+    from puzzle.stages.search.solve import Target  # type only: solve imports this module
 
 
 def _fmt_bytes(b: float) -> str:
