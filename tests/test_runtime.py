@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime import Engine, SamplingConfig, StaticKVCache, generate
@@ -195,6 +195,37 @@ def test_fused_regions_compile_once_per_sub_block_variant():
     before = counters["stats"]["unique_graphs"]
     _decode_logits(engine, [[1, 2, 3]], 5)  # reads 4..8 cached slots: the region shapes never change
     assert counters["stats"]["unique_graphs"] - before == 4  # gqa q/k/v + cache write, o_proj, SwiGLU up to down, head
+
+
+def test_compiled_regions_run_the_eager_decomposition_exactly():
+    """Traced regions (dynamo's eager backend) start from zeros + the embedding, as compiled ones do: still exact."""
+    from puzzle.runtime.subblocks import FusedRegions
+
+    torch._dynamo.reset()
+    model = child_model()
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    eager = _decode_logits(Engine(model, 2, 16, graphs="none"), prompts, 4)
+    engine = Engine(model, 2, 16, graphs="none")
+    engine._regions = FusedRegions(backend="eager")
+    assert torch.equal(_decode_logits(engine, prompts, 4), eager)
+
+
+def test_decode_at_repeats_one_step_at_a_fixed_context():
+    """`Engine.decode_at`: every call writes slot ctx - 1 and attends over [0, ctx), leaving length at ctx."""
+    model = child_model()
+    engine = Engine(model, 2, 16, graphs="none")
+    engine.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    step = engine.decode_at(9, torch.tensor([7, 8]))
+    assert bool(engine.valid.all())
+    step()
+    first = engine.logits.clone()
+    step()
+    assert engine.length == 9 and torch.equal(engine.logits, first)
+
+
+def test_benchmark_only_graph_mode_is_a_one_line_error():
+    with pytest.raises(PuzzleError, match="benchmarks/_graph_modes.py.*auto, fused, manual, none"):
+        Engine(child_model(), 1, 8, graphs="compile")
 
 
 @pytest.mark.gpu

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from puzzle.model.blocks import ModelConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import ModelConfig
 
 
 class LayerCache:
