@@ -38,7 +38,7 @@ from puzzle.runtime.bench import DEFAULT_BUCKET
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.estimate import mean_decode_context
+from puzzle.model.memory import mean_decode_context
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime.engine import Engine

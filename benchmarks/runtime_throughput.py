@@ -172,7 +172,7 @@ def main() -> None:
         models = {"parent": parent}
         for name, cfg in child_cfgs.items():
             models[name] = build_model(cfg, device=device, dtype=dtype, seed=1).eval()
-        report = bench(models, [w], repeats=2, costs={w.name: costs})
+        report = bench(models, [w], repeats=2, predict=lambda config, wl: predict(config, costs, wl))  # noqa: B023
         out["bandwidth_bytes_per_s"] = report["bandwidth_bytes_per_s"]
         out["results"] += report["results"]
         out["cost_model"] += cost_model_rows(report, configs, costs, w)

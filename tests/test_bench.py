@@ -19,6 +19,7 @@ from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.blocks import FFNConfig as F
 from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.costs.table import predict
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
@@ -33,7 +34,7 @@ def test_bench_two_models_with_roofline_prediction_and_hf(tmp_path):
     models = {"parent": build_model(PARENT, seed=0).eval(), "child": build_model(CHILD, seed=1).eval()}
     costs = costs_for_workload(PARENT, list(PARENT.blocks) + list(CHILD.blocks), W, CostsConfig(mode="estimate"))
     hf = {"parent": hf_llama_like(PARENT, torch.device("cpu"), torch.float32)}
-    report = bench(models, [W], repeats=1, hf_models=hf, costs={W.name: costs})
+    report = bench(models, [W], repeats=1, hf_models=hf, predict=lambda config, w: predict(config, costs, w))
     parent, child = report["results"]
     assert report["reference"] == "parent" and parent["speedup_vs_reference"] == 1.0
     for r in (parent, child):

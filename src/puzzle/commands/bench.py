@@ -14,6 +14,7 @@ from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
 from puzzle.core.workloads import DEFAULT_WORKLOADS, workload_by_name
 from puzzle.costs.schema import load_costs
+from puzzle.costs.table import predict
 from puzzle.formats import export_hf, load_model
 from puzzle.formats.native import is_native_config
 from puzzle.runtime.bench import bench, format_table
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.costs:
         costs = {w.name: load_costs(Path(args.costs), w.name, args.costs_device) for w in workloads}
     report = bench(models, workloads, graphs=args.graphs, repeats=args.repeats, hf_models=hf_models or None,
-                   costs=costs)
+                   predict=(lambda config, w: predict(config, costs[w.name], w)) if costs else None)
     run_dir = Path(args.costs) if args.costs and RunDir(args.costs).costs.is_dir() else None
     if run_dir is None:
         print(format_table(report))  # warnings as lines of the table

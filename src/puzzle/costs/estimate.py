@@ -5,7 +5,6 @@ variant's record, its KV bytes, a workload's mean decode context).
 
 from __future__ import annotations
 
-import statistics
 from typing import TYPE_CHECKING, Any
 
 from puzzle.core.dtypes import dtype_bytes
@@ -33,13 +32,6 @@ def split_variants(blocks: list[BlockConfig]) -> tuple[list[AttentionConfig], li
 def attention_kv_bytes(att: AttentionConfig, head_dim: int, elem_bytes: int) -> int:
     """K + V bytes one token adds to the cache of an attention variant."""
     return 2 * att.num_kv_heads * head_dim * elem_bytes if att.kind == "gqa" else 0
-
-
-def mean_decode_context(workload: Workload, bucket: int) -> int:
-    """Cache slots a decode step reads, averaged over the workload's decode steps (bucketed like the runtime)."""
-    s = workload.max_seq_len
-    lengths = [min(s, -(-(workload.prompt_len + i + 1) // bucket) * bucket) for i in range(workload.gen_len - 1)]
-    return round(statistics.mean(lengths)) if lengths else workload.prompt_len + 1
 
 
 def variant_record(params: int, kv: int) -> dict[str, Any]:

@@ -21,12 +21,12 @@ from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
 from puzzle.core.workloads import Workload
 from puzzle.costs.consistency import make_consistent, parent_anchors
-from puzzle.costs.estimate import estimate_workload, mean_decode_context, split_variants
+from puzzle.costs.estimate import estimate_workload, split_variants
 from puzzle.costs.measure import TimeModel, measure_workload
 from puzzle.costs.schema import ESTIMATE_KEY, METHODS, SCHEMA, read_costs_file
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import BlockConfig, ModelConfig
-from puzzle.model.memory import max_batch_size, memory_model
+from puzzle.model.memory import max_batch_size, mean_decode_context, memory_model
 from puzzle.runtime.engine import GraphMode, resolve_graph_mode
 from puzzle.runtime.timing import device_key, device_name
 from puzzle.stages.library.store import Library

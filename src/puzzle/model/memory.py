@@ -8,6 +8,8 @@ and the fp32 last-token logits), so that "fits" keeps a margin.
 
 from __future__ import annotations
 
+import statistics
+
 from puzzle.model.blocks import ModelConfig
 from puzzle.core.workloads import Workload
 
@@ -48,3 +50,10 @@ def max_batch_size(config: ModelConfig, prompt_len: int, gen_len: int, memory_by
 
 def fits(config: ModelConfig, workload: Workload, memory_bytes: int, dtype_bytes: int = 2) -> bool:
     return memory_model(config, workload, dtype_bytes)["total_bytes"] <= memory_bytes
+
+
+def mean_decode_context(workload: Workload, bucket: int) -> int:
+    """Cache slots a decode step reads, averaged over the workload's decode steps (bucketed like the runtime)."""
+    s = workload.max_seq_len
+    lengths = [min(s, -(-(workload.prompt_len + i + 1) // bucket) * bucket) for i in range(workload.gen_len - 1)]
+    return round(statistics.mean(lengths)) if lengths else workload.prompt_len + 1

@@ -12,20 +12,19 @@ from per-block costs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from puzzle.model.blocks import ModelConfig
-from puzzle.costs.estimate import mean_decode_context
-from puzzle.costs.table import predict
-from puzzle.runtime.datasheet import DATASHEETS, DeviceSpec, datasheet
 from puzzle.core.errors import PuzzleError
-from puzzle.model.memory import activation_bytes, kv_cache_bytes, max_batch_size
+from puzzle.core.workloads import Workload
+from puzzle.model.blocks import ModelConfig
 from puzzle.model.decoder import PuzzleModel
+from puzzle.model.memory import activation_bytes, kv_cache_bytes, max_batch_size, mean_decode_context
+from puzzle.runtime.datasheet import DATASHEETS, DeviceSpec, datasheet
 from puzzle.runtime.engine import Engine, GraphMode
 from puzzle.runtime.timing import device_name, measure_bandwidth, sync
-from puzzle.core.workloads import Workload
 
 DEFAULT_BUCKET = 128
 
@@ -215,12 +214,14 @@ def hf_llama_like(config: ModelConfig, device: torch.device, dtype: torch.dtype)
 
 
 def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: GraphMode = "auto", repeats: int = 2,
-          hf_models: dict[str, Any] | None = None, costs: dict[str, dict[str, Any]] | None = None,
+          hf_models: dict[str, Any] | None = None,
+          predict: Callable[[ModelConfig, Workload], dict[str, Any] | None] | None = None,
           measure_bw: bool = True, bandwidth: float | None = None,
           spec: DeviceSpec | None | str = "auto") -> dict[str, Any]:
     """Bench every model on every workload; the first model is the reference.
 
-    hf_models: name -> transformers model for the baseline; costs: workload name -> costs JSON (predict);
+    hf_models: name -> transformers model for the baseline; predict: (model config, workload) -> the cost model's
+    prediction (`puzzle.costs.table.predict` over a costs file; None: no prediction for that workload);
     bandwidth: the copy bandwidth (bytes/s; measured when None and measure_bw); spec: the device's datasheet
     ("auto": looked up by the device's name; None: none).
     """
@@ -246,8 +247,7 @@ def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: Gra
             if bandwidth or spec is not None:
                 r["roofline"] = roofline(model.config, w, r["inter_token_s"], bandwidth, dtype_bytes, spec=spec,
                                          dtype=dtype)
-            if costs and w.name in costs:
-                p = predict(model.config, costs[w.name], w)
+            if predict is not None and (p := predict(model.config, w)) is not None:
                 p["measured_over_predicted"] = r["output_tokens_per_s"] / p["output_tokens_per_s"]
                 p["same_graph_mode"] = p["graphs"] in (None, r["graphs"])  # like for like (None: estimate)
                 r["predicted"] = p
