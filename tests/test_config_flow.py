@@ -20,10 +20,10 @@ from puzzle.cli import main
 from puzzle.core.config import from_dict, load_stage_config, to_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.costs.stage import CostsConfig
+from puzzle.pipeline import RunConfig, load_run_config
 from puzzle.stages.data import DataConfig
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
-from puzzle.pipeline import RunConfig, load_run_config
 from puzzle.stages.realize import RealizeConfig
 from puzzle.stages.report.stage import ReportConfig
 from puzzle.stages.scoring.stage import ScoreConfig

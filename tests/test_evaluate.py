@@ -190,7 +190,7 @@ def test_eval_throughput_workloads_come_from_the_run_config_not_cost_files(tmp_p
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Eval times the shapes the run's config defines (top-level `workloads:`); a costs file naming the same
     workload with another shape is not read. An unknown name is a one-line error naming the known ones."""
-    import puzzle.stages.evaluate.stage as stage
+    from puzzle.stages.evaluate import stage
 
     run, _ = make_run_dir(tmp_path)
     tg = {"name": "tg", "batch_size": 3, "prompt_len": 8, "gen_len": 4}

@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 
 from gkd_helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from pipeline_helpers import NUM_LAYERS, WORKLOAD, make_parent, run_config, snapshot, write_yaml
-from puzzle.model.blocks import BlockConfig
-from puzzle.formats import load_model
 from puzzle.cli import main
 from puzzle.core.config import read_yaml
+from puzzle.core.workloads import DEFAULT_WORKLOADS
+from puzzle.formats import load_model
+from puzzle.model.blocks import BlockConfig
+from puzzle.pipeline import STAGES, RunConfig, load_run_config, run_pipeline
 from puzzle.stages.data import load_tokens
 from puzzle.stages.library.search_space import layer_spaces
-from puzzle.pipeline import STAGES, RunConfig, load_run_config, run_pipeline
 from puzzle.stages.search.stage import parse_target
-from puzzle.core.workloads import DEFAULT_WORKLOADS
 
 REPO = Path(__file__).resolve().parents[1]
 

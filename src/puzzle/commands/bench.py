@@ -17,7 +17,7 @@ from puzzle.costs.schema import load_costs
 from puzzle.costs.table import predict
 from puzzle.formats import export_hf, load_model
 from puzzle.formats.native import is_native_config
-from puzzle.runtime.bench import bench, format_table
+from puzzle.runtime import bench as runtime_bench  # the module: a test stands in for its `bench`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
     costs = None
     if args.costs:
         costs = {w.name: load_costs(Path(args.costs), w.name, args.costs_device) for w in workloads}
-    report = bench(models, workloads, graphs=args.graphs, repeats=args.repeats, hf_models=hf_models or None,
-                   predict=(lambda config, w: predict(config, costs[w.name], w)) if costs else None)
+    report = runtime_bench.bench(models, workloads, graphs=args.graphs, repeats=args.repeats,
+                                 hf_models=hf_models or None,
+                                 predict=(lambda config, w: predict(config, costs[w.name], w)) if costs else None)
     run_dir = Path(args.costs) if args.costs and RunDir(args.costs).costs.is_dir() else None
     if run_dir is None:
-        print(format_table(report))  # warnings as lines of the table
+        print(runtime_bench.format_table(report))  # warnings as lines of the table
     else:  # the run keeps the warnings for its summary; `warn` prints them
-        print(format_table({**report, "warnings": []}))
+        print(runtime_bench.format_table({**report, "warnings": []}))
         clear_warnings(run_dir, "bench")
         for message in report["warnings"]:
             warn(run_dir, "bench", message)

@@ -14,8 +14,9 @@ from pathlib import Path
 import yaml
 
 from puzzle.core.config import apply_overrides
-from puzzle.demo.pretrain import PretrainConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.demo.parent import build_demo_parent
+from puzzle.demo.pretrain import PretrainConfig
 from puzzle.pipeline import load_run_config, run_pipeline
 from puzzle.stages.report.summary import print_summary
 
@@ -38,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
         raise PuzzleError("--parent and --data go together: your model and the text to calibrate and distil on")
     data = yaml.safe_load(demo_config_text())
     if args.parent is None:
-        from puzzle.demo.parent import build_demo_parent
-
         parent, corpus = build_demo_parent(args.out, PretrainConfig(steps=args.pretrain_steps))
         data["parent"], data["data"]["sources"] = str(parent), [str(corpus)]
     else:

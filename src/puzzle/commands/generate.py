@@ -8,6 +8,9 @@ import sys
 import torch
 
 from puzzle.core.errors import PuzzleError
+from puzzle.formats import load_model
+from puzzle.formats.tokenizers import load_tokenizer
+from puzzle.runtime import SamplingConfig, generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.formats import load_model
-    from puzzle.runtime import SamplingConfig, generate
-    from puzzle.formats.tokenizers import load_tokenizer
-
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
     model = load_model(args.model, device=args.device, dtype=dtype).eval()

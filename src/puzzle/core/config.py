@@ -60,12 +60,12 @@ def check_moved_keys(data: dict[str, Any], where: str | None = None) -> None:
         if key in MOVED_KEYS:
             raise PuzzleError(f"{key} {MOVED_KEYS[key]}")
         return
-    for key in MOVED_KEYS:
+    for key, moved in MOVED_KEYS.items():
         node: Any = data
         for part in key.split("."):
             node = node[part] if isinstance(node, dict) and part in node else _ABSENT
         if node is not _ABSENT:
-            raise PuzzleError(f"{key} {MOVED_KEYS[key]}")
+            raise PuzzleError(f"{key} {moved}")
 
 
 _ABSENT = object()

@@ -30,6 +30,7 @@ class RunDir:
 
     # File names inside a stage's directory, for stages that write into a temporary directory and rename it.
     MANIFEST = "manifest.json"
+    LIBRARY_INDEX = "library.json"
     MODEL_CONFIG = "config.json"
     UPTRAINED = "uptrained"
     TRAINING_LOG = "training_log.json"
@@ -84,7 +85,7 @@ class RunDir:
 
     @property
     def library_index(self) -> Path:
-        return self.library / "library.json"
+        return self.library / self.LIBRARY_INDEX
 
     def library_entry_files(self) -> list[Path]:
         """The sidecar of every trained library entry (layer_NNNN/<entry>.json)."""

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from puzzle.core.artifacts import hash_json, mark_stage_done, stage_is_current
-from puzzle.formats import detect_format, load_model, save_model
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
+from puzzle.formats import detect_format, load_model, save_model
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 
 STAGE = "import"

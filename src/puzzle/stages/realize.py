@@ -27,8 +27,8 @@ from puzzle.formats import export_hf, load_model
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.decoder import PuzzleModel
-from puzzle.stages.library.store import Library
 from puzzle.stages.library.provider import library_provider
+from puzzle.stages.library.store import Library
 
 
 @dataclass

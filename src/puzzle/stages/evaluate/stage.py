@@ -33,7 +33,14 @@ from puzzle.formats import load_model
 from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.decoder import PuzzleModel
 from puzzle.stages.data import load_tokens
-from puzzle.stages.evaluate.tasks import LastWordItem, MultipleChoiceItem, TaskSpec, evaluate_task, load_task, task_names
+from puzzle.stages.evaluate.tasks import (
+    LastWordItem,
+    MultipleChoiceItem,
+    TaskSpec,
+    evaluate_task,
+    load_task,
+    task_names,
+)
 from puzzle.stages.uptrain.gkd import loss_terms
 
 Items = list[MultipleChoiceItem] | list[LastWordItem]

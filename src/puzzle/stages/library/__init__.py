@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puzzle.core.artifacts import STAMP, hash_file, hash_json, hash_paths, mark_stage_done, read_json, stage_is_current
+from puzzle.core.artifacts import (
+    STAMP,
+    hash_file,
+    hash_json,
+    hash_paths,
+    mark_stage_done,
+    read_json,
+    stage_is_current,
+)
 from puzzle.core.config import check_device, to_dict
 from puzzle.core.distributed import all_gather_objects, barrier, distributed
 from puzzle.core.dtypes import DTYPE_BYTES, torch_dtype

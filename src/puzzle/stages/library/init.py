@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from puzzle.model.blocks import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import AttentionBlock, FFNBlock, build_attention_block, build_ffn_block
 
 

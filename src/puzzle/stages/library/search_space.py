@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 
 DEFAULT_FFN_FRACTIONS = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1]
 

@@ -19,11 +19,12 @@ from typing import Any, Literal
 import torch
 
 from puzzle.core.artifacts import load_tensors, read_json, save_tensors, write_json
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import AttentionBlock, FFNBlock, build_attention_block, build_ffn_block
 
-INDEX = "library.json"
+INDEX = RunDir.LIBRARY_INDEX
 EntryKind = Literal["attention", "ffn", "block"]
 
 

@@ -19,10 +19,10 @@ from torch import nn
 from tqdm import tqdm
 
 from puzzle.model.blocks import BlockConfig
+from puzzle.model.decoder import PuzzleModel
 from puzzle.stages.library.init import CalibrationStats, init_attention, init_ffn, swiglu_activations
 from puzzle.stages.library.store import LibraryEntry
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
-from puzzle.model.decoder import PuzzleModel
 
 if TYPE_CHECKING:
     from puzzle.stages.library import LibraryConfig

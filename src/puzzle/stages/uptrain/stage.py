@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from puzzle.stages.uptrain import parallel
 from puzzle.core.artifacts import (
     atomic_dir,
     fingerprint_files,
@@ -38,6 +37,7 @@ from puzzle.core.rundir import RunDir
 from puzzle.formats import export_hf, load_model
 from puzzle.model.decoder import PuzzleModel, RotaryEmbedding
 from puzzle.stages.data import load_tokens
+from puzzle.stages.uptrain import parallel
 from puzzle.stages.uptrain.gkd import LossTerms, loss_terms
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
 
