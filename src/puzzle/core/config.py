@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from puzzle.core.errors import PuzzleError
+from puzzle.core.rundir import RunDir
 
 T = TypeVar("T")
 
@@ -131,12 +132,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, where=section or cls.__name__)
 
 
-RUN_CONFIG = "config.json"  # written into the run directory by `puzzle run`: what the run was asked to do
-
-
 def saved_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The config `puzzle run` saved in `run_dir` ({} when the run was built stage by stage)."""
-    path = Path(run_dir) / RUN_CONFIG
+    """The config `puzzle run` saved in `run_dir` (RunDir.config; {} when the run was built stage by stage)."""
+    path = RunDir(run_dir).config
     if not path.is_file():
         return {}
     from puzzle.core.artifacts import read_json  # local: artifacts imports torch
