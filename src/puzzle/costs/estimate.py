@@ -1,6 +1,6 @@
 """The analytic fallback: each variant's FLOPs and bytes against a roofline (peak FLOP/s, memory bandwidth),
 and what every costs file is built from whether measured or estimated (the variants of the search space, a
-variant's record, its KV bytes, a workload's mean decode context).
+variant's record, its KV bytes).
 """
 
 from __future__ import annotations
