@@ -17,6 +17,7 @@ from puzzle.model.blocks import (
     attention_param_count,
     ffn_param_count,
 )
+from puzzle.model.kinds import ffn_kind
 
 if TYPE_CHECKING:
     from puzzle.costs.stage import CostsConfig
@@ -67,9 +68,11 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
     for ffn in ffns:
         params = ffn_param_count(ffn, h)
         rec = variant_record(params, 0)
-        if ffn.kind != "no_op":
-            rec["prefill_s"] = _roofline(2 * params * b * p, params * eb + act(b * p), cfg)
-            rec["decode_step_s"] = _roofline(2 * params * b, params * eb + act(b), cfg)
+        spec = ffn_kind(ffn.kind)
+        if spec.has_module:
+            per_token = 2 * params if spec.flops_per_token is None else spec.flops_per_token(h, ffn.intermediate_size)
+            rec["prefill_s"] = _roofline(per_token * b * p, params * eb + act(b * p), cfg)
+            rec["decode_step_s"] = _roofline(per_token * b, params * eb + act(b), cfg)
         else:
             rec["prefill_s"] = rec["decode_step_s"] = 0.0
         out["ffn"][ffn.name] = rec

@@ -74,7 +74,13 @@ def export_hf(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = N
             for name in REMOTE_CODE_FILES:
                 shutil.copy2(REMOTE_CODE_DIR / name, tmp / name)
         copy_tokenizer_files(tokenizer_source, tmp)
-        _write_json(tmp / SIDECAR, {"model_config": config.to_dict(), "export_format": format,
-                                    **(extra_sidecar or {})})
+        write_sidecar(model, tmp, format, extra_sidecar)
         make_readable(tmp)
     return out_dir
+
+
+def write_sidecar(model: PuzzleModel, model_dir: Path, format: str, extra: dict[str, Any] | None = None) -> None:
+    """The `puzzle.json` sidecar: our exact ModelConfig, the format written and whatever the caller adds."""
+    path = Path(model_dir) / SIDECAR
+    _write_json(path, {"model_config": model.config.to_dict(), "export_format": format, **(extra or {})})
+    path.chmod(0o644)

@@ -14,8 +14,18 @@ import json
 import math
 from typing import Any
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, check_keys
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, check_keys
+from puzzle.model.kinds import ffn_kind, ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult
+
+__all__ = [
+    "block_from_nemotron",
+    "block_to_nemotron",
+    "ffn_mult_to_intermediate_size",
+    "intermediate_size_to_ffn_mult",
+    "json_value",
+    "nemotron_ffn_missing",
+]
 
 ATTENTION_KEYS = {
     "n_heads_in_group", "no_op", "replace_with_linear", "sparsify", "num_sink_tokens",
@@ -44,17 +54,11 @@ def block_to_nemotron(block: BlockConfig, num_attention_heads: int, hidden_size:
         "unshifted_sink": False,
         "window_length": None,
     }
-    ffn_cfg = block.ffn
-    ffn: dict[str, Any] = {
-        "no_op": ffn_cfg.kind == "no_op",
-        "replace_with_linear": ffn_cfg.kind == "linear",
-        "sparsify": None,
-        "ffn_mult": None,
-        "intermediate_size": None,
-    }
-    if ffn_cfg.kind == "swiglu":
-        ffn["ffn_mult"] = intermediate_size_to_ffn_mult(ffn_cfg.intermediate_size, hidden_size)
-        ffn["intermediate_size"] = ffn_cfg.intermediate_size
+    spec = ffn_kind(block.ffn.kind)
+    if spec.nemotron is None:
+        raise PuzzleError(f"FFN kind {block.ffn.kind!r} has no Nemotron-NAS mapping; write the model in the native "
+                          "format (puzzle.formats.save_model)")
+    ffn = spec.nemotron(block.ffn, hidden_size)
     return {"attention": attention, "ffn": ffn}
 
 
@@ -134,19 +138,6 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _find_multiple(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - (n % k)
-
-
-def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """DeciLM's rule (also vLLM's): int(2 * mult * hidden / 3) rounded up to a multiple of 256."""
-    return _find_multiple(int(2 * ffn_mult * hidden_size / 3), 256)
-
-
-def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
-    """The ffn_mult that DeciLM maps back to `intermediate_size` when it is a multiple of 256."""
-    mult = round(1.5 * intermediate_size / hidden_size, 6)
-    # Rounding to 6 digits may land a hair under the exact value; nudge up until the mapping agrees.
-    while intermediate_size % 256 == 0 and ffn_mult_to_intermediate_size(mult, hidden_size) < intermediate_size:
-        mult = round(mult + 1e-6, 6)
-    return mult
+def nemotron_ffn_missing(blocks: list[BlockConfig]) -> dict[int, str]:
+    """Layer -> FFN kind, for the layers whose kind has no Nemotron-NAS mapping (`puzzle.model.kinds`)."""
+    return {i: b.ffn.kind for i, b in enumerate(blocks) if ffn_kind(b.ffn.kind).nemotron is None}

@@ -3,7 +3,7 @@ puzzle.formats.nemotron_nas).
 
 A Puzzle child keeps the parent's depth; each layer chooses one attention and one FFN variant:
   attention: gqa(num_kv_heads) | linear | no_op
-  ffn:       swiglu(intermediate_size) | linear | no_op
+  ffn:       swiglu(intermediate_size) | linear | no_op | a kind registered in puzzle.model.kinds
 Everything here is frozen, validated on construction and JSON round-trippable.
 """
 
@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from puzzle.core.errors import PuzzleError
+from puzzle.model.kinds import ffn_kind
 
 AttentionKind = Literal["gqa", "linear", "no_op"]
-FFNKind = Literal["swiglu", "linear", "no_op"]
+FFNKind = str  # a kind registered in puzzle.model.kinds: built in "swiglu", "linear", "no_op"
 
 
 def check_keys(kind: str, data: dict[str, Any], allowed: set[str]) -> None:
@@ -69,15 +70,13 @@ class AttentionConfig:
 @dataclass(frozen=True)
 class FFNConfig:
     kind: FFNKind
-    intermediate_size: int | None = None  # only for kind == "swiglu"
+    intermediate_size: int | None = None  # only for sized kinds (swiglu)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("swiglu", "linear", "no_op"):
-            raise PuzzleError(f"unknown ffn kind {self.kind!r}; use 'swiglu', 'linear' or 'no_op'")
-        if self.kind == "swiglu":
+        if ffn_kind(self.kind).sized:
             if not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
                 raise PuzzleError(
-                    f"swiglu ffn needs a positive intermediate_size, got {self.intermediate_size!r}"
+                    f"{self.kind} ffn needs a positive intermediate_size, got {self.intermediate_size!r}"
                 )
         elif self.intermediate_size is not None:
             raise PuzzleError(f"{self.kind} ffn takes no intermediate_size (got {self.intermediate_size})")
@@ -97,10 +96,10 @@ class FFNConfig:
     @property
     def name(self) -> str:
         """Short stable name, e.g. 'swiglu768', 'linear', 'no_op'."""
-        return f"swiglu{self.intermediate_size}" if self.kind == "swiglu" else self.kind
+        return f"{self.kind}{self.intermediate_size}" if self.intermediate_size is not None else self.kind
 
     def to_dict(self) -> dict[str, Any]:
-        if self.kind == "swiglu":
+        if self.intermediate_size is not None:
             return {"kind": self.kind, "intermediate_size": self.intermediate_size}
         return {"kind": self.kind}
 
@@ -242,11 +241,9 @@ def attention_param_count(att: AttentionConfig, hidden: int, head_dim: int, n_he
 
 
 def ffn_param_count(ffn: FFNConfig, hidden: int) -> int:
-    if ffn.kind == "no_op":
-        return 0
-    if ffn.kind == "linear":
-        return hidden + hidden * hidden
-    return hidden + 3 * hidden * ffn.intermediate_size
+    """The sub-block's parameters: its norm and its kind's module (none for no_op)."""
+    spec = ffn_kind(ffn.kind)
+    return hidden + spec.param_count(hidden, ffn.intermediate_size) if spec.has_module else 0
 
 
 def uniform_blocks(num_layers: int, num_kv_heads: int, intermediate_size: int) -> tuple[BlockConfig, ...]:

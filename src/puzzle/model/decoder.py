@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.model.kinds import ffn_kind
 
 
 class RMSNorm(nn.Module):
@@ -163,14 +164,14 @@ class AttentionBlock(nn.Module):
 
 
 class FFNBlock(nn.Module):
-    """norm -> FFN (SwiGLU or linear); returns the residual update."""
+    """norm -> FFN (the module of its kind, `puzzle.model.kinds`); returns the residual update."""
 
     def __init__(self, config: ModelConfig, ffn: FFNConfig) -> None:
         super().__init__()
         assert ffn.kind != "no_op", "no-op FFN owns no module"
         self.config = ffn
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.op = SwiGLU(config.hidden_size, ffn.intermediate_size) if ffn.kind == "swiglu" else LinearFFN(config.hidden_size)
+        self.op = ffn_kind(ffn.kind).build(config.hidden_size, ffn.intermediate_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.op(self.norm(h))
@@ -181,7 +182,7 @@ def build_attention_block(config: ModelConfig, attention: AttentionConfig) -> At
 
 
 def build_ffn_block(config: ModelConfig, ffn: FFNConfig) -> FFNBlock | None:
-    return None if ffn.kind == "no_op" else FFNBlock(config, ffn)
+    return FFNBlock(config, ffn) if ffn_kind(ffn.kind).has_module else None
 
 
 class DecoderLayer(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from puzzle.model.decoder import AttentionBlock, FFNBlock, PuzzleModel, SwiGLU
+from puzzle.model.decoder import AttentionBlock, FFNBlock, LinearFFN, PuzzleModel, SwiGLU
 from puzzle.runtime import attention
 from puzzle.runtime.gemv import norm_gemv
 from puzzle.runtime.kv_cache import LayerCache
@@ -122,10 +122,15 @@ class FusedRegions:
         return self._attention_out(block, out)
 
     def ffn(self, block: FFNBlock, h: torch.Tensor, update: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """An FFN sub-block: SwiGLU (h + update) -> norm -> silu(gate) * up -> down, or a linear FFN."""
+        """An FFN sub-block: SwiGLU (h + update) -> norm -> silu(gate) * up -> down, or a linear FFN.
+
+        Any other registered kind (`puzzle.model.kinds`) has no fused kernel here: its module runs eagerly.
+        """
         op = block.op
-        if not isinstance(op, SwiGLU):
+        if isinstance(op, LinearFFN):
             return self.residual(block, h, update)
+        if not isinstance(op, SwiGLU):
+            return residual_op(block, h, update)
         weight = getattr(op, "gate_up_weight", None)
         if self.gemv and weight is not None and op.down_proj.bias is None:
             h, act = norm_gemv(h, weight, update, block.norm.weight, block.norm.eps, glu=True)

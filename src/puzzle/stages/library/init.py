@@ -3,7 +3,9 @@
 - fewer KV heads: mean-pool the K and V projections of each group of consecutive parent KV heads;
 - smaller SwiGLU: keep the intermediate channels with the largest measured contribution
   mean|silu(gate) * up| x ||down_proj column|| on calibration tokens (kept in their original order);
-- linear: ridge least squares from the sub-block's normalised input to its output on calibration tokens.
+- linear: ridge least squares from the sub-block's normalised input to its output on calibration tokens;
+- any other registered FFN kind: its spec's `init(parent, child)`, if it has one (`puzzle.model.kinds`), else the
+  module's own initialisation; BLD trains it from there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from puzzle.core.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import AttentionBlock, FFNBlock, build_attention_block, build_ffn_block
+from puzzle.model.kinds import ffn_kind
 
 
 @dataclass
@@ -105,6 +108,11 @@ def init_ffn(parent: FFNBlock, variant: FFNConfig, model: ModelConfig,
             if stats is None or stats.xtx is None:
                 raise PuzzleError("linear FFN init needs calibration tokens; set library.init_batches >= 1")
             child.op.linear_mlp.weight.copy_(ridge_fit(stats.xtx, stats.xty, ridge))
+            return child
+        if variant.kind != "swiglu":
+            init = ffn_kind(variant.kind).init
+            if init is not None:
+                init(parent, child)
             return child
         n, full = variant.intermediate_size, parent.op.gate_proj.weight.shape[0]
         if n == full:

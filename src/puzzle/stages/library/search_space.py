@@ -7,6 +7,7 @@ from typing import Literal
 
 from puzzle.core.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.model.kinds import ffn_kinds
 
 DEFAULT_FFN_FRACTIONS = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1]
 
@@ -21,6 +22,8 @@ class SearchSpaceConfig:
     ffn_fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FFN_FRACTIONS))
     ffn_linear: bool = True
     ffn_no_op: bool = True
+    # More FFN variants for every layer, by name, of any registered kind (puzzle.model.kinds), e.g. ["relu2128"].
+    ffn_variants: list[str] = field(default_factory=list)
     round_to: int = 64
     # decoupled: |A|+|F| per layer; coupled: the (attention, FFN) pairs in `pairs`, or all |A|x|F| if empty.
     mode: Literal["decoupled", "coupled"] = "decoupled"
@@ -43,6 +46,8 @@ class SearchSpaceConfig:
             raise PuzzleError(f"{where}.layers {self.layers} must name layers 0, 1, ... (or be unset for all)")
         for pair in self.pairs:
             parse_pair(pair)
+        for name in self.ffn_variants:
+            parse_ffn(name)
         if self.pairs and self.mode != "coupled":
             raise PuzzleError(f"{where}.pairs is set but mode is 'decoupled'; set mode=coupled")
 
@@ -67,11 +72,16 @@ def parse_attention(name: str) -> AttentionConfig:
 
 
 def parse_ffn(name: str) -> FFNConfig:
-    if name in ("linear", "no_op"):
-        return FFNConfig(name)  # type: ignore[arg-type]
-    if name.startswith("swiglu") and name[6:].isdigit():
-        return FFNConfig.swiglu(int(name[6:]))
-    raise PuzzleError(f"unknown FFN variant {name!r}; use swigluN (e.g. swiglu256), 'linear' or 'no_op'")
+    """A variant name of any registered FFN kind: the kind's name, then its size for sized kinds ('swiglu256')."""
+    kinds = ffn_kinds()
+    for kind, spec in kinds.items():
+        if not spec.sized and name == kind:
+            return FFNConfig(kind)
+        if spec.sized and name.startswith(kind) and name[len(kind):].isdigit():
+            return FFNConfig(kind, int(name[len(kind):]))
+    choices = [f"{k}N" if s.sized else repr(k) for k, s in kinds.items()]
+    choices[0] += " (e.g. swiglu256)"
+    raise PuzzleError(f"unknown FFN variant {name!r}; use {', '.join(choices[:-1])} or {choices[-1]}")
 
 
 def parse_pair(text: str) -> BlockConfig:
@@ -144,6 +154,8 @@ def layer_spaces(cfg: SearchSpaceConfig, model: ModelConfig) -> list[LayerSpace]
             ffns += [FFNConfig.swiglu(n) for n in ffn_sizes(cfg, parent.ffn.intermediate_size)]
         if cfg.ffn_linear and parent.ffn.kind != "no_op":
             ffns.append(FFNConfig.linear())
+        if parent.ffn.kind != "no_op":
+            ffns += [parse_ffn(name) for name in cfg.ffn_variants]
         if cfg.ffn_no_op:
             ffns.append(FFNConfig.no_op())
         atts, ffns = list(dict.fromkeys(atts)), list(dict.fromkeys(ffns))

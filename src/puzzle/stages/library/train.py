@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.decoder import PuzzleModel
+from puzzle.model.kinds import ffn_kind
 from puzzle.stages.library.init import CalibrationStats, init_attention, init_ffn, swiglu_activations
 from puzzle.stages.library.store import LibraryEntry
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
@@ -129,7 +130,7 @@ def _init_names(item: LibraryEntry, parent: BlockConfig) -> str:
     def ffn(f):
         if f == parent.ffn:
             return "parent"
-        return {"swiglu": "channel_contribution", "linear": "ridge_lstsq", "no_op": "none"}[f.kind]
+        return ffn_kind(f.kind).init_name
 
     if item.kind == "attention":
         return att(item.attention)
