@@ -84,7 +84,7 @@ def test_toy_kind_through_library_costs_search_and_realize(toy_kind, tmp_path):
     data["search"] = {"constraints": [{"kind": "params", "target": str(parent_params - 3000)}], "time_limit_s": 10}
     cfg = load_run_config(data)
     stages = stage_functions(cfg, run.root)
-    for name in ("import", "data", "library", "score", "costs", "search", "realize"):
+    for name in ("import", "data", "library", "score", "costs", "search", "realize", "uptrain"):
         stages[name]()
 
     index = json.loads(run.library_index.read_text())
@@ -110,3 +110,5 @@ def test_toy_kind_through_library_costs_search_and_realize(toy_kind, tmp_path):
         assert isinstance(child.layers[i].ffn.op, ReLUSquaredMLP)
         for key, tensor in trained.state_dict().items():
             assert torch.equal(child.layers[i].ffn.state_dict()[key], tensor.to(torch.float32)), key
+    uptrained = load_model(RunDir.uptrained_of(child_dir))  # GKD trains the toy kind too, and writes it natively
+    assert uptrained.block_configs == child.block_configs

@@ -19,10 +19,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from puzzle.core.artifacts import atomic_dir
+from puzzle.core.errors import PuzzleError
 from puzzle.formats import hf
 from puzzle.formats.loading import SIDECAR
-from puzzle.formats.native import copy_tokenizer_files, make_readable
-from puzzle.core.errors import PuzzleError
+from puzzle.formats.native import copy_tokenizer_files, make_readable, save_model
+from puzzle.formats.nemotron_nas import nemotron_ffn_missing
 from puzzle.model.decoder import PuzzleModel
 
 EXPORT_FORMATS = ("nemotron-nas", "llama")
@@ -77,6 +78,18 @@ def export_hf(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = N
         write_sidecar(model, tmp, format, extra_sidecar)
         make_readable(tmp)
     return out_dir
+
+
+def export_model_dir(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = None,
+                     extra_sidecar: dict[str, Any] | None = None) -> str:
+    """A Nemotron-NAS HF directory, or the native format (with the same sidecar) when an FFN kind has no
+    Nemotron-NAS mapping (`puzzle.model.kinds`). Returns the format written: 'nemotron-nas' or 'native'."""
+    if not nemotron_ffn_missing(model.block_configs):
+        export_hf(model, out_dir, tokenizer_source=tokenizer_source, extra_sidecar=extra_sidecar)
+        return "nemotron-nas"
+    save_model(model, out_dir, tokenizer_source=tokenizer_source)
+    write_sidecar(model, Path(out_dir), "native", extra_sidecar)
+    return "native"
 
 
 def write_sidecar(model: PuzzleModel, model_dir: Path, format: str, extra: dict[str, Any] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Each layer's sub-blocks come from the library (`Library.block`, decoupled or coupled); the embeddings, final
 norm and LM head are the parent's. The child is cast to the parent's dtype (bit-exact when the library was
-stored in that dtype). Output: `children/<name>/` via `puzzle.formats.export_hf`, whose `puzzle.json`
+stored in that dtype). Output: `children/<name>/` via `puzzle.formats.export.export_model_dir`, whose `puzzle.json`
 sidecar also names the parent, the solution, its predicted costs and its scores. A child with an FFN kind that
 has no Nemotron-NAS mapping (`puzzle.model.kinds`) is written in the native format instead (same sidecar), with
 a kept warning naming its layers and kinds.
@@ -25,8 +25,8 @@ from puzzle.core.artifacts import (
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import warn
 from puzzle.core.rundir import RunDir
-from puzzle.formats import export_hf, load_model, save_model
-from puzzle.formats.export import write_sidecar
+from puzzle.formats import load_model
+from puzzle.formats.export import export_model_dir
 from puzzle.formats.nemotron_nas import nemotron_ffn_missing
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 from puzzle.model.blocks import BlockConfig
@@ -115,9 +115,6 @@ def run_realize(run_dir: Path | RunDir, solution_name: str) -> Path:
         named = ", ".join(f"layer {i}: {kind}" for i, kind in missing.items())
         warn(run.root, "realize", f"{out_dir} is written in the native format, not as a Nemotron-NAS HF directory: "
                                   f"these FFN kinds have no Nemotron-NAS mapping ({named})")
-        save_model(child, out_dir, tokenizer_source=tokenizer)
-        write_sidecar(child, out_dir, "native", {"puzzle_child": sidecar})
-    else:
-        export_hf(child, out_dir, tokenizer_source=tokenizer, extra_sidecar={"puzzle_child": sidecar})
+    export_model_dir(child, out_dir, tokenizer_source=tokenizer, extra_sidecar={"puzzle_child": sidecar})
     mark_stage_done(out_dir, "realize", inputs_hash, solution=solution_name)
     return out_dir

@@ -20,6 +20,8 @@ from puzzle.model.blocks import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import AttentionBlock, FFNBlock, build_attention_block, build_ffn_block
 from puzzle.model.kinds import ffn_kind
 
+STATS_FFN_KINDS = ("swiglu", "linear")  # the kinds initialised from calibration statistics (below)
+
 
 @dataclass
 class CalibrationStats:

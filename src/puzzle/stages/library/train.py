@@ -21,7 +21,13 @@ from tqdm import tqdm
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.decoder import PuzzleModel
 from puzzle.model.kinds import ffn_kind
-from puzzle.stages.library.init import CalibrationStats, init_attention, init_ffn, swiglu_activations
+from puzzle.stages.library.init import (
+    STATS_FFN_KINDS,
+    CalibrationStats,
+    init_attention,
+    init_ffn,
+    swiglu_activations,
+)
 from puzzle.stages.library.store import LibraryEntry
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
 
@@ -148,7 +154,7 @@ def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, 
         parent_block = parent.config.blocks[it.layer]
         if it.attention is not None and it.attention.kind == "linear":
             need[(it.layer, "attention")] = CalibrationStats()
-        if it.ffn is not None and it.ffn != parent_block.ffn and it.ffn.kind != "no_op":
+        if it.ffn is not None and it.ffn != parent_block.ffn and it.ffn.kind in STATS_FFN_KINDS:
             need[(it.layer, "ffn")] = CalibrationStats()
     if not need:
         return need

@@ -34,7 +34,8 @@ from puzzle.core.config import check_device, to_dict
 from puzzle.core.distributed import DistInfo, barrier, distributed
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
-from puzzle.formats import export_hf, load_model
+from puzzle.formats import load_model
+from puzzle.formats.export import export_model_dir
 from puzzle.model.decoder import PuzzleModel, RotaryEmbedding
 from puzzle.stages.data import load_tokens
 from puzzle.stages.uptrain import parallel
@@ -339,7 +340,7 @@ def run_uptrain(run_dir: Path | RunDir, child_dir: Path, cfg: UptrainConfig) -> 
                 sidecar = {"stage": "uptrain", "uptrain": to_dict(cfg), "steps": result.log["steps"],
                            "final_valid": result.log["valid"][-1] if result.log["valid"] else None}
                 # The parent's native dir: loading a tokenizer from the child's remote-code dir can prompt for trust.
-                export_hf(plain, tmp, tokenizer_source=parent_dir, extra_sidecar=sidecar)
+                export_model_dir(plain, tmp, tokenizer_source=parent_dir, extra_sidecar=sidecar)
                 write_json(tmp / RunDir.TRAINING_LOG, {"config": to_dict(cfg), **result.log})
                 mark_stage_done(tmp, "uptrain", inputs_hash)
             if not cfg.keep_checkpoint:
