@@ -14,9 +14,9 @@ A kind is an `FFNKindSpec`; `register_ffn_kind(spec)` makes it usable everywhere
   - the runtime calls the module (the eager path) unless the kind has a fused kernel there
     (`puzzle.runtime.subblocks`: SwiGLU and linear do);
   - `spec.nemotron(ffn, hidden_size)` gives the Nemotron-NAS `block_configs` "ffn" entry. A kind without one
-    cannot be written as a Nemotron-NAS (DeciLM) checkpoint: `puzzle realize` then writes the child in the
-    native format (`puzzle.formats.native`, loadable with `puzzle.formats.load_model`) and keeps a warning
-    naming the layers and kinds; `export_hf` raises.
+    cannot be written as a Nemotron-NAS (DeciLM) checkpoint: `puzzle realize` (and uptrain) then write the child
+    in the native format (`puzzle.formats.export.export_model_dir`; it loads with `puzzle.formats.load_model`),
+    and realize keeps a warning naming the layers and kinds; `export_hf` raises.
 
 Adding a kind: define the module and a spec, call `register_ffn_kind(spec)` before the run's stages read any
 config (e.g. in a plugin module imported first; tests register in a fixture and `unregister_ffn_kind` after).
