@@ -71,16 +71,12 @@ class CostsConfig:
             raise PuzzleError(f"costs.consistency_remeasure must be >= 0, got {self.consistency_remeasure}")
         if self.dtype not in DTYPE_BYTES:
             raise PuzzleError(f"costs.dtype {self.dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+        if self.method not in METHODS:
+            raise PuzzleError(f"costs.method {self.method!r} is not supported; use one of {list(METHODS)}")
         check_device("costs.device", self.device)
 
 
 def resolve_mode(cfg: CostsConfig) -> tuple[str, torch.device | None]:
-    if cfg.dtype not in DTYPE_BYTES:
-        raise PuzzleError(f"costs.dtype {cfg.dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
-    if cfg.method not in METHODS:
-        raise PuzzleError(f"costs.method {cfg.method!r} is not supported; use one of {list(METHODS)}")
-    if cfg.neighbours < 1:
-        raise PuzzleError(f"costs.neighbours must be at least 1, got {cfg.neighbours}")
     if cfg.mode == "estimate" or (cfg.mode == "auto" and not torch.cuda.is_available()):
         return "estimate", None
     device = torch.device(cfg.device)

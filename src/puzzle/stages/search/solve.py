@@ -164,12 +164,7 @@ def point_specs(cfg: SearchConfig, point: str | None) -> list[ConstraintSpec]:
 
 def search(inputs: SearchInputs, cfg: SearchConfig) -> dict[str, Any]:
     """Run the MIP (and baselines) for every target of the sweep; returns the solutions.json content."""
-    if cfg.num_solutions < 1 or cfg.min_diff_layers < 1:
-        raise PuzzleError("search.num_solutions and search.min_diff_layers must be at least 1")
-    sweep = list(cfg.sweep) or [None]
-    if cfg.sweep and not 0 <= cfg.sweep_constraint < len(cfg.constraints):
-        raise PuzzleError(f"search.sweep_constraint={cfg.sweep_constraint} but there are {len(cfg.constraints)} "
-                          "constraints; point it at the constraint whose target the sweep varies")
+    sweep = list(cfg.sweep) or [None]  # SearchConfig checked the counts and sweep_constraint when it was built
     solver = {"time_limit_s": cfg.time_limit_s, "rel_gap": cfg.mip_rel_gap}
     solutions, baselines, infeasible = [], [], []
     for point in sweep:
