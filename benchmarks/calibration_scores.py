@@ -8,7 +8,7 @@ Run as a script, it re-scores the committed results from their raw numbers on a 
 - `cost_model_ref_s*.json` and `runtime_throughput.json`: measured vs predicted tok/s per model under no
   calibration, "scale" and "offset";
 - `cost_additivity*.json`: measured vs predicted decode step, raw and scaled to the parent;
-- `reference_ref_s/`: the searched children measured by `puzzle eval` against `predict` on the run's own
+- `reference_ref_s*/`: the searched children measured by `puzzle eval` against `predict` on the run's own
   costs files, calibrated as committed, uncalibrated, and with the width-consistent costs
   (`puzzle.costs.consistency`) recalibrated on the parent.
 
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     text, out["cost_additivity"] = additivity_files(args.results)
     print("\nPredicted vs measured decode step, children only:\n")
     print(text)
-    if (args.results / "reference_ref_s" / "eval.json").exists():
-        text, out["reference_ref_s"] = reference_run(args.results / "reference_ref_s")
-        print("\nReference run, predicted - measured throughput:\n")
+    for run in sorted(p.parent for p in args.results.glob("reference_ref_s*/eval.json")):
+        text, out[run.name] = reference_run(run)
+        print(f"\nReference run {run.name}, predicted - measured throughput:\n")
         print(text)
-        for w, s in out["reference_ref_s"]["children"].items():
+        for w, s in out[run.name]["children"].items():
             print(f"\n{w}: children max |error| " + ", ".join(f"{m} {_pct(v['max_abs'])}" for m, v in s.items()))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
