@@ -190,3 +190,49 @@ def test_cli_runs_the_stage(tmp_path: Path, parent: torch.nn.Module) -> None:
     assert main(args) == 0
     assert len(Library.open(run / "library").entries) == 4 + 4
     assert main(["library", str(run), "search_space.attention_kv_heads=[3]"]) == 2
+
+
+@pytest.mark.parametrize("heads, kv, expected", [(9, 3, [3, 1]), (20, 5, [5, 4, 2, 1]), (12, 3, [3, 2, 1])])
+def test_default_kv_heads_are_every_divisor_of_the_query_heads_up_to_the_parents(heads: int, kv: int,
+                                                                                  expected: list[int]) -> None:
+    cfg = tiny_llama_config(num_layers=1, hidden_size=8 * heads, num_heads=heads, num_kv_heads=kv)
+    space = layer_spaces(SearchSpaceConfig(round_to=16), cfg)[0]
+    assert [a.num_kv_heads for a in space.attention if a.kind == "gqa"] == expected
+
+
+def test_kv_mixing_weights_follow_the_query_heads() -> None:
+    from puzzle.stages.library.init import kv_head_mixing
+
+    # 20 query heads: parent heads serve 4 each, the 2 child heads 10 each -> child 0 = 0.4 p0 + 0.4 p1 + 0.2 p2.
+    mix = kv_head_mixing(20, 5, 2)
+    assert torch.allclose(mix[0], torch.tensor([0.4, 0.4, 0.2, 0.0, 0.0]))
+    assert torch.allclose(mix[1], torch.tensor([0.0, 0.0, 0.2, 0.4, 0.4]))
+    assert torch.equal(kv_head_mixing(8, 4, 2), torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]))
+
+
+@pytest.mark.parametrize("heads, kv, child", [(20, 5, 2), (20, 5, 4), (9, 3, 1)])
+def test_kv_init_for_counts_that_do_not_divide_the_parents(heads: int, kv: int, child: int) -> None:
+    cfg = tiny_llama_config(num_layers=1, hidden_size=8 * heads, num_heads=heads, num_kv_heads=kv)
+    model = build_model(cfg, seed=0)
+    block = model.layers[0].attention
+    with torch.no_grad():  # identical parent KV heads: any mean of them is the same head, so the output is exact
+        for proj in (block.op.k_proj, block.op.v_proj):
+            w = proj.weight.view(kv, cfg.head_dim, -1)
+            w.copy_(w[:1].expand_as(w))
+    h = torch.randn(2, 5, cfg.hidden_size)
+    cos, sin = model.rope(model.default_positions(torch.zeros(2, 5, dtype=torch.long)), h.dtype)
+    fewer = init_attention(block, AttentionConfig.gqa(child), cfg, None, 1e-3)
+    assert fewer.op.num_kv_heads == child
+    assert torch.allclose(fewer(h, cos, sin), block(h, cos, sin), atol=1e-5)
+
+
+def test_library_trains_gqa2_from_a_five_kv_head_parent(tmp_path: Path) -> None:
+    cfg = tiny_llama_config(num_layers=1, hidden_size=80, num_heads=20, num_kv_heads=5, vocab_size=256)
+    model = build_model(cfg, seed=0)
+    lib = LibraryConfig(search_space=SearchSpaceConfig(round_to=16, attention_kv_heads=[2], attention_linear=False,
+                                                       attention_no_op=False, ffn_fractions=[1.0], ffn_linear=False,
+                                                       ffn_no_op=False),
+                        tokens_per_variant=4 * 8 * 32, lr=3e-4, init_batches=1, progress=False)
+    build_library(tmp_path / "library", model, tokens(32, 0), tokens(8, 1), lib)
+    entry = Library.open(tmp_path / "library").entry(0, "attention", "gqa2")
+    assert entry.metrics["tokens"] > 0 and entry.metrics["init"] == "kv_mean_pool"

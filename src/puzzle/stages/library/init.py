@@ -67,6 +67,20 @@ def channel_scores(parent: FFNBlock, stats: CalibrationStats) -> torch.Tensor:
     return stats.act_abs.to(col_norm.device) / stats.tokens * col_norm
 
 
+def kv_head_mixing(num_heads: int, parent_kv: int, child_kv: int) -> torch.Tensor:
+    """[child_kv, parent_kv] weights: child KV head j is the mean of the parent KV heads that served its query heads.
+
+    Child head j serves query heads [j * Q/child_kv, (j+1) * Q/child_kv); query head q was served by parent head
+    q // (Q/parent_kv). With child_kv dividing parent_kv this is the mean of consecutive parent heads; it also
+    covers counts that divide only the query heads (2 of 5 KV heads for 20 query heads).
+    """
+    served_by_parent = torch.arange(num_heads) // (num_heads // parent_kv)  # [Q]
+    served_by_child = torch.arange(num_heads) // (num_heads // child_kv)  # [Q]
+    mix = torch.zeros(child_kv, parent_kv)
+    mix.index_put_((served_by_child, served_by_parent), torch.ones(num_heads), accumulate=True)
+    return mix / mix.sum(1, keepdim=True)
+
+
 def init_attention(parent: AttentionBlock, variant: AttentionConfig, model: ModelConfig,
                    stats: CalibrationStats | None, ridge: float) -> AttentionBlock | None:
     """A new attention sub-block initialised from the parent's (fp32, on the parent's device)."""
@@ -86,13 +100,14 @@ def init_attention(parent: AttentionBlock, variant: AttentionConfig, model: Mode
         p, c = parent.op, child.op
         c.q_proj.load_state_dict(p.q_proj.state_dict())
         c.o_proj.load_state_dict(p.o_proj.state_dict())
-        group = p.num_kv_heads // c.num_kv_heads  # consecutive parent KV heads merged into one
+        mix = kv_head_mixing(p.num_heads, p.num_kv_heads, c.num_kv_heads).to(device)  # [Nkv', Nkv]
         for name in ("k_proj", "v_proj"):
             src, dst = getattr(p, name), getattr(c, name)
-            w = src.weight.float().view(c.num_kv_heads, group, p.head_dim, -1).mean(1)  # [Nkv', D, H]
-            dst.weight.copy_(w.reshape(dst.weight.shape))
+            w = torch.einsum("cp,pdh->cdh", mix, src.weight.float().view(p.num_kv_heads, p.head_dim, -1))
+            dst.weight.copy_(w.reshape(dst.weight.shape))  # [Nkv' * D, H]
             if src.bias is not None:
-                dst.bias.copy_(src.bias.float().view(c.num_kv_heads, group, p.head_dim).mean(1).reshape(-1))
+                b = mix @ src.bias.float().view(p.num_kv_heads, p.head_dim)  # [Nkv', D]
+                dst.bias.copy_(b.reshape(-1))
     return child
 
 

@@ -14,7 +14,7 @@ DEFAULT_FFN_FRACTIONS = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1]
 
 @dataclass
 class SearchSpaceConfig:
-    # KV-head counts for GQA variants; None = the parent's, /2, /4, /8 (those that divide).
+    # KV-head counts for GQA variants; None = every count that divides the query heads, up to the parent's.
     attention_kv_heads: list[int] | None = None
     attention_linear: bool = True
     attention_no_op: bool = True
@@ -41,7 +41,7 @@ class SearchSpaceConfig:
         for k in self.attention_kv_heads or []:
             if k <= 0:
                 raise PuzzleError(f"{where}.attention_kv_heads: {k} KV heads; use positive divisors of the "
-                                  "parent's KV heads")
+                                  "query heads, at most the parent's KV heads")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise PuzzleError(f"{where}.layers {self.layers} must name layers 0, 1, ... (or be unset for all)")
         for pair in self.pairs:
@@ -93,19 +93,19 @@ def parse_pair(text: str) -> BlockConfig:
 
 def _kv_choices(cfg: SearchSpaceConfig, model: ModelConfig, parent: AttentionConfig, layer: int) -> list[int]:
     nq = model.num_attention_heads
-    if cfg.attention_kv_heads is None:
-        return [parent.num_kv_heads // d for d in (1, 2, 4, 8)
-                if parent.num_kv_heads % d == 0 and nq % (parent.num_kv_heads // d) == 0]
+    if cfg.attention_kv_heads is None:  # the paper's Nemotron children use 8, 4, 2 and 1 of the parent's 8
+        return [k for k in range(parent.num_kv_heads, 0, -1) if nq % k == 0]
     for k in cfg.attention_kv_heads:
         _check_kv(k, model, parent, layer)
     return list(cfg.attention_kv_heads)
 
 
 def _check_kv(k: int, model: ModelConfig, parent: AttentionConfig, layer: int) -> None:
-    if k <= 0 or model.num_attention_heads % k or parent.num_kv_heads % k:
+    if k <= 0 or model.num_attention_heads % k or k > parent.num_kv_heads:
+        fits = [d for d in range(1, parent.num_kv_heads + 1) if model.num_attention_heads % d == 0]
         raise PuzzleError(
             f"layer {layer}: {k} KV heads do not fit the parent ({model.num_attention_heads} query heads, "
-            f"{parent.num_kv_heads} KV heads); use divisors of {parent.num_kv_heads} in "
+            f"{parent.num_kv_heads} KV heads); use divisors of the query heads up to the parent's, {fits}, in "
             "library.search_space.attention_kv_heads"
         )
 
