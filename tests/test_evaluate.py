@@ -66,12 +66,13 @@ def test_model_against_itself_kl_zero_agreement_one_retention_100() -> None:
     assert res["damaged"]["params"] < res["parent"]["params"]
 
 
-def test_loglikelihood_matches_unbatched_reference() -> None:
+@pytest.mark.parametrize("batching", [{"batch_size": 4}, {"batch_size": 4, "max_tokens": 150}])
+def test_loglikelihood_matches_unbatched_reference(batching: dict) -> None:
     model = byte_parent().eval()
     tok = ByteTokenizer()
     reqs = [split_request(tok.encode, c, " " + e, tok.bos_id) for it in mc_items() for c, e in
             [(it.context, ch) for ch in it.choices]]
-    batched = score_requests(lambda ids: model(ids).logits, reqs, CPU, batch_size=4, max_len=200)
+    batched = score_requests(lambda ids: model(ids).logits, reqs, CPU, max_len=200, **batching)
     for (ctx, cont), (ll, greedy) in zip(reqs, batched, strict=True):
         ids = torch.tensor([ctx + cont])
         with torch.no_grad():

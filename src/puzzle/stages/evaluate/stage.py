@@ -9,7 +9,10 @@ Models are loaded one at a time next to the parent, so memory holds at most two.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +36,8 @@ from puzzle.formats import load_model
 from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.decoder import PuzzleModel
 from puzzle.stages.data import load_tokens
+from puzzle.stages.evaluate import long_context_eval
+from puzzle.stages.evaluate.long_context import LongContextConfig, LongContextItem
 from puzzle.stages.evaluate.tasks import (
     LastWordItem,
     MultipleChoiceItem,
@@ -52,7 +57,8 @@ GRAPH_MODES = ("auto", "fused", "manual", "none")  # the runtime's decode modes 
 class EvalConfig:
     children: list[str] = field(default_factory=list)  # names under children/; empty = every child
     uptrained: bool = True  # also evaluate children/<name>/uptrained where present
-    batch_size: int = 8
+    batch_size: int = 8  # test-split sequences per forward
+    task_batch_tokens: int = 16384  # task requests per forward: as many as fit this many padded tokens
     max_sequences: int | None = 256  # test-split sequences for loss / KL / agreement; None = all
     tasks: list[TaskSpec] = field(default_factory=list)
     task_limit: int | None = None  # cap on items per task unless the task sets its own limit
@@ -62,10 +68,12 @@ class EvalConfig:
     device: str | None = None  # default: cuda when present
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     parent: str = "parent"
+    long_context: LongContextConfig | None = None  # RULER-like probes per context length; None = off, {} = defaults
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise PuzzleError(f"eval.batch_size must be positive, got {self.batch_size}")
+        for name in ("batch_size", "task_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise PuzzleError(f"eval.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_sequences", "task_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -85,7 +93,8 @@ def heldout_metrics(model: PuzzleModel, parent: PuzzleModel, tokens: np.ndarray,
     n_tok = n_lm = 0
     for s in range(0, len(tokens), batch_size):
         ids = torch.from_numpy(np.asarray(tokens[s:s + batch_size], dtype=np.int64)).to(device)  # [B, T]
-        t = loss_terms(model(ids).logits, parent(ids).logits, None, None, ids)
+        logits = model(ids).logits  # [B, T, V]
+        t = loss_terms(logits, logits if model is parent else parent(ids).logits, None, None, ids)
         kl, lm, agree = kl + float(t.kl), lm + float(t.lm), agree + float(t.agree)
         n_tok, n_lm = n_tok + t.tokens, n_lm + t.lm_tokens
     loss = lm / max(n_lm, 1)
@@ -93,13 +102,15 @@ def heldout_metrics(model: PuzzleModel, parent: PuzzleModel, tokens: np.ndarray,
             "agreement": agree / n_tok, "tokens": n_tok}
 
 
-def task_metrics(model: PuzzleModel, tasks: dict[str, Items], tokenizer: Any, batch_size: int,
-                 device: torch.device) -> dict[str, dict[str, float]]:
+def task_metrics(model: PuzzleModel, tasks: dict[str, Items], tokenizer: Any, batch_tokens: int,
+                 device: torch.device, encode: Callable[[str], list[int]] | None = None) -> dict[str, dict[str, float]]:
+    """`encode`: the tokenizer's, possibly cached across models (every model sees the same requests)."""
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
     max_len = model.config.max_position_embeddings
-    return {name: evaluate_task(items, logits_fn, tokenizer.encode, tokenizer.bos_id, device, batch_size, max_len)
+    return {name: evaluate_task(items, logits_fn, encode or tokenizer.encode, tokenizer.bos_id, device, 1, max_len,
+                                max_tokens=batch_tokens)
             for name, items in tasks.items()}
 
 
@@ -133,28 +144,50 @@ def measure_throughput(model: PuzzleModel, workloads: list[Workload], graphs: st
     return out
 
 
+@contextlib.contextmanager
+def _timed(into: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
+    """Wall seconds of the block (after the device finishes) into into[key]."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    into[key] = round(time.perf_counter() - start, 3)
+
+
 def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, heldout: np.ndarray,
                     tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device,
-                    workloads: list[Workload] | None = None) -> dict[str, Any]:
+                    workloads: list[Workload] | None = None,
+                    long_items: dict[str, dict[int, list[LongContextItem]]] | None = None) -> dict[str, Any]:
     """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent."""
     results: dict[str, dict[str, Any]] = {}
+    encode = functools.lru_cache(maxsize=None)(tokenizer.encode) if tasks else None  # tokenized once, not per model
     for name, load in loaders.items():
         model = load()
         model.eval()
         res: dict[str, Any] = {"params": model.config.param_count(),
                                "kv_bytes_per_token": model.config.kv_cache_bytes_per_token(),
                                "blocks": [b.name for b in model.config.blocks]}
-        res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
+        seconds: dict[str, float] = {}
+        with _timed(seconds, "heldout", device):
+            res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
         if tasks:
-            res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.batch_size, device)
+            with _timed(seconds, "tasks", device):
+                res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.task_batch_tokens, device, encode)
+        if long_items and cfg.long_context is not None:
+            res["long_context"] = long_context_eval.evaluate_long_context(
+                long_items, long_context_eval.model_tail_logits(model), device, cfg.long_context.max_batch_tokens)
         if cfg.throughput:
-            res["throughput"] = measure_throughput(model, workloads or resolve_workloads(cfg.workloads), cfg.graphs)
+            with _timed(seconds, "throughput", device):
+                res["throughput"] = measure_throughput(model, workloads or resolve_workloads(cfg.workloads),
+                                                       cfg.graphs)
+        res["eval_seconds"] = seconds
         results[name] = res
         if model is not parent:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     add_retention(results, reference=next(iter(loaders)))
+    long_context_eval.add_long_context_retention(results, reference=next(iter(loaders)))
     return results
 
 
@@ -211,7 +244,7 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
     dtype = _model_dtype(cfg, device)
     tasks = load_tasks(cfg)
     tokenizer = None
-    if tasks:
+    if tasks or cfg.long_context is not None:
         tokenizer = load_tokenizer(run.root / cfg.parent)
     # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
     heldout = load_tokens(run.data, HELDOUT_SPLIT)
@@ -221,11 +254,20 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
     loaders: dict[str, Callable[[], PuzzleModel]] = {"parent": lambda: parent}
     for name, path in children.items():
         loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
-    models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads)
+    long_items = None
+    if cfg.long_context is not None:  # haystack: the run's own text; lengths up to the parent's context
+        long_items = long_context_eval.prepare_items(cfg.long_context, load_tokens(run.data, cfg.long_context.split),
+                                                     tokenizer, parent.config.max_position_embeddings)
+    models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads,
+                             long_items)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
               "split": HELDOUT_SPLIT, "sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
               "tasks": {name: len(items) for name, items in tasks.items()}, "models": models,
               "config": to_dict(cfg)}
+    if long_items:
+        result["long_context"] = long_context_eval.summary(cfg.long_context, long_items)
+        plot = long_context_eval.plot_long_context(models, out_dir / "long_context.png")
+        result["long_context"]["plot"] = plot.name if plot else None
     write_json(run.eval_file, result)
     mark_stage_done(out_dir, "eval", inputs_hash)
     return result

@@ -237,43 +237,57 @@ def split_request(encode: Encoder, context: str, continuation: str, bos_id: int 
 
 @torch.no_grad()
 def score_requests(logits_fn: LogitsFn, requests: list[tuple[list[int], list[int]]], device: torch.device,
-                   batch_size: int, max_len: int) -> list[tuple[float, bool]]:
+                   batch_size: int, max_len: int, max_tokens: int | None = None) -> list[tuple[float, bool]]:
     """For each (context, continuation): sum of continuation log-probs and whether every token is the argmax.
 
     Requests are sorted by length and right-padded: with a causal model padding after a sequence does not
-    change the logits at its positions.
+    change the logits at its positions. A batch holds `batch_size` requests or, with `max_tokens`, as many as
+    fit that many (padded) tokens. Only the continuation positions leave the device.
     """
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+    s = 0
+    while s < len(order):
+        width = min(len(requests[order[s]][0]) + len(requests[order[s]][1]), max_len + 1) - 1  # the longest
+        rows = batch_size if max_tokens is None else max(1, max_tokens // max(width, 1))
+        chunk = order[s:s + rows]
+        s += len(chunk)
         seqs = [(requests[i][0] + requests[i][1])[-(max_len + 1):] for i in chunk]
         conts = [len(requests[i][1]) for i in chunk]
-        width = max(len(q) for q in seqs) - 1
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, q in enumerate(seqs):
+        row_of, pos_of, targets = [], [], []  # one entry per continuation token
+        for row, (q, n) in enumerate(zip(seqs, conts, strict=True)):
             ids[row, :len(q) - 1] = torch.tensor(q[:-1])
-        logprobs = F.log_softmax(logits_fn(ids.to(device)).float(), dim=-1).cpu()  # [B, width, V]
-        for row, (i, q, n) in enumerate(zip(chunk, seqs, conts, strict=True)):
-            target = torch.tensor(q[len(q) - n:])  # [n]
-            lp = logprobs[row, len(q) - 1 - n:len(q) - 1]  # [n, V]: positions predicting the continuation
-            results[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+            row_of += [row] * n
+            pos_of += range(len(q) - 1 - n, len(q) - 1)  # positions predicting the continuation
+            targets += q[len(q) - n:]
+        logits = logits_fn(ids.to(device))  # [B, width, V]
+        picked = logits[torch.tensor(row_of, device=device), torch.tensor(pos_of, device=device)].float()  # [N, V]
+        target = torch.tensor(targets, device=device)  # [N]
+        lp = F.log_softmax(picked, dim=-1).gather(-1, target[:, None])[:, 0]  # [N]
+        hit = picked.argmax(-1) == target  # [N]
+        owner = torch.tensor(row_of, device=device)
+        ll = torch.zeros(len(chunk), device=device).index_add_(0, owner, lp).tolist()
+        missed = torch.zeros(len(chunk), device=device).index_add_(0, owner, (~hit).float()).tolist()
+        for row, i in enumerate(chunk):
+            results[i] = (ll[row], missed[row] == 0)
     return results
 
 
 def evaluate_task(items: list[MultipleChoiceItem] | list[LastWordItem], logits_fn: LogitsFn, encode: Encoder,
-                  bos_id: int | None, device: torch.device, batch_size: int, max_len: int) -> dict[str, float]:
+                  bos_id: int | None, device: torch.device, batch_size: int, max_len: int,
+                  max_tokens: int | None = None) -> dict[str, float]:
     """accuracy (and acc_norm for multiple choice) over the items."""
     if isinstance(items[0], LastWordItem):
         reqs = [split_request(encode, it.context, it.target, bos_id) for it in items]  # type: ignore[union-attr]
-        scored = score_requests(logits_fn, reqs, device, batch_size, max_len)
+        scored = score_requests(logits_fn, reqs, device, batch_size, max_len, max_tokens)
         nll = -sum(s for s, _ in scored) / len(scored)
         return {"accuracy": sum(g for _, g in scored) / len(scored), "target_nll": nll, "n": len(items)}
     reqs = []
     for it in items:
         for choice in it.choices:  # type: ignore[union-attr]
             reqs.append(split_request(encode, it.context, " " + choice.lstrip(" "), bos_id))
-    scored = score_requests(logits_fn, reqs, device, batch_size, max_len)
+    scored = score_requests(logits_fn, reqs, device, batch_size, max_len, max_tokens)
     correct = correct_norm = 0
     pos = 0
     for it in items:
