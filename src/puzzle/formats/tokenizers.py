@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from puzzle.core.errors import PuzzleError
+from puzzle.formats.bpe_merge import bpe_merge
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -150,15 +151,11 @@ class Llama2cTokenizer:
                 ids.append(self.lookup[b])
             else:  # byte fallback: the first 3 ids are <unk>, <s>, </s>
                 ids.extend(byte + 3 for byte in b)
-        while True:  # merge the adjacent pair whose concatenation has the best score
-            best, best_id, best_i = -1e10, -1, -1
-            for i in range(len(ids) - 1):
-                merged = self.lookup.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
-                if merged is not None and self.scores[merged] > best:
-                    best, best_id, best_i = self.scores[merged], merged, i
-            if best_i < 0:
-                return ids
-            ids[best_i:best_i + 2] = [best_id]
+        return bpe_merge(ids, self._pair_merge)  # the best-scoring adjacent pair first, leftmost on ties
+
+    def _pair_merge(self, a: int, b: int) -> tuple[int, float] | None:
+        merged = self.lookup.get(self.pieces[a] + self.pieces[b])
+        return None if merged is None else (merged, self.scores[merged])
 
     def piece_bytes(self, token: int, prev: int | None) -> bytes:
         piece = self.pieces[token]
@@ -204,6 +201,10 @@ def _llama2c_tokenizer_beside(path: Path) -> Path | None:
 def has_tokenizer(model_dir: str | Path) -> bool:
     """Whether `load_tokenizer(model_dir)` would find a tokenizer file in this directory."""
     d = Path(model_dir)
+    if d.is_file() and d.suffix == ".gguf":
+        from puzzle.formats.gguf import gguf_has_tokenizer  # lazy: gguf.py builds on this module
+
+        return gguf_has_tokenizer(d)
     names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
     return any((d / n).exists() for n in names) or _llama2c_tokenizer_beside(d) is not None
 
@@ -226,6 +227,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             "the tokenizer file"
         )
     name = path.name
+    if name.endswith(".gguf"):  # llama.cpp: the tokenizer sits in the file's metadata
+        from puzzle.formats.gguf import GGUFTokenizer  # lazy: gguf.py builds on this module
+
+        return GGUFTokenizer(path)
     if name.endswith(".model"):
         return SentencePieceTokenizer(path)
     if name in ("tokenizer.json", "tokenizer_config.json"):
