@@ -8,6 +8,7 @@ from pathlib import Path
 from puzzle.core.config import load_stage_config
 from puzzle.core.rundir import RunDir
 from puzzle.core.workloads import run_workloads
+from puzzle.stages.evaluate.long_context_eval import long_context_table
 from puzzle.stages.evaluate.stage import EvalConfig, run_eval
 from puzzle.stages.evaluate.tasks import TaskSpec
 
@@ -33,5 +34,8 @@ def run(args: argparse.Namespace) -> int:
         extra = f"  retained {retained:.1f}%" if retained is not None else ""
         print(f"{name:32s} loss {m['lm_loss']:.4f}  ppl {m['perplexity']:.2f}  KL {m['kl_to_parent']:.4f}  "
               f"agree {m['agreement']:.3f}{extra}")
+    table = long_context_table(result["models"])
+    if table:
+        print(table)
     print(f"wrote {RunDir(args.run_dir).eval_file}")
     return 0
