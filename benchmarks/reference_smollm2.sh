@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M-Instruct reference (issue 14): configs/smollm2-135m-h200.yaml end to end on one GPU.
+# The GGUF (98 MB) is over one device call's 64 MiB, so it travels in two parts over two consecutive calls
+# (the machine stays warm 30 s between them); the run directory lives under /root so later calls resume it:
+#   split -b 50M SmolLM2-135M-Instruct.Q4_1.gguf smol_part_ ; mv smol_part_aa .carry/smol1/ ; mv smol_part_ab .carry/smol2/
+#   pip download --no-deps -d .carry/wheels gguf==0.19.0        # the device image has no gguf
+#   call 1, carry [.carry/smol1, .carry/shared/data, .carry/wheels]:  bash benchmarks/reference_smollm2.sh --part1
+#   call 2, carry [.carry/smol2, .carry/shared/data, .carry/wheels, .carry/git_state.json]:
+#           bash benchmarks/reference_smollm2.sh [--until STAGE]     later calls: ... --from STAGE
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STORE=/root/smollm2; GGUF=$STORE/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+mkdir -p "$STORE"
+if [ "${1:-}" = "--part1" ]; then
+  cp .carry/smol1/smol_part_aa "$STORE/" && echo "part 1 stored: $(du -b "$STORE/smol_part_aa")"; exit $?
+fi
+if [ ! -f "$GGUF" ]; then
+  cat "$STORE/smol_part_aa" .carry/smol2/smol_part_ab > "$GGUF.tmp" || exit 1
+  echo "$SHA  $GGUF.tmp" | sha256sum -c - || { rm -f "$GGUF.tmp"; exit 1; }
+  mv "$GGUF.tmp" "$GGUF"
+fi
+python3 -c 'import gguf' 2>/dev/null || pip install --no-deps --no-index -q .carry/wheels/gguf-*.whl || exit 1
+[ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+RUN=/root/runs/smollm2-135m-h200
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
+  python3 -c 'import torch, transformers, gguf; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
+  > "$OUT/smollm2_env.txt" 2>&1
+[ -f .carry/git_state.json ] && cp .carry/git_state.json "$OUT/git_state.json"  # saved by: python benchmarks/_meta.py
+start=$(date +%s)
+timeout "${LIMIT:-560}" python3 -m puzzle.cli run configs/smollm2-135m-h200.yaml run_dir=$RUN parent=$GGUF "$@" 2>&1 \
+  | grep --line-buffered -v -E '^\s*$|it/s\]$' | tee -a "$RUN.log"
+rc=${PIPESTATUS[0]}
+echo "rc=$rc wall_s=$(( $(date +%s) - start )) args: $*" | tee -a "$RUN.log"
+cp "$RUN.log" "$OUT/smollm2_run.log"
+( cd "$RUN" && find . -name '*.json' -not -name '*.safetensors*' -size -4M -o -name '*.csv' -o -name 'report.md' \
+    -o -name '*.png' | grep -v '/layer[0-9]*/' | tar czf "$OUT/smollm2_artifacts.tar.gz" -T - ) 2>/dev/null
+exit "$rc"
