@@ -6,6 +6,7 @@ import argparse
 import json
 
 from puzzle.formats import detect_format, load_model_config
+from puzzle.formats.gguf import gguf_summary
 from puzzle.model.inspection import format_report, inspect_config
 from puzzle.model.presets import tiny_llama_config
 
@@ -23,6 +24,10 @@ def run(args: argparse.Namespace) -> int:
         config, fmt = load_model_config(args.path), detect_format(args.path)
         title = f"{args.path} ({fmt}, {config.source_architecture})"
     report = inspect_config(config)
+    if fmt == "gguf":  # what the file stores: its architecture and the tensor types that will be dequantized
+        report = {**report, **gguf_summary(args.path)}
+        types = ", ".join(f"{n} x{k}" for n, k in report["gguf_tensor_types"].items())
+        title += f"; GGUF architecture {report['gguf_architecture']}, tensor types {types}"
     if args.json:
         print(json.dumps({"path": args.path, "format": fmt, "config": config.to_dict(), **report}, indent=2))
     else:

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 
 from puzzle.model.blocks import ModelConfig
-from puzzle.formats import hf, llama2c, native
+from puzzle.formats import gguf, hf, llama2c, native
 from puzzle.formats.weights import model_from_state_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel, build_model
 
-FORMATS = ("native", "hf", "nemotron-nas", "llama2c", "config")
+FORMATS = ("native", "hf", "nemotron-nas", "llama2c", "gguf", "config")
 SIDECAR = "puzzle.json"  # written by export_hf: our exact ModelConfig, so a round trip keeps every field
 
 
@@ -31,6 +31,8 @@ def _resolve(path: str | Path) -> tuple[str, Path]:
     if path.is_file():
         if path.suffix == ".json":
             return "config", path
+        if path.suffix == ".gguf" or gguf.looks_like_gguf(path):
+            return "gguf", path
         if path.suffix == ".bin" and llama2c.looks_like_llama2c(path):
             return "llama2c", path
         if path.suffix == ".bin":
@@ -38,7 +40,8 @@ def _resolve(path: str | Path) -> tuple[str, Path]:
                 f"{path} is not a llama2.c v0 checkpoint (its header does not match its size); pass a valid "
                 "llama2.c .bin or the model directory"
             )
-        raise PuzzleError(f"{path} is not a model file this package reads; pass a model directory or a llama2.c .bin")
+        raise PuzzleError(f"{path} is not a model file this package reads; pass a model directory, a .gguf "
+                          "or a llama2.c .bin")
     config = path / "config.json"
     if config.exists():
         data = hf.read_json_file(config)
@@ -55,7 +58,8 @@ def _resolve(path: str | Path) -> tuple[str, Path]:
 
 
 def detect_format(path: str | Path) -> str:
-    """One of FORMATS: 'native', 'hf' (Llama/Mistral/Qwen2), 'nemotron-nas', 'llama2c', 'config' (bare json)."""
+    """One of FORMATS: 'native', 'hf' (Llama/Mistral/Qwen2), 'nemotron-nas', 'llama2c', 'gguf' (llama.cpp),
+    'config' (bare json)."""
     return _resolve(path)[0]
 
 
@@ -78,6 +82,8 @@ def load_model_config(path: str | Path) -> ModelConfig:
     fmt, target = _resolve(path)
     if fmt == "llama2c":
         return llama2c.load_llama2c_config(target)
+    if fmt == "gguf":
+        return gguf.load_gguf_config(target)
     if fmt == "config":
         return _config_from_json(hf.read_json_file(target))
     return (_sidecar_config(target) if fmt != "native" else None) or _config_from_json(
@@ -98,6 +104,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                           f"(`puzzle inspect {target}` reads the config alone)")
     if fmt == "llama2c":
         return llama2c.load_llama2c(target, device, dtype)
+    if fmt == "gguf":
+        return gguf.load_gguf(target, device, dtype)
     if fmt == "native":
         return native.load_native(target, device, dtype)
     config = load_model_config(target)
