@@ -33,7 +33,9 @@ class LongContextConfig:
     items: int = 20  # items per (task, length)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     seed: int = 0
-    split: str = "test"  # the data split whose token file is the haystack
+    # The data split whose token file is the haystack; default: test for eval, valid for score (scoring must not
+    # read the test split, which only eval sees).
+    split: str | None = None
     max_batch_tokens: int = 32768  # rows per forward pass = max(1, max_batch_tokens // length)
 
     def __post_init__(self) -> None:
@@ -50,7 +52,7 @@ class LongContextConfig:
         for name in ("items", "max_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise PuzzleError(f"long_context.{name} must be positive, got {getattr(self, name)}")
-        if self.split not in SPLITS:
+        if self.split is not None and self.split not in SPLITS:
             raise PuzzleError(f"long_context.split {self.split!r} is not one of {list(SPLITS)}")
 
 
@@ -226,9 +228,14 @@ def _listing_text(words: list[str]) -> str:
     return "\nList: " + " ".join(words) + "\n"
 
 
+HAYSTACK_TOKENS = 1 << 22  # read at most this much of a split: plenty of windows, bounded memory
+
+
 def haystack_tokens(tokens: np.ndarray, special: set[int]) -> np.ndarray:
-    """A data split's token array [N, T] as one stream without BOS/EOS (they would end the text)."""
-    flat = np.asarray(tokens).reshape(-1).astype(np.int64)
+    """A data split's token array [N, T] (its first 4M tokens) as one stream without BOS/EOS (they would end the
+    text)."""
+    rows = max(1, HAYSTACK_TOKENS // max(tokens.shape[-1], 1)) if tokens.ndim == 2 else len(tokens)
+    flat = np.asarray(tokens[:rows]).reshape(-1).astype(np.int64)
     if special:
         flat = flat[~np.isin(flat, list(special))]
     if flat.size == 0:

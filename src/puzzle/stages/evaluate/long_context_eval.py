@@ -129,10 +129,10 @@ def plot_long_context(models: dict[str, dict[str, Any]], path: Path) -> Path | N
                         "Long-context accuracy by context length", path)
 
 
-def prepare_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, max_len: int
-                  ) -> dict[str, dict[int, list[LongContextItem]]]:
+def prepare_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, max_len: int,
+                  where: str = "eval.long_context") -> dict[str, dict[int, list[LongContextItem]]]:
     """The items for a model of context `max_len`, with the haystack from `tokens` (a data split, [N, T])."""
-    lengths = resolve_lengths(cfg, max_len)
+    lengths = resolve_lengths(cfg, max_len, where)
     special = {i for i in (tokenizer.bos_id, getattr(tokenizer, "eos_id", None)) if i is not None}
     haystack = haystack_tokens(tokens, special)
     return make_items(cfg, lengths, tokenizer.encode, tokenizer.bos_id, haystack, getattr(tokenizer, "decode", None))
@@ -141,5 +141,5 @@ def prepare_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, ma
 def summary(cfg: LongContextConfig, items: dict[str, dict[int, list[LongContextItem]]]) -> dict[str, Any]:
     """eval.json's top-level `long_context`: what was asked and how it was scored."""
     return {"tasks": list(items), "lengths": sorted({n for per in items.values() for n in per}),
-            "items": cfg.items, "seed": cfg.seed, "haystack_split": cfg.split,
+            "items": cfg.items, "seed": cfg.seed, "haystack_split": cfg.split or "test",
             "scoring": "teacher-forced greedy match: solved when every answer token is the argmax"}

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from puzzle.core.artifacts import (
     fingerprint_files,
@@ -161,7 +162,7 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
     """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent."""
     results: dict[str, dict[str, Any]] = {}
     encode = functools.lru_cache(maxsize=None)(tokenizer.encode) if tasks else None  # tokenized once, not per model
-    for name, load in loaders.items():
+    for name, load in tqdm(loaders.items(), desc="eval: models", unit="model", total=len(loaders)):
         model = load()
         model.eval()
         res: dict[str, Any] = {"params": model.config.param_count(),
@@ -256,8 +257,9 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
         loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
     long_items = None
     if cfg.long_context is not None:  # haystack: the run's own text; lengths up to the parent's context
-        long_items = long_context_eval.prepare_items(cfg.long_context, load_tokens(run.data, cfg.long_context.split),
-                                                     tokenizer, parent.config.max_position_embeddings)
+        haystack = load_tokens(run.data, cfg.long_context.split or HELDOUT_SPLIT)
+        long_items = long_context_eval.prepare_items(cfg.long_context, haystack, tokenizer,
+                                                     parent.config.max_position_embeddings)
     models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads,
                              long_items)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
@@ -270,4 +272,6 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
         result["long_context"]["plot"] = plot.name if plot else None
     write_json(run.eval_file, result)
     mark_stage_done(out_dir, "eval", inputs_hash)
+    print(f"eval: {len(models)} models on {result['sequences']} {HELDOUT_SPLIT} sequences"
+          f"{f' and {len(tasks)} task(s)' if tasks else ''} -> {run.eval_file}")
     return result

@@ -21,6 +21,9 @@ class TaskItem:
     context: list[int]
     choices: list[list[int]]
     gold: int
+    # task_accuracy: the gold choice has the highest summed log-prob; long_context: one choice (the answer), solved
+    # when every one of its tokens is the argmax (teacher-forced greedy match, as `puzzle eval` scores it)
+    metric: str = "task_accuracy"
 
 
 @dataclass
@@ -70,8 +73,11 @@ def load_task_file(path: str | Path, encode: Callable[[str], list[int]], bos_id:
     if not isinstance(items[0], MultipleChoiceItem):
         raise PuzzleError(f"{path} is a last-word task; score.task_file needs a multiple-choice task "
                           '(JSONL {"context": ..., "choices": [...], "gold": i} or HellaSwag)')
+    if items[0].continuation is not None:  # type: ignore[union-attr]
+        raise PuzzleError(f"{path} gives one context per choice (partial scoring), which score.task_file does not "
+                          "support; list it under eval.tasks instead, or use a task with one context per item")
     out = []
     for item in items:
-        requests = [split_request(encode, item.context, choice, bos_id) for choice in item.choices]
+        requests = [split_request(encode, ctx, cont, bos_id) for ctx, cont in item.requests()]  # type: ignore[union-attr]
         out.append(TaskItem(requests[0][0], [cont for _, cont in requests], item.gold))
     return out

@@ -6,6 +6,8 @@ For every layer i and every candidate (attention, FFN) pair, on held-out tokens:
   top1          fraction of positions where the modified model's argmax equals the parent's argmax
   top5          fraction of positions where the parent's argmax is in the modified model's top 5
   task_accuracy multiple-choice accuracy (optional task file; a choice is scored by its summed log-prob)
+  long_context  fraction of long-context items (`puzzle.stages.evaluate.long_context`; optional) whose answer
+                the model reproduces token by token (teacher-forced greedy match)
 
 Efficiency: the parent's hidden state entering layer i is computed once per batch (the states are advanced
 layer by layer, so the parent runs once in total); only layers i..L are re-run per candidate, and several
@@ -32,10 +34,10 @@ from puzzle.model.decoder import DecoderLayer, PuzzleModel
 from puzzle.stages.library.provider import BlockProvider
 from puzzle.stages.scoring.batches import EvalBatch, TaskItem
 
-METRICS = ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy")
+METRICS = ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy", "long_context")
 # Lower is better for these; higher is better for the agreement and accuracy metrics.
 LOWER_IS_BETTER = {"kl": True, "lm_loss": True, "lm_loss_delta": True, "top1": False, "top5": False,
-                   "task_accuracy": False}
+                   "task_accuracy": False, "long_context": False}
 
 
 @dataclass
@@ -47,6 +49,7 @@ class _Sums:
     nll: float = 0.0
     nll_tokens: int = 0
     choice_logp: dict[tuple[int, int], float] = field(default_factory=dict)
+    choice_greedy: dict[tuple[int, int], bool] = field(default_factory=dict)  # every choice token is the argmax
 
     def finish(self, items: list[TaskItem] | None, parent_loss: float | None) -> dict[str, float | None]:
         out: dict[str, float | None] = {
@@ -55,14 +58,19 @@ class _Sums:
             "top1": self.top1 / max(self.positions, 1),
             "top5": self.top5 / max(self.positions, 1),
             "task_accuracy": None,
+            "long_context": None,
         }
         out["lm_loss_delta"] = out["lm_loss"] - parent_loss if parent_loss is not None else 0.0
-        if items:
+        mc = [i for i, item in enumerate(items or []) if item.metric == "task_accuracy"]
+        if mc:
             correct = 0
-            for i, item in enumerate(items):
-                logps = [self.choice_logp[(i, j)] for j in range(len(item.choices))]
-                correct += int(np.argmax(logps)) == item.gold
-            out["task_accuracy"] = correct / len(items)
+            for i in mc:
+                logps = [self.choice_logp[(i, j)] for j in range(len(items[i].choices))]  # type: ignore[index]
+                correct += int(np.argmax(logps)) == items[i].gold  # type: ignore[index]
+            out["task_accuracy"] = correct / len(mc)
+        long = [i for i, item in enumerate(items or []) if item.metric == "long_context"]
+        if long:
+            out["long_context"] = sum(self.choice_greedy[(i, items[i].gold)] for i in long) / len(long)  # type: ignore[index]
         return out
 
 
@@ -77,13 +85,19 @@ class _ParentRef:
 def _accumulate(sums: _Sums, logits: torch.Tensor, batch: EvalBatch, parent_logp: torch.Tensor | None,
                 parent_top1: torch.Tensor) -> None:
     """logits [B, T, V] of one model on one batch -> add to `sums`."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     if batch.task_targets is not None:
-        targets = batch.task_targets.to(logp.device)
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets >= 0)  # [B, T]
+        targets = batch.task_targets.to(logits.device)
+        mask = targets >= 0  # [B, T]: only these positions are scored (long-context rows are mostly context)
+        target = targets[mask]  # [N]
+        lp = torch.log_softmax(logits[mask].float(), dim=-1)  # [N, V]
+        row = mask.nonzero()[:, 0]  # [N]: the row of each scored position
+        logp_sum = torch.zeros(mask.shape[0], device=lp.device).index_add_(0, row, lp.gather(-1, target[:, None])[:, 0])
+        misses = torch.zeros(mask.shape[0], device=lp.device).index_add_(0, row, (lp.argmax(-1) != target).float())
         for r, key in enumerate(batch.task_rows):
-            sums.choice_logp[key] = float(picked[r].sum())
+            sums.choice_logp[key] = float(logp_sum[r])
+            sums.choice_greedy[key] = bool(misses[r] == 0)
         return
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     tokens = batch.tokens.to(logp.device)
     if parent_logp is not None:
         sums.kl += float(F.kl_div(logp, parent_logp, log_target=True, reduction="sum"))

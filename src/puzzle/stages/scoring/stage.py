@@ -32,9 +32,11 @@ from puzzle.core.rundir import RunDir
 from puzzle.formats import load_model
 from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.stages.data import load_tokens
+from puzzle.stages.evaluate.long_context import LongContextConfig
+from puzzle.stages.evaluate.long_context_eval import prepare_items
 from puzzle.stages.library.provider import library_provider
 from puzzle.stages.library.store import Library
-from puzzle.stages.scoring.batches import lm_batches, load_task_file, task_batches
+from puzzle.stages.scoring.batches import TaskItem, lm_batches, load_task_file, task_batches
 from puzzle.stages.scoring.score import LOWER_IS_BETTER, METRICS, score_model
 
 
@@ -48,6 +50,9 @@ class ScoreConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     task_file: str | None = None  # optional JSONL of {"context", "choices", "gold"}
     max_task_items: int = 200
+    # Long-context items as the `long_context` metric (search.metric: long_context); None = off. Every item runs
+    # through layers i..L for every candidate, so keep items and lengths small (e.g. items: 5).
+    long_context: LongContextConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_sequences", "batch_size", "candidates_per_batch", "max_task_items"):
@@ -101,10 +106,15 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise PuzzleError(f"{run.data} has no validation sequences; rerun `puzzle data` with a valid split")
     batches = lm_batches(tokens, cfg.batch_size)
-    items = None
-    if cfg.task_file:
+    items: list[TaskItem] = []
+    if cfg.task_file or cfg.long_context is not None:
         tok = load_tokenizer(run.parent)
-        items = load_task_file(cfg.task_file, tok.encode, tok.bos_id, cfg.max_task_items)
+    if cfg.task_file:
+        items += load_task_file(cfg.task_file, tok.encode, tok.bos_id, cfg.max_task_items)
+    if cfg.long_context is not None:
+        haystack = load_tokens(run.data, cfg.long_context.split or "valid")  # the test split stays unseen
+        items += long_context_task_items(cfg.long_context, haystack, tok, parent.config.max_position_embeddings)
+    if items:
         batches += task_batches(items, cfg.batch_size, parent.config.max_position_embeddings)
 
     # Resume: finished layers are kept as per-layer files stamped with the inputs hash.
@@ -121,7 +131,7 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
     def save_layer(i: int, rows: list[dict[str, Any]]) -> None:
         write_json(layer_dir / f"layer_{i:04d}.json", {"layer": i, "inputs_hash": inputs_hash, "candidates": rows})
 
-    result = score_model(parent, todo, library_provider(library, parent), batches, items,
+    result = score_model(parent, todo, library_provider(library, parent), batches, items or None,
                          cfg.candidates_per_batch, on_layer=save_layer, progress=True)
     layers = {**done, **result.layers}
     scores = {
@@ -130,7 +140,8 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
         "lower_is_better": LOWER_IS_BETTER,
         "num_sequences": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
-        "num_task_items": len(items) if items else 0,
+        "num_task_items": sum(it.metric == "task_accuracy" for it in items),
+        "num_long_context_items": sum(it.metric == "long_context" for it in items),
         "parent": result.parent,
         "parent_blocks": [b.to_dict() for b in parent.config.blocks],
         "layers": [{"layer": i, "candidates": layers[i]} for i in sorted(layers)],
@@ -140,6 +151,13 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
     write_text(out_dir / "scores.csv", scores_csv(scores))
     mark_stage_done(out_dir, "score", inputs_hash)
     return run.scores_file
+
+
+def long_context_task_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, max_len: int) -> list[TaskItem]:
+    """Long-context items as one-choice task rows, scored by teacher-forced greedy match (the `long_context` metric)."""
+    per_task = prepare_items(cfg, tokens, tokenizer, max_len, where="score.long_context")
+    return [TaskItem(it.context, [it.answer], 0, "long_context")
+            for by_length in per_task.values() for group in by_length.values() for it in group]
 
 
 def scores_csv(scores: dict[str, Any]) -> str:

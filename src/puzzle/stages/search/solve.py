@@ -24,8 +24,8 @@ from puzzle.stages.search.targets import NEEDS_WORKLOAD, ConstraintSpec, parse_t
 if TYPE_CHECKING:
     from puzzle.stages.search.stage import SearchConfig  # type only: the stage imports this module
 
-Metric = Literal["kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy"]
-HIGHER_IS_BETTER = {"top1", "top5", "task_accuracy"}
+Metric = Literal["kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy", "long_context"]
+HIGHER_IS_BETTER = {"top1", "top5", "task_accuracy", "long_context"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ def objective_from_scores(scores: dict[str, Any], metric: str) -> tuple[list[lis
         values = [row.get(metric) for row in rows]
         if any(v is None for v in values):
             raise PuzzleError(f"scores have no '{metric}' values (layer {entry['layer']}); "
-                              "set score.task_file and rerun `puzzle score`, or pick another search.metric")
+                              "set score.task_file (task_accuracy) or score.long_context (long_context) and rerun "
+                              "`puzzle score`, or pick another search.metric")
         candidates.append([BlockConfig.from_dict(row["block"]) for row in rows])
         objective.append(sign * np.array(values, dtype=float))
     return candidates, objective
@@ -128,7 +129,7 @@ def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig) -> SearchInputs:
     tables = {w: load_cost_table(costs_dir, cfg.device, w, candidates) for w in workloads}
     parent_tables = {w: load_cost_table(costs_dir, cfg.device, w, [[b] for b in parent_blocks]) for w in workloads}
     metric_values = {}
-    for m in ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy"):
+    for m in ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy", "long_context"):
         rows = [[r.get(m) for r in e["candidates"]] for e in scores["layers"]]
         if all(v is not None for row in rows for v in row):
             metric_values[m] = [np.array(r, dtype=float) for r in rows]
