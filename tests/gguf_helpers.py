@@ -12,9 +12,11 @@ HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 256, 2  # 256: the K-quants' b
 HEAD_DIM = HIDDEN // HEADS
 # gguf 0.19's quantize implements these; for the K-quants it raises NotImplementedError.
 QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-# K-quant blocks (256 values): bytes per block and the byte offsets of their fp16 super-block scales.
-K_QUANTS = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)),
-            "Q6_K": (210, (208,))}
+# K-quant blocks (256 values): bytes per block, then (byte offset, value) of each fp16 super-block scale: d,
+# and for the types with a min, dmin = d * the mean quant (so that values centre on zero); weights stay < ~1.
+K_QUANTS = {"Q2_K": (84, ((80, 1e-2), (82, 1.5e-2))), "Q3_K": (110, ((108, 2e-3),)),
+            "Q4_K": (144, ((0, 1e-3), (2, 7.5e-3))), "Q5_K": (176, ((0, 5e-4), (2, 7.75e-3))),
+            "Q6_K": (210, ((208, 1e-4),))}
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -42,10 +44,10 @@ def _llama_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _k_quant_bytes(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
     """Random K-quant blocks with small finite fp16 scales (gguf cannot quantize to K-quants)."""
-    size, scale_offsets = K_QUANTS[kind]
+    size, scales = K_QUANTS[kind]
     blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
-    for off in scale_offsets:
-        blocks[:, :, off:off + 2] = np.frombuffer(np.float16(2e-3).tobytes(), dtype=np.uint8)
+    for off, value in scales:
+        blocks[:, :, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
     return blocks.reshape(rows, -1)
 
 
