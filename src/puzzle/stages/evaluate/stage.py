@@ -13,7 +13,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,7 +196,7 @@ def load_tasks(cfg: EvalConfig) -> dict[str, Items]:
     tasks: dict[str, Items] = {}
     for name, spec in zip(task_names(cfg.tasks), cfg.tasks, strict=True):  # distinct: none overwrites another
         if spec.limit is None and cfg.task_limit is not None:
-            spec = TaskSpec(spec.path, spec.name, spec.format, cfg.task_limit)
+            spec = replace(spec, limit=cfg.task_limit)  # keeps labels, separator
         tasks[name] = load_task(spec)
     return tasks
 
@@ -223,7 +223,8 @@ def _model_dtype(cfg: EvalConfig, device: torch.device) -> torch.dtype:
 
 
 def _inputs_hash(run: RunDir, models: dict[str, Path], cfg: EvalConfig) -> str:
-    paths = [run.root / cfg.parent, run.data, *models.values(), *(Path(t.path) for t in cfg.tasks)]
+    paths = [run.root / cfg.parent, run.data, *models.values(), *(Path(t.path) for t in cfg.tasks),
+             *(Path(t.labels) for t in cfg.tasks if t.labels)]
     return hash_json({"inputs": [[str(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
 
 

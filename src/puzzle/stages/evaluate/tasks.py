@@ -4,28 +4,32 @@ Formats:
   hellaswag  six lines per item: context, gold label (0-3), four endings (`.txt`, optionally .bz2/.xz/.gz)
   lambada    JSONL {"text": ...}; the task is the passage's last word, greedy: every token of it must be argmax
   jsonl      JSONL {"context": str, "choices": [str, ...], "gold": int}: any multiple-choice task of your own
+  others     the layouts users hold (lm-eval / HF field names, labels files, letter keys): `task_formats`
 Files are UTF-8 (a byte-order mark is fine). An ending is scored as the sum of its tokens' log-probabilities given
 the context; `acc_norm` divides by the ending's length in bytes, as lm-eval does.
 """
 
 from __future__ import annotations
 
-import bz2
-import codecs
-import gzip
-import json
-import lzma
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Literal
 
 import torch
 import torch.nn.functional as F
 
 from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.task_formats import (
+    MultipleChoiceItem,
+    TaskFormat,
+    detect_format,
+    jsonl_records,
+    read_choices,
+    read_lines,
+)
 
-TaskFormat = Literal["auto", "hellaswag", "lambada", "jsonl"]
+__all__ = ["LastWordItem", "MultipleChoiceItem", "TaskFormat", "TaskSpec", "detect_format", "evaluate_task",
+           "load_task", "read_hellaswag", "read_lambada", "score_requests", "split_request", "task_names"]
 
 
 @dataclass
@@ -34,13 +38,8 @@ class TaskSpec:
     name: str | None = None  # default: the file name without extensions (see task_names for clashes)
     format: TaskFormat = "auto"
     limit: int | None = None  # first N items only
-
-
-@dataclass(frozen=True)
-class MultipleChoiceItem:
-    context: str
-    choices: tuple[str, ...]
-    gold: int
+    labels: str | None = None  # a file with one gold label per line, for records that lack theirs (PIQA)
+    separator: str | None = None  # between context and choice; unset: one space (the choice's own dropped)
 
 
 @dataclass(frozen=True)
@@ -49,28 +48,8 @@ class LastWordItem:
     target: str  # the last word with its leading space
 
 
-def open_binary(path: Path) -> IO[bytes]:
-    opener = {".bz2": bz2.open, ".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
-    return opener(path, "rb")  # type: ignore[operator]
-
-
-def read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text without its line break); a UTF-8 byte-order mark is dropped, and a byte that is
-    not UTF-8 is an error naming its line (decoding line by line is what makes the number exact)."""
-    with open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PuzzleError(f"{path}:{lineno}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8; "
-                                  "re-save the file as UTF-8") from None
-            yield lineno, text.rstrip("\r\n")
-
-
 def _stem(name: str) -> str:
-    for suffix in (".bz2", ".xz", ".gz", ".jsonl", ".txt", ".json"):
+    for suffix in (".bz2", ".xz", ".gz", ".jsonl", ".txt", ".json", ".csv"):
         name = name.removesuffix(suffix)
     return name
 
@@ -106,41 +85,6 @@ def task_names(specs: list[TaskSpec]) -> list[str]:
             depth[i] += 1
 
 
-def _json_line(path: Path, lineno: int, line: str) -> object:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise PuzzleError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix that line") from None
-
-
-CHOICE_FIELDS = ("context", "choices", "gold")
-
-
-def detect_format(path: Path) -> str:
-    """hellaswag for text files; for JSON lines, from the first record's fields."""
-    if ".jsonl" not in path.name and ".json" not in path.name:
-        return "hellaswag"
-    for lineno, line in read_lines(path):
-        if not line.strip():
-            continue
-        record = _json_line(path, lineno, line)
-        if isinstance(record, dict) and any(k in record for k in CHOICE_FIELDS):
-            return "jsonl"
-        if isinstance(record, dict) and "text" in record:
-            return "lambada"
-        raise PuzzleError(
-            f"{path}:{lineno}: a task line needs \"context\", \"choices\" and \"gold\" (multiple choice) or "
-            f"\"text\" (LAMBADA); this one has {_fields(record)}"
-        )
-    return "jsonl"
-
-
-def _fields(record: object) -> str:
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    return "fields " + ", ".join(map(repr, record)) if record else "no fields"
-
-
 def read_hellaswag(path: Path, limit: int | None = None) -> list[MultipleChoiceItem]:
     lines = [text for _, text in read_lines(path)]
     while lines and not lines[-1].strip():
@@ -158,19 +102,9 @@ def read_hellaswag(path: Path, limit: int | None = None) -> list[MultipleChoiceI
     return items
 
 
-def _jsonl_records(path: Path, limit: int | None) -> list[tuple[int, object]]:
-    out = []
-    for lineno, line in read_lines(path):
-        if limit is not None and len(out) >= limit:
-            break
-        if line.strip():
-            out.append((lineno, _json_line(path, lineno, line)))
-    return out
-
-
 def read_lambada(path: Path, limit: int | None = None) -> list[LastWordItem]:
     items = []
-    for lineno, record in _jsonl_records(path, limit):
+    for lineno, record in jsonl_records(path, limit):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or " " not in text.strip():
             raise PuzzleError(f"{path}:{lineno}: a LAMBADA line needs a \"text\" string with at least two words")
@@ -179,41 +113,25 @@ def read_lambada(path: Path, limit: int | None = None) -> list[LastWordItem]:
     return items
 
 
-def read_choice_jsonl(path: Path, limit: int | None = None) -> list[MultipleChoiceItem]:
-    items = []
-    for lineno, record in _jsonl_records(path, limit):
-        where = f"{path}:{lineno}"
-        if not isinstance(record, dict):
-            raise PuzzleError(f"{where}: a multiple-choice line must be a JSON object with \"context\", "
-                              f"\"choices\" and \"gold\"; this one is {_fields(record)}")
-        missing = [k for k in CHOICE_FIELDS if k not in record]
-        if missing:
-            raise PuzzleError(f"{where}: missing {', '.join(map(repr, missing))}; a multiple-choice line needs "
-                              "\"context\" (string), \"choices\" (list of strings) and \"gold\" (index)")
-        context, choices, gold = record["context"], record["choices"], record["gold"]
-        if not isinstance(context, str):
-            raise PuzzleError(f"{where}: \"context\" must be a string, got {json.dumps(context)}; use \"\" for none")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise PuzzleError(f"{where}: \"choices\" must be a list of at least two strings")
-        if isinstance(gold, bool) or not isinstance(gold, int):
-            raise PuzzleError(f"{where}: \"gold\" must be an integer index into \"choices\" (0..{len(choices) - 1}), "
-                              f"got {json.dumps(gold)}")
-        if not 0 <= gold < len(choices):
-            raise PuzzleError(f"{where}: gold index {gold} is out of range for {len(choices)} choices; "
-                              f"use 0..{len(choices) - 1}")
-        items.append(MultipleChoiceItem(context, tuple(choices), gold))
-    return items
-
-
 def load_task(spec: TaskSpec) -> list[MultipleChoiceItem] | list[LastWordItem]:
     path = Path(spec.path)
     if not path.is_file():
         raise PuzzleError(f"task file {path} does not exist; fix eval.tasks[].path")
     fmt = detect_format(path) if spec.format == "auto" else spec.format
-    reader = {"hellaswag": read_hellaswag, "lambada": read_lambada, "jsonl": read_choice_jsonl}[fmt]
-    items = reader(path, spec.limit)
+    if fmt in ("hellaswag", "lambada") and (spec.labels is not None or (fmt == "lambada" and spec.separator)):
+        raise PuzzleError(f"task file {path} is in the {fmt} format, which takes no `labels`"
+                          + ("" if fmt == "hellaswag" else " or `separator`") + "; remove them from its task entry")
+    items: list[MultipleChoiceItem] | list[LastWordItem]
+    if fmt == "hellaswag":
+        items = read_hellaswag(path, spec.limit)
+    elif fmt == "lambada":
+        items = read_lambada(path, spec.limit)
+    else:
+        items = read_choices(path, fmt, spec.limit, Path(spec.labels) if spec.labels is not None else None)
     if not items:
         raise PuzzleError(f"task file {path} holds no items; check its format ({fmt})")
+    if spec.separator is not None:
+        items = [replace(it, separator=spec.separator) for it in items]  # type: ignore[type-var]
     return items
 
 
@@ -283,17 +201,15 @@ def evaluate_task(items: list[MultipleChoiceItem] | list[LastWordItem], logits_f
         scored = score_requests(logits_fn, reqs, device, batch_size, max_len, max_tokens)
         nll = -sum(s for s, _ in scored) / len(scored)
         return {"accuracy": sum(g for _, g in scored) / len(scored), "target_nll": nll, "n": len(items)}
-    reqs = []
-    for it in items:
-        for choice in it.choices:  # type: ignore[union-attr]
-            reqs.append(split_request(encode, it.context, " " + choice.lstrip(" "), bos_id))
+    strings = [it.requests() for it in items]  # type: ignore[union-attr]
+    reqs = [split_request(encode, ctx, cont, bos_id) for pairs in strings for ctx, cont in pairs]
     scored = score_requests(logits_fn, reqs, device, batch_size, max_len, max_tokens)
     correct = correct_norm = 0
     pos = 0
-    for it in items:
-        n = len(it.choices)  # type: ignore[union-attr]
+    for it, pairs in zip(items, strings, strict=True):
+        n = len(pairs)
         lls = [s for s, _ in scored[pos:pos + n]]
-        lengths = [len((" " + c.lstrip(" ")).encode()) for c in it.choices]  # type: ignore[union-attr]
+        lengths = [max(len(cont.encode()), 1) for _, cont in pairs]  # bytes of what is scored (lm-eval's acc_norm)
         correct += max(range(n), key=lambda j: lls[j]) == it.gold  # type: ignore[union-attr]
         correct_norm += max(range(n), key=lambda j: lls[j] / lengths[j]) == it.gold  # type: ignore[union-attr]
         pos += n

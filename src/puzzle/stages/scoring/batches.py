@@ -73,11 +73,12 @@ def load_task_file(path: str | Path, encode: Callable[[str], list[int]], bos_id:
     if not isinstance(items[0], MultipleChoiceItem):
         raise PuzzleError(f"{path} is a last-word task; score.task_file needs a multiple-choice task "
                           '(JSONL {"context": ..., "choices": [...], "gold": i} or HellaSwag)')
-    if items[0].continuation is not None:  # type: ignore[union-attr]
+    if any(it.continuation is not None for it in items):  # type: ignore[union-attr]
         raise PuzzleError(f"{path} gives one context per choice (partial scoring), which score.task_file does not "
                           "support; list it under eval.tasks instead, or use a task with one context per item")
     out = []
     for item in items:
-        requests = [split_request(encode, ctx, cont, bos_id) for ctx, cont in item.requests()]  # type: ignore[union-attr]
+        # the same (context, continuation) strings as `puzzle eval` scores, separator included
+        requests = [split_request(encode, ctx, cont, bos_id) for ctx, cont in item.requests()]  # type: ignore
         out.append(TaskItem(requests[0][0], [cont for _, cont in requests], item.gold))
     return out
