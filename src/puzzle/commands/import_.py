@@ -10,7 +10,8 @@ from puzzle.stages.importer import run_import
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory")
-    parser.add_argument("parent_path", help="HF Llama/Mistral/Qwen2 dir, Nemotron-NAS dir, native dir or llama2.c .bin")
+    parser.add_argument("parent_path", help="HF Llama/Mistral/Qwen2 dir, Nemotron-NAS dir, native dir, llama.cpp .gguf "
+                        "or llama2.c .bin")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ from puzzle.model.presets import tiny_llama_config
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", default=None,
-                        help="model directory, llama2.c .bin, or config.json (default: a small built-in model)")
+                        help="model directory, llama.cpp .gguf, llama2.c .bin, or config.json "
+                             "(default: a small built-in model)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -22,7 +22,7 @@ STAGE = "import"
 def source_fingerprint(parent_path: str | Path) -> str:
     path = Path(parent_path).resolve()
     if not path.exists():
-        raise PuzzleError(f"parent {path} does not exist; pass a model directory or a llama2.c .bin")
+        raise PuzzleError(f"parent {path} does not exist; pass a model directory, a .gguf or a llama2.c .bin")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if path.is_file():  # a llama2.c model: its tokenizer beside it counts too
         files += sorted(path.parent.glob("tok*.bin"))
