@@ -80,6 +80,7 @@ def test_import_carries_tokenizer_and_chat_template(tmp_path: Path) -> None:
     assert load_tokenizer(parent).encode(text) == reference.encode(text, add_special_tokens=False)
     assert plain.chat_template == reference.chat_template and "messages" in plain.chat_template
     assert torch.equal(_logits(load_model(parent), PROMPT), _logits(load_model(path), PROMPT))
+    assert load_model(path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_inspect_names_architecture_and_tensor_types(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -102,13 +103,13 @@ def test_non_llama_architecture_fails_cleanly(tmp_path: Path, capsys: pytest.Cap
     path = write_tiny_llama(tmp_path / "tiny.gguf", "F16", arch="qwen2")
     _fails_cleanly(["inspect", str(path)], capsys, "architecture 'qwen2'", "llama")
     _fails_cleanly(["import", str(tmp_path / "run"), str(path)], capsys, "qwen2")
-    assert not (tmp_path / "run" / "parent").exists()
+    assert not (tmp_path / "run").exists()  # no half-written run directory
 
 
 def test_unsupported_tensor_type_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_tiny_llama(tmp_path / "tiny.gguf", "IQ4_NL")
     _fails_cleanly(["import", str(tmp_path / "run"), str(path)], capsys, "IQ4_NL", "not supported")
-    assert not (tmp_path / "run" / "parent").exists()
+    assert not (tmp_path / "run").exists()  # no half-written run directory
 
 
 @pytest.mark.parametrize("keep", [0.6, 0.001])
@@ -117,7 +118,7 @@ def test_truncated_file_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixt
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:int(len(data) * keep)])
     _fails_cleanly(["import", str(tmp_path / "run"), str(path)], capsys, "cut.gguf", "truncated or corrupt")
-    assert not (tmp_path / "run" / "parent").exists()
+    assert not (tmp_path / "run").exists()  # no half-written run directory
 
 
 def test_missing_gguf_package_names_the_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -170,11 +170,18 @@ def _our_key(name: str) -> str:
     return name
 
 
-def state_dict_from_reader(reader: Any, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+def state_dict_from_reader(reader: Any, config: ModelConfig, path: Path,
+                           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our keys -> dequantized tensors, float32 or `dtype` (cast per tensor: no whole float32 copy is held)."""
     gguf = _gguf()
+
+    def read(t: Any) -> torch.Tensor:
+        w = _dequantize(gguf, t, path)
+        return w if dtype is None else w.to(dtype)
+
     # numpy releases the GIL in the large array operations of dequantize: a thread per core overlaps tensors.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        tensors = list(pool.map(lambda t: _dequantize(gguf, t, path), reader.tensors))
+        tensors = list(pool.map(read, reader.tensors))
     state = {}
     for t, w in zip(reader.tensors, tensors):
         key = _our_key(t.name)
@@ -191,7 +198,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     path = Path(path)
     reader = open_gguf(path)
     config = config_from_reader(reader, path)
-    state = state_dict_from_reader(reader, config, path)
+    state = state_dict_from_reader(reader, config, path, dtype)
     return model_from_state_dict(config, state, str(path), device, dtype)
 
 

@@ -190,6 +190,8 @@ def search(inputs: SearchInputs, cfg: SearchConfig) -> dict[str, Any]:
                                 ("max_params", mip.max_params_baseline(problem, params, **solver) if params else None)):
                 entry = {"method": method, "target": point, "feasible": sol is not None}
                 if sol is not None:
+                    # "time limit": the solver stopped at search.time_limit_s with a feasible, unproven child
+                    entry["status"] = "heuristic" if method == "greedy" else "optimal" if sol.optimal else "time limit"
                     entry.update(_describe(inputs, sol.choice, problem))
                 baselines.append(entry)
     if not solutions:

@@ -18,7 +18,7 @@ from typing import Any
 from puzzle.core.artifacts import hash_json, hash_paths, mark_stage_done, stage_is_current, write_json, write_text
 from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
-from puzzle.core.notices import clear_warnings
+from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
 from puzzle.stages.search.solve import (  # noqa: F401 (re-exported: the search's public names)
     HIGHER_IS_BETTER,
@@ -97,6 +97,10 @@ def run_search(run_dir: Path, cfg: SearchConfig, graphs: str | None = None, meas
         return run.solutions
     clear_warnings(run.root, "search")
     result, timings = verified_search(load_inputs(run, cfg), cfg, run.root, graphs, measure)
+    for b in result["baselines"]:
+        if b.get("status") == "time limit":
+            warn(run.root, "search", f"the {b['method']} baseline (target {b['target']}) stopped at search.time_limit_s="
+                                     f"{cfg.time_limit_s:g} s unproven; the best child found is kept")
     write_json(run.solutions, result)
     write_text(out_dir / "solutions.csv", pareto_csv(result))
     if timings is not None:
