@@ -165,7 +165,7 @@ def test_second_run_does_nothing(full_run: tuple[RunConfig, dict], tmp_path: Pat
     assert elapsed < 10, f"a rerun with everything current took {elapsed:.1f} s"
     out = capsys.readouterr().out
     assert "Summary of" in out and "child-0/uptrained" in out
-    assert "predicted from ESTIMATED" in out  # no GPU here: the predictions are labelled as estimates
+    assert "est. tok/s and speed-up: ESTIMATE" in out  # no GPU here: the predictions are labelled as estimates
 
 
 def test_pipeline_under_torchrun_uses_every_rank(parent_src: tuple[Path, Path], tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def test_report_has_every_section_and_plot(run: Path) -> None:
 def test_report_without_matplotlib_still_writes(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(report_plots, "available", lambda: False)
     text = run_report(run).read_text()
-    assert "plots skipped: matplotlib is not installed" in text
+    assert "plots skipped: matplotlib cannot be imported" in text
     assert "## Plots" not in text and "## Quality" in text
 
 

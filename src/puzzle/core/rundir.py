@@ -31,6 +31,7 @@ class RunDir:
     # File names inside a stage's directory, for stages that write into a temporary directory and rename it.
     MANIFEST = "manifest.json"
     LIBRARY_INDEX = "library.json"
+    LIBRARY_SUMMARY = "summary.csv"  # every entry's nMSE before / after BLD (the terminal shows the worst)
     MODEL_CONFIG = "config.json"
     UPTRAINED = "uptrained"
     TRAINING_LOG = "training_log.json"

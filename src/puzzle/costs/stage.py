@@ -24,6 +24,7 @@ from puzzle.costs.consistency import make_consistent, parent_anchors
 from puzzle.costs.estimate import estimate_workload, split_variants
 from puzzle.costs.measure import TimeModel, measure_workload
 from puzzle.costs.schema import ESTIMATE_KEY, METHODS, SCHEMA, read_costs_file
+from puzzle.costs.source import costs_source, roofline_gpu
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.memory import max_batch_size, mean_decode_context, memory_model
@@ -97,7 +98,7 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
     if kind == "estimate":
         body = estimate_workload(model, atts, ffns, w, cfg, ctx)
         body["consistency"] = make_consistent(body, anchors=parent_anchors(model.blocks))  # monotone: no fit
-        name = f"estimate (roofline {cfg.peak_flops / 1e12:.0f} TFLOP/s, {cfg.mem_bandwidth / 1e12:.2f} TB/s)"
+        name = f"estimate (roofline of {roofline_gpu(cfg.peak_flops, cfg.mem_bandwidth, cfg.dtype)})"
         key, total = ESTIMATE_KEY, None
     else:
         body = measure_workload(model, atts, ffns, w, cfg, ctx, device, timer)
@@ -170,7 +171,7 @@ def run_costs(run_dir: Path, cfg: CostsConfig, workloads: list[Workload],
         data = costs_for_workload(model_config, blocks, w, cfg)
         data["inputs_hash"] = inputs
         write_json(path, data)
-        label = " (ESTIMATE)" if kind == "estimate" else ""
+        label = f" ({costs_source(data)})" if kind == "estimate" else ""
         print(f"costs: wrote {path}{label}")
         _warn_uncalibrated(run.root, path, data)
     return written

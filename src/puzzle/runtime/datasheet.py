@@ -51,3 +51,13 @@ def datasheet(device_name: str) -> DeviceSpec | None:
         if re.search(pattern, name):
             return spec
     return None
+
+
+def datasheet_of_roofline(peak_flops: float, bandwidth: float, dtype: str = "bfloat16") -> DeviceSpec | None:
+    """The datasheet GPU whose dense `dtype` peak and bandwidth are these (an analytic roofline's numbers ->
+    the GPU they describe); None when no datasheet matches within 1%."""
+    for _, spec in DATASHEETS:
+        peak = spec.peak(dtype)
+        if peak and abs(peak - peak_flops) <= 0.01 * peak and abs(spec.bandwidth - bandwidth) <= 0.01 * bandwidth:
+            return spec
+    return None

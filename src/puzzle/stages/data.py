@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 import numpy as np
+from tqdm import tqdm
 
 from puzzle.core.artifacts import (
     STAMP,
@@ -315,21 +316,27 @@ def _tokenize(files: list[Path], file_keys: dict[str, str], cfg: DataConfig, tok
     total = 0
     bos = [tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []
     eos = [tokenizer.eos_id] if cfg.add_eos and tokenizer.eos_id is not None else []
-    for path in files:
-        for key, pieces in documents(path, cfg, file_keys[str(path)]):
-            packer = packers[document_split(key, cfg.seed, cfg.valid_fraction, cfg.test_fraction)]
-            packer.documents += 1
-            packer.add(list(bos))
-            for text in pieces:
-                ids = tokenizer.encode(text)
-                if ids and max(ids) >= limit:
-                    raise PuzzleError(f"the tokenizer produced id {max(ids)} >= vocabulary size {limit}; "
-                                      "use the parent's tokenizer")
-                packer.add(ids)
-                total += len(ids)
-            packer.add(list(eos))
-            if cfg.max_tokens is not None and total >= cfg.max_tokens:
-                return
+    # Progress in bytes of text: a total (hence an ETA) only when no source is compressed.
+    size = None if any(f.suffix.lower() in _OPENERS for f in files) else sum(f.stat().st_size for f in files)
+    with tqdm(total=size, desc="data: tokenize", unit="B", unit_scale=True, mininterval=1.0) as bar:
+        for path in files:
+            for key, pieces in documents(path, cfg, file_keys[str(path)]):
+                packer = packers[document_split(key, cfg.seed, cfg.valid_fraction, cfg.test_fraction)]
+                packer.documents += 1
+                packer.add(list(bos))
+                for text in pieces:
+                    ids = tokenizer.encode(text)
+                    if ids and max(ids) >= limit:
+                        raise PuzzleError(f"the tokenizer produced id {max(ids)} >= vocabulary size {limit}; "
+                                          "use the parent's tokenizer")
+                    packer.add(ids)
+                    total += len(ids)
+                    bar.update(len(text.encode("utf-8", errors="replace")))
+                packer.add(list(eos))
+                if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                    return
+        if size:
+            bar.update(max(0, size - bar.n))  # the separators and markup that no piece holds
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:

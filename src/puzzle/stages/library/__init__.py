@@ -9,7 +9,6 @@ only when every item is done.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from puzzle.model.decoder import PuzzleModel
 from puzzle.stages.data import load_tokens
 from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
 from puzzle.stages.library.store import Library, LibraryEntry, read_sidecar, write_entry, write_index
+from puzzle.stages.library.summary import write_summary
 from puzzle.stages.library.train import is_trained, train_wave
 from puzzle.stages.library.worksplit import item_cost, split_items, waves
 
@@ -162,8 +162,9 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
             info_dict = {"mode": cfg.search_space.mode, "parent": parent.config.to_dict(),
                          "train_hash": train_hash, "config": to_dict(cfg)}
             write_index(library_dir, done, info_dict)
+            summary = write_summary(library_dir, done)
             mark_stage_done(library_dir, "library", stage_hash, entries=len(done))
-            print(summary_table(done))
+            print(summary)
         barrier()
     return library_dir
 
@@ -171,21 +172,6 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
 def _finished(library_dir: Path, item: LibraryEntry, train_hash: str) -> LibraryEntry | None:
     done = read_sidecar(library_dir, item)
     return done if done is not None and done.metrics.get("train_hash") == train_hash else None
-
-
-def summary_table(entries: list[LibraryEntry]) -> str:
-    """Per layer, each variant's validation nMSE before and after BLD."""
-    header = f"{'layer':>5}  {'kind':<9} {'variant':<22} {'init':<22} {'nMSE init':>10} {'nMSE after':>10}"
-    lines = [f"{header} {'tokens':>10}"]
-    for e in sorted(entries, key=lambda e: (e.layer, e.kind, e.variant)):
-        m = e.metrics
-        lines.append(f"{e.layer:>5}  {e.kind:<9} {e.variant:<22} {m.get('init', ''):<22} "
-                     f"{_fmt(m.get('val_nmse_init')):>10} {_fmt(m.get('val_nmse_after')):>10} {m.get('tokens', 0):>10}")
-    return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else ("inf" if math.isinf(x) else f"{x:.4g}")
 
 
 def _parent_hash(parent_dir: Path) -> str:

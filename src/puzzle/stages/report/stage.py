@@ -20,9 +20,11 @@ from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
 from puzzle.costs.consistency import adjustment_rows
+from puzzle.costs.source import costs_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.report import plots as report_plots
+from puzzle.stages.search.targets import parse_target
 
 COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots
 
@@ -173,16 +175,20 @@ def eval_section(ev: dict[str, Any]) -> str:
     return f"## Quality (held-out, against the parent)\n\n{where}\n\n{table(header, rows)}{note}\n"
 
 
-def solutions_section(sol: dict[str, Any]) -> str:
+def solutions_section(sol: dict[str, Any], costs: dict[str, dict[str, Any]]) -> str:
     workloads = sorted(sol.get("parent", {}))
+    est = {w: bool(sol["parent"][w].get("estimate")) for w in workloads}
     header = ["method", "name", "target", "objective", "attention layers",
-              *[f"{w} pred. speedup" for w in workloads]]
+              *[f"{w} {'ESTIMATED' if est[w] else 'pred.'} speedup" for w in workloads]]
     rows = [["mip", s.get("name"), s.get("target"), s.get("objective"), s.get("attention_layers"),
              *[s.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]] for s in sol.get("solutions", [])]
     rows += [[b.get("method"), "", b.get("target"), b.get("objective"), b.get("attention_layers"),
               *[b.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]]
              for b in sol.get("baselines", []) if b.get("feasible", True)]
-    return f"## Search solutions (predicted)\n\n{table(header, rows)}\n"
+    sources = "\n".join(f"- {w}: {costs_source(costs.get(w) or ({'kind': 'estimate'} if est[w] else None))}"
+                        for w in workloads)
+    return f"## Search solutions (predicted, not measured)\n\nSpeed-ups from the costs file of each workload:\n\n" \
+           f"{sources}\n\n{table(header, rows)}\n"
 
 
 def architecture_section(name: str, parent: list[BlockConfig] | None, child: list[BlockConfig],
@@ -215,19 +221,33 @@ def _workload(inp: ReportInputs, cfg: ReportConfig) -> str | None:
     return next(iter(inp.costs), None)
 
 
-def _fig5_points(inp: ReportInputs, workload: str) -> list[dict[str, Any]]:
+def _fig5_points(inp: ReportInputs, workload: str) -> tuple[list[dict[str, Any]], float | None, dict[str, float | None]]:
+    """(points [{method, target, x, y}], the parent's tok/s, target label -> the tok/s it asks for or None)."""
     sol = inp.solutions or {}
     points = []
-    parent = sol.get("parent", {}).get(workload)
-    if parent:
-        points.append({"label": "parent", "x": parent["throughput_tok_s"], "y": 0.0, "group": "parent"})
-    for group, items in (("solution", sol.get("solutions", [])), ("baseline", sol.get("baselines", []))):
+    parent_x = (sol.get("parent", {}).get(workload) or {}).get("throughput_tok_s")
+    for method, items in (("mip", sol.get("solutions", [])), (None, sol.get("baselines", []))):
         for s in items:
             pred = s.get("predicted", {}).get(workload)
             if pred and s.get("objective") is not None:
-                label = s.get("name") or s.get("method", "")
-                points.append({"label": label, "x": pred["throughput_tok_s"], "y": s["objective"], "group": group})
-    return points
+                points.append({"method": method or s.get("method", "baseline"), "target": str(s.get("target")),
+                               "x": pred["throughput_tok_s"], "y": s["objective"]})
+    return points, parent_x, {t: _target_rate(sol, t, workload, parent_x) for t in
+                              dict.fromkeys(p["target"] for p in points)}
+
+
+def _target_rate(sol: dict[str, Any], target: str, workload: str, parent_x: float | None) -> float | None:
+    """The tok/s a swept throughput target on `workload` asks for; None for other constraints."""
+    constraints = sol.get("constraints") or []
+    index = (sol.get("config") or {}).get("sweep_constraint") or 0
+    c = constraints[index] if index < len(constraints) else {}
+    if c.get("kind") != "throughput" or c.get("workload") != workload:
+        return None
+    try:
+        value, factor = parse_target("throughput", target)
+    except PuzzleError:
+        return None
+    return value * parent_x if factor and parent_x else None if factor else value
 
 
 def _measured_points(ev: dict[str, Any], workload: str | None) -> tuple[list[dict[str, Any]], str]:
@@ -237,7 +257,7 @@ def _measured_points(ev: dict[str, Any], workload: str | None) -> tuple[list[dic
         tp = m.get("throughput", {}).get(workload or "", {})
         x = tp.get("output_tokens_per_s") if isinstance(tp, dict) else None
         if x is not None:
-            xlabel = f"measured output tokens/s ({workload})"
+            xlabel = f"measured output throughput ({workload})"
         y = m.get("mean_retention_pct")
         group = "parent" if name == "parent" else "uptrained" if name.endswith("/uptrained") else "child"
         points.append({"label": name, "x": x if x is not None else m.get("params", 0),
@@ -259,7 +279,7 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
         return out  # nothing it reads has changed: a second `puzzle run` leaves the report untouched
     inp = gather(run)
     if cfg.plots and not plots:
-        inp.notes.append("plots skipped: matplotlib is not installed (pip install 'puzzle-llm[plots]')")
+        inp.notes.append("plots skipped: matplotlib cannot be imported (it is a dependency: pip install matplotlib)")
     workload = _workload(inp, cfg)
     parts = [f"# Puzzle report: {run.root.name}\n"]
     figures: list[tuple[str, Path]] = []
@@ -268,14 +288,19 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
         if plots and inp.eval.get("models"):
             pts, xlabel = _measured_points(inp.eval, workload)
             has_ret = any(m.get("mean_retention_pct") is not None for m in inp.eval["models"].values())
-            figures.append(("Evaluated models", report_plots.quality_vs_throughput(
-                pts, xlabel, "accuracy retained (% of parent)" if has_ret else "KL to parent",
-                "Evaluated models", plots_dir / "measured_quality.png")))
+            figures.append(("Evaluated models", report_plots.models(
+                pts, xlabel, xlabel != "parameters", "accuracy retained (% of parent)" if has_ret else
+                f"KL(parent || model), {inp.eval.get('split', 'valid')} split", "Evaluated models",
+                plots_dir / "measured_quality.png")))
     if inp.solutions:
-        parts.append(solutions_section(inp.solutions))
+        parts.append(solutions_section(inp.solutions, inp.costs))
         if plots and workload:
-            figures.append(("Quality vs throughput (Fig. 5)", report_plots.quality_vs_throughput(
-                _fig5_points(inp, workload), f"predicted throughput, tokens/s ({workload})",
+            points, parent_x, targets = _fig5_points(inp, workload)
+            estimated = bool((inp.solutions.get("parent", {}).get(workload) or {}).get("estimate"))
+            source = costs_source(inp.costs.get(workload) or ({"kind": "estimate"} if estimated else None))
+            figures.append(("Quality vs throughput (Fig. 5)", report_plots.pareto(
+                points, parent_x, targets,
+                f"{'ESTIMATED' if estimated else 'predicted'} output throughput ({workload})", source,
                 f"summed replace-1-block {inp.solutions.get('metric', 'score')} (lower is better)",
                 "Solutions, baselines and parent", plots_dir / "quality_vs_throughput.png")))
     if inp.children:
@@ -295,12 +320,13 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
     if inp.gkd:
         parts.append(gkd_section(inp.gkd))
         if plots:
-            series = {f"{n} train loss": ([r["step"] for r in g["train"]], [r["loss"] for r in g["train"]])
-                      for n, g in inp.gkd.items() if g.get("train")}
-            series |= {f"{n} valid KL": ([v["step"] for v in g["valid"]], [v["kl"] for v in g["valid"]])
-                       for n, g in inp.gkd.items() if g.get("valid")}
-            figures.append(("GKD loss curves", report_plots.curves(series, "step", "loss", "Global distillation",
-                                                                   plots_dir / "gkd_curves.png", logy=True)))
+            train = {n: ([r["step"] for r in g["train"]], [r["loss"] for r in g["train"]])
+                     for n, g in inp.gkd.items() if g.get("train")}
+            valid = {n: ([v["step"] for v in g["valid"]], [v["kl"] for v in g["valid"]])
+                     for n, g in inp.gkd.items() if g.get("valid")}
+            figures.append(("GKD curves", report_plots.panels(
+                [("train loss\n(GKD objective)", train, True), ("validation\nKL(parent || child)", valid, True)],
+                "step", "Global distillation", plots_dir / "gkd_curves.png")))
     if inp.library and plots:
         bld: dict[str, tuple[list[float], list[float]]] = {}
         for e in sorted(inp.library, key=lambda e: e["layer"]):
@@ -311,8 +337,9 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
                 ys.append(val)
         if bld:
             figures.append(("BLD validation loss per layer", report_plots.curves(
-                bld, "layer", "normalised MSE to the parent block (after BLD)", "Blockwise local distillation",
-                plots_dir / "bld_losses.png", logy=True)))
+                bld, "layer", "normalised MSE to the parent block (after BLD)",
+                "Blockwise local distillation (solid: attention, dashed: FFN)", plots_dir / "bld_losses.png",
+                logy=True, linestyles={k: "-" if k.startswith("attention") else "--" for k in bld})))
     if adjusted := adjustment_rows(inp.costs):
         parts.append("## Per-variant costs made width-consistent\n\nMore KV heads or a wider FFN never cost less: "
                      "measured values that broke that order (after re-measuring) were fitted (isotonic, per phase; "

@@ -14,11 +14,23 @@ from typing import Any
 from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
 from puzzle.core.rundir import RunDir
+from puzzle.costs.source import costs_source, is_estimate
 
 
 def _load(path: Path) -> dict[str, Any]:
     """An absent artifact shows as '-'; a corrupt one is an error (read_json names the file and the fix)."""
     return read_json(path) if path.exists() else {}
+
+
+def workload_costs(run: RunDir, workload: str | None) -> dict[str, Any] | None:
+    """The costs file of `workload` the search read (a measured one over an estimate); None when there is none."""
+    found = [c for c in map(_load, run.costs_files()) if (c.get("workload") or {}).get("name") == workload]
+    return next((c for c in found if c.get("kind") == "measured"), found[0] if found else None)
+
+
+def estimate_label(predicted: dict[str, Any]) -> str:
+    """'est.' for a prediction from estimated costs, 'pred.' for one from measured costs."""
+    return "est." if predicted.get("estimate") else "pred."
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -42,7 +54,8 @@ def summary_rows(run_dir: Path | RunDir) -> tuple[list[str], list[list[str]], st
     rounds = solutions.get("verify", {}).get("rounds")
     tasks = list(dict.fromkeys(t for res in evaluation.values() for t in res.get("retention_pct", {})))
     split = _load(run.eval_file).get("split", "valid")  # eval.json before test splits: valid
-    header = ["model", "params (M)", "pred. tok/s", "pred. speed-up", "search meas. x", "rounds", "meas. tok/s",
+    pred = estimate_label(predicted_parent.get(workload or "", {}))  # an estimate never reads as measured
+    header = ["model", "params (M)", f"{pred} tok/s", f"{pred} speed-up", "search meas. x", "rounds", "meas. tok/s",
               "meas. speed-up",
               f"{split} KL", f"{split} top-1", f"{split} ppl", *[f"{t} acc (ret. %)" for t in tasks]]
     rows = []
@@ -100,14 +113,20 @@ def print_summary(run_dir: Path | RunDir) -> None:
     run = RunDir(run_dir)
     header, rows, workload = summary_rows(run)
     parent = _load(run.solutions).get("parent", {}).get(workload or "", {})
-    source = "ESTIMATED (analytic roofline, not measured)" if parent.get("estimate") else "measured"
+    if not parent:
+        source = "no predictions: the search has not run"
+    else:
+        costs = workload_costs(run, workload)
+        if parent.get("estimate") and not is_estimate(costs):  # solutions.json decides what the numbers are
+            costs = {"kind": "estimate"}
+        source = f"{estimate_label(parent)} tok/s and speed-up: {costs_source(costs)}"
     evaluation = _load(run.eval_file)
     quality = (f"; KL / top-1 / ppl on the {evaluation.get('split', 'valid')} split, "
                f"{evaluation.get('sequences', '?')} sequences of {evaluation.get('seq_len', '?')} tokens"
                if evaluation else "")
-    print(f"\nSummary of {run.root} (throughput: workload {workload or '-'}; "
-          f"predicted from {source} per-block costs{quality})")
+    print(f"\nSummary of {run.root} (throughput: workload {workload or '-'}{quality})")
     print(format_table(header, rows))
+    print(source)
     verify = _load(run.solutions).get("verify", {})
     if verify.get("status") == "skipped":
         print(f"search meas.: not timed at search ({verify.get('reason')})")
@@ -119,3 +138,5 @@ def print_summary(run_dir: Path | RunDir) -> None:
     report = run.report
     if report.exists():
         print(f"\nReport: {report}")
+        pngs = sorted(p.name for p in run.plots.glob("*.png"))
+        print(f"Plots:  {run.plots}/ ({', '.join(pngs)})" if pngs else "Plots:  none (see the report's notes)")
