@@ -10,6 +10,7 @@ from puzzle.core.rundir import RunDir
 from puzzle.core.workloads import run_workloads
 from puzzle.stages.evaluate.long_context_eval import long_context_table
 from puzzle.stages.evaluate.stage import EvalConfig, run_eval
+from puzzle.stages.evaluate.tables import heldout_table, task_table
 from puzzle.stages.evaluate.tasks import TaskSpec
 
 
@@ -27,15 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task:
         cfg.tasks = [*cfg.tasks, *(TaskSpec(path=p) for p in args.task)]
     result = run_eval(args.run_dir, cfg, run_workloads(args.run_dir, args.config))
-    print(f"loss / perplexity / KL / agreement on the {result.get('split', 'valid')} split "
-          f"({result.get('sequences', '?')} sequences)")
-    for name, m in result["models"].items():
-        retained = m.get("mean_retention_pct")
-        extra = f"  retained {retained:.1f}%" if retained is not None else ""
-        print(f"{name:32s} loss {m['lm_loss']:.4f}  ppl {m['perplexity']:.2f}  KL {m['kl_to_parent']:.4f}  "
-              f"agree {m['agreement']:.3f}{extra}")
-    table = long_context_table(result["models"])
-    if table:
-        print(table)
+    print(heldout_table(result))
+    for table in (task_table(result["models"]), long_context_table(result["models"])):
+        if table:
+            print(table)
     print(f"wrote {RunDir(args.run_dir).eval_file}")
     return 0

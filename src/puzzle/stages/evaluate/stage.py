@@ -31,6 +31,7 @@ from puzzle.core.artifacts import (
 )
 from puzzle.core.config import check_device, to_dict
 from puzzle.core.errors import PuzzleError
+from puzzle.core.notices import warn
 from puzzle.core.rundir import RunDir
 from puzzle.core.workloads import Workload, resolve_workloads, run_workloads
 from puzzle.formats import load_model
@@ -155,7 +156,7 @@ def _timed(into: dict[str, float], key: str, device: torch.device) -> Iterator[N
     into[key] = round(time.perf_counter() - start, 3)
 
 
-def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, heldout: np.ndarray,
+def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, heldout: np.ndarray | None,
                     tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device,
                     workloads: list[Workload] | None = None,
                     long_items: dict[str, dict[int, list[LongContextItem]]] | None = None) -> dict[str, Any]:
@@ -169,8 +170,9 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
                                "kv_bytes_per_token": model.config.kv_cache_bytes_per_token(),
                                "blocks": [b.name for b in model.config.blocks]}
         seconds: dict[str, float] = {}
-        with _timed(seconds, "heldout", device):
-            res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
+        if heldout is not None:  # None: no data split, tasks only
+            with _timed(seconds, "heldout", device):
+                res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
         if tasks:
             with _timed(seconds, "tasks", device):
                 res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.task_batch_tokens, device, encode)
@@ -249,9 +251,14 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
     if tasks or cfg.long_context is not None:
         tokenizer = load_tokenizer(run.root / cfg.parent)
     # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
-    heldout = load_tokens(run.data, HELDOUT_SPLIT)
-    if cfg.max_sequences is not None:
-        heldout = heldout[:cfg.max_sequences]
+    heldout, skipped = None, None
+    if run.data_manifest.exists() or not (tasks or cfg.long_context is not None):  # nothing else: the data error
+        heldout = load_tokens(run.data, HELDOUT_SPLIT)
+        if cfg.max_sequences is not None:
+            heldout = heldout[:cfg.max_sequences]
+    else:
+        skipped = f"{run.data} holds no data split (`puzzle data` not run); only tasks are scored"
+        warn(run.root, "eval", f"held-out loss, perplexity, KL and agreement skipped: {skipped}")
     parent = load_model(run.root / cfg.parent, device=device, dtype=dtype)
     loaders: dict[str, Callable[[], PuzzleModel]] = {"parent": lambda: parent}
     for name, path in children.items():
@@ -264,7 +271,8 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
     models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads,
                              long_items)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
-              "split": HELDOUT_SPLIT, "sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
+              "split": HELDOUT_SPLIT, "sequences": 0 if heldout is None else int(heldout.shape[0]),
+              "seq_len": None if heldout is None else int(heldout.shape[1]), "heldout_skipped": skipped,
               "tasks": {name: len(items) for name, items in tasks.items()}, "models": models,
               "config": to_dict(cfg)}
     if long_items:
