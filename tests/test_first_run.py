@@ -152,3 +152,15 @@ def test_eval_shows_progress_over_models(capsys: pytest.CaptureFixture) -> None:
                     EvalConfig(batch_size=4, throughput=False), torch.device("cpu"))
     err = capsys.readouterr().err
     assert "eval: models" in err and "2/2" in err and "model" in err
+
+
+def test_solutions_csv_names_estimated_columns(tmp_path: Path) -> None:
+    from puzzle.core.artifacts import read_json
+    from puzzle.stages.search.tables import pareto_csv
+
+    _fake_run(tmp_path)
+    result = read_json(tmp_path / "search" / "solutions.json")
+    for s in result["solutions"] + result["baselines"]:
+        s["predicted"]["gen"]["params"] = 1
+    header = pareto_csv(result).splitlines()[0].split(",")
+    assert "gen_est_tok_s" in header and "gen_est_speedup" in header and "gen_tok_s" not in header

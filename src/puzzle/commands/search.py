@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     path = run_search(args.run_dir, cfg)
     result = json.loads(path.read_text())
     for sol in result["solutions"]:
-        speedups = ", ".join(f"{w} {p['speedup']:.2f}x" for w, p in sol["predicted"].items())
+        speedups = ", ".join(f"{w} {p['speedup']:.2f}x{' (ESTIMATE)' if p.get('estimate') else ''}"
+                             for w, p in sol["predicted"].items())
         print(f"{sol['name']}: {result['metric']} {sol['objective']:.4g}; {speedups}")
     for item in result["infeasible"]:
         print(f"target {item['target']}: {item['message']}")

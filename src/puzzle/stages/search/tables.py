@@ -46,12 +46,15 @@ def describe_best(target: Target, best_row_value: float) -> str:
 
 
 def pareto_csv(result: dict[str, Any]) -> str:
-    """One row per MIP solution and baseline: target, score and every workload's predicted throughput."""
+    """One row per MIP solution and baseline: target, score and every workload's predicted throughput (columns
+    `<workload>_est_tok_s` / `_est_speedup` when the costs are an estimate, not a measurement)."""
     workloads = sorted(result["parent"])
+    # a prediction from an analytic roofline is named so in its column: `<workload>_est_tok_s`
+    tag = {x: "_est" if result["parent"][x].get("estimate") else "" for x in workloads}
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "name", "target", "objective", *[f"{x}_tok_s" for x in workloads],
-                *[f"{x}_speedup" for x in workloads], "params", "attention_layers", "pareto"])
+    w.writerow(["method", "name", "target", "objective", *[f"{x}{tag[x]}_tok_s" for x in workloads],
+                *[f"{x}{tag[x]}_speedup" for x in workloads], "params", "attention_layers", "pareto"])
     rows = [("mip", s) for s in result["solutions"]] + [(b["method"], b) for b in result["baselines"] if b["feasible"]]
     points = [(s["objective"], [s["predicted"][x]["throughput_tok_s"] for x in workloads]) for _, s in rows]
 
