@@ -164,3 +164,20 @@ def test_solutions_csv_names_estimated_columns(tmp_path: Path) -> None:
         s["predicted"]["gen"]["params"] = 1
     header = pareto_csv(result).splitlines()[0].split(",")
     assert "gen_est_tok_s" in header and "gen_est_speedup" in header and "gen_tok_s" not in header
+
+
+def test_costs_measurement_shows_progress_over_variants(capsys: pytest.CaptureFixture) -> None:
+    from puzzle.core.workloads import Workload
+    from puzzle.costs.stage import CostsConfig, costs_for_workload
+    from puzzle.model.blocks import BlockConfig
+    from puzzle.model.presets import tiny_llama_config
+
+    def timer(config, w, ctx, cfg, device, gen):  # a fake device: time grows with the layers' parameters
+        step = 1.0 + sum(config.block_param_count(b) for b in config.blocks) * 1e-6
+        return [10 * step], [step]
+
+    blocks = [BlockConfig(AttentionConfig.gqa(k), FFNConfig.swiglu(n)) for k in (4, 2) for n in (128, 64)]
+    cfg = CostsConfig(mode="measure", device="cpu", dtype="float32", repeats=1, warmup=0, input_sets=1)
+    costs_for_workload(tiny_llama_config(num_layers=2, num_kv_heads=4), blocks, Workload("w", 1, 8, 4), cfg, timer)
+    err = capsys.readouterr().err
+    assert "costs: w" in err and "4/4" in err and "variant" in err

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from puzzle.core.dtypes import dtype_bytes, torch_dtype
 from puzzle.core.errors import PuzzleError
@@ -129,7 +130,7 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
     timed: dict[tuple[str, str], tuple[AttentionConfig | FFNConfig, int]] = {}
     variants = [("attention", a, BlockConfig(a, FFNConfig.no_op())) for a in atts]
     variants += [("ffn", f, BlockConfig(AttentionConfig.no_op(), f)) for f in ffns]
-    for part, variant, alone in variants:
+    for part, variant, alone in tqdm(variants, desc=f"costs: {w.name}", unit="variant"):
         params = model.block_param_count(alone)
         rec = variant_record(params, attention_kv_bytes(alone.attention, model.head_dim, eb))
         out[part][variant.name] = rec
