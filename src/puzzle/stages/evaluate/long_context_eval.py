@@ -2,8 +2,9 @@
 
 An item counts as solved when every answer token is the model's argmax given the context and the answer tokens
 before it (teacher-forced greedy match): exactly what greedy decoding would produce for those tokens, at the cost
-of one forward pass and without a stopping rule. `answer_nll` (mean over items of the answer's summed negative
-log-likelihood) is kept too: it moves before accuracy does. Only the answer positions go through the LM head,
+of one forward pass and without a stopping rule. `token_accuracy` (the fraction of answer tokens that are the
+argmax) and `answer_nll` (mean over items of the answer's summed negative log-likelihood) are kept too: they move
+before accuracy does, and still say something for a small parent that solves no item. Only the answer positions go through the LM head,
 so an 8k-token row costs no 8k x vocabulary logits.
 """
 
@@ -40,9 +41,10 @@ def model_tail_logits(model: PuzzleModel) -> TailLogitsFn:
 
 @torch.no_grad()
 def score_items(items: list[LongContextItem], logits_fn: TailLogitsFn, device: torch.device,
-                max_batch_tokens: int) -> list[tuple[bool, float]]:
-    """(solved, answer NLL) per item. Items of one length need no padding: each row is context + answer[:-1]."""
-    out: list[tuple[bool, float]] = []
+                max_batch_tokens: int) -> list[tuple[bool, float, float]]:
+    """(solved, answer NLL, fraction of answer tokens that are the argmax) per item. Items of one length need no
+    padding: each row is context + answer[:-1]."""
+    out: list[tuple[bool, float, float]] = []
     if not items:
         return out
     length = items[0].length
@@ -56,25 +58,33 @@ def score_items(items: list[LongContextItem], logits_fn: TailLogitsFn, device: t
             n = len(it.answer)
             target = torch.tensor(it.answer)  # [n]: predicted by the last n input positions
             lp = logp[row, k - n:]  # [n, V]
-            out.append((bool((lp.argmax(-1) == target).all()), -float(lp.gather(-1, target[:, None]).sum())))
+            hit = lp.argmax(-1) == target  # [n]
+            out.append((bool(hit.all()), -float(lp.gather(-1, target[:, None]).sum()), float(hit.float().mean())))
     return out
 
 
 def evaluate_long_context(items: dict[str, dict[int, list[LongContextItem]]], logits_fn: TailLogitsFn,
                           device: torch.device, max_batch_tokens: int) -> dict[str, Any]:
-    """One model's `long_context` entry: accuracy and answer_nll per task and length, mean accuracy per length.
-    Lengths are JSON object keys, so strings."""
+    """One model's `long_context` entry: accuracy, token_accuracy and answer_nll per task and length; accuracy and
+    token_accuracy averaged over tasks per length. Lengths are JSON object keys, so strings."""
     acc: dict[str, dict[str, float]] = {}
+    tok: dict[str, dict[str, float]] = {}
     nll: dict[str, dict[str, float]] = {}
     for task, by_length in items.items():
-        acc[task], nll[task] = {}, {}
+        acc[task], tok[task], nll[task] = {}, {}, {}
         for length, group in by_length.items():
             scored = score_items(group, logits_fn, device, max_batch_tokens)
-            acc[task][str(length)] = sum(ok for ok, _ in scored) / len(scored)
-            nll[task][str(length)] = sum(v for _, v in scored) / len(scored)
+            acc[task][str(length)] = float(np.mean([ok for ok, _, _ in scored]))
+            nll[task][str(length)] = float(np.mean([v for _, v, _ in scored]))
+            tok[task][str(length)] = float(np.mean([f for _, _, f in scored]))
     lengths = sorted({int(n) for per in acc.values() for n in per})
-    mean = {str(n): float(np.mean([acc[t][str(n)] for t in acc if str(n) in acc[t]])) for n in lengths}
-    return {"accuracy": acc, "answer_nll": nll, "mean_accuracy": mean}
+
+    def mean(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {str(n): float(np.mean([per_task[t][str(n)] for t in per_task if str(n) in per_task[t]]))
+                for n in lengths}
+
+    return {"accuracy": acc, "token_accuracy": tok, "answer_nll": nll, "mean_accuracy": mean(acc),
+            "mean_token_accuracy": mean(tok)}
 
 
 def add_long_context_retention(models: dict[str, dict[str, Any]], reference: str) -> None:
@@ -97,20 +107,22 @@ def add_long_context_retention(models: dict[str, dict[str, Any]], reference: str
 
 
 def long_context_table(models: dict[str, dict[str, Any]]) -> str:
-    """Mean accuracy per length (and retention in brackets) for every model, one line each; '' when none ran."""
+    """Mean accuracy / token accuracy per length (accuracy retention in brackets) for every model, one line each;
+    '' when none ran."""
     scored = {name: m["long_context"] for name, m in models.items() if m.get("long_context")}
     if not scored:
         return ""
     lengths = sorted({int(n) for lc in scored.values() for n in lc["mean_accuracy"]})
-    lines = ["long-context accuracy % (retention %) by context length: " + ", ".join(
+    lines = ["long-context accuracy % / answer-token accuracy % (accuracy retention %) by length, mean of " + ", ".join(
         next(iter(scored.values()))["accuracy"])]
-    lines.append(f"{'model':32s}" + "".join(f"{n:>16d}" for n in lengths))
+    lines.append(f"{'model':32s}" + "".join(f"{n:>20d}" for n in lengths))
     for name, lc in scored.items():
         cells = []
         for n in map(str, lengths):
-            a, r = lc["mean_accuracy"].get(n), lc.get("retention_pct", {}).get(n)
-            cells.append("-" if a is None else f"{100 * a:.1f}" + (f" ({r:.0f})" if r is not None else " (-)"))
-        lines.append(f"{name:32s}" + "".join(f"{c:>16s}" for c in cells))
+            a, t, r = lc["mean_accuracy"].get(n), lc["mean_token_accuracy"].get(n), lc.get("retention_pct", {}).get(n)
+            ret = f" ({r:.0f})" if r is not None else " (-)"
+            cells.append("-" if a is None else f"{100 * a:.1f} / {100 * t:.1f}{ret}")
+        lines.append(f"{name:32s}" + "".join(f"{c:>20s}" for c in cells))
     return "\n".join(lines)
 
 
