@@ -101,9 +101,17 @@ def _check(reader: Any, path: Path) -> None:
                               "import; convert the model to a Hugging Face directory and import that")
 
 
-def _token_id(reader: Any, path: Path, key: str, default: int | None) -> int | None:
-    value = _field(reader, path, f"tokenizer.ggml.{key}", default)
+def _int(reader: Any, path: Path, key: str, default: Any = _REQUIRED) -> Any:
+    """A scalar integer field (per-layer arrays, as some non-Llama files hold, are not read)."""
+    value = _field(reader, path, key, default)
+    if value is not None and (isinstance(value, (list, str)) or int(value) != value):
+        raise PuzzleError(f"{path}: GGUF field {key} is {value!r}, not one integer; per-layer shapes are not "
+                          "supported in GGUF import")
     return None if value is None else int(value)
+
+
+def _token_id(reader: Any, path: Path, key: str, default: int | None) -> int | None:
+    return _int(reader, path, f"tokenizer.ggml.{key}", default)
 
 
 def config_from_reader(reader: Any, path: Path) -> ModelConfig:
@@ -111,10 +119,10 @@ def config_from_reader(reader: Any, path: Path) -> ModelConfig:
     names = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in names:
         raise PuzzleError(f"{path}: no token_embd.weight tensor; the file is incomplete: re-convert it")
-    hidden = int(_field(reader, path, "llama.embedding_length"))
-    heads = int(_field(reader, path, "llama.attention.head_count"))
-    kv_heads = int(_field(reader, path, "llama.attention.head_count_kv", heads))
-    head_dim = _field(reader, path, "llama.attention.key_length", None) or _field(
+    hidden = _int(reader, path, "llama.embedding_length")
+    heads = _int(reader, path, "llama.attention.head_count")
+    kv_heads = _int(reader, path, "llama.attention.head_count_kv", heads)
+    head_dim = _int(reader, path, "llama.attention.key_length", None) or _int(
         reader, path, "llama.rope.dimension_count", None) or hidden // heads
     scaling = _field(reader, path, "llama.rope.scaling.type", "none")
     if scaling != "none":
@@ -122,10 +130,10 @@ def config_from_reader(reader: Any, path: Path) -> ModelConfig:
                           "Hugging Face directory and import that")
     return ModelConfig(
         vocab_size=int(names["token_embd.weight"].shape[1]),  # ggml shape: [hidden, vocab]
-        hidden_size=hidden, num_attention_heads=heads, head_dim=int(head_dim),
-        blocks=uniform_blocks(int(_field(reader, path, "llama.block_count")), kv_heads,
-                              int(_field(reader, path, "llama.feed_forward_length"))),
-        max_position_embeddings=int(_field(reader, path, "llama.context_length", 2048)),
+        hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
+        blocks=uniform_blocks(_int(reader, path, "llama.block_count"), kv_heads,
+                              _int(reader, path, "llama.feed_forward_length")),
+        max_position_embeddings=_int(reader, path, "llama.context_length", 2048),
         rms_norm_eps=float(_field(reader, path, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(reader, path, "llama.rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in names,  # llama.cpp drops the classifier when it is tied
