@@ -12,7 +12,7 @@ from puzzle.core.artifacts import read_json, write_json
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
-from puzzle.core.workloads import DEFAULT_WORKLOADS, workload_by_name
+from puzzle.core.workloads import DEFAULT_WORKLOADS, resolve_workloads, run_workloads
 from puzzle.costs.schema import load_costs
 from puzzle.costs.table import predict
 from puzzle.formats import export_hf, load_model
@@ -23,12 +23,16 @@ from puzzle.runtime import bench as runtime_bench  # the module: a test stands i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", help="model paths; the first is the reference (usually the parent)")
     parser.add_argument("--workload", action="append", default=None,
-                        help="named workload (repeatable; default: all); see puzzle.core.workloads")
+                        help="named workload (repeatable): " + ", ".join(
+                            f"{w.name} (batch {w.batch_size}, {w.prompt_len}+{w.gen_len} tokens)"
+                            for w in DEFAULT_WORKLOADS)
+                        + ", or one of the --costs run's workloads; default: all of them")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--graphs", default="auto", choices=["auto", "fused", "manual", "none"])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="timed generations per model and workload; the first warms up (default 2)")
     parser.add_argument("--hf", action="store_true", help="also time transformers' generate on each model")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="--hf: let transformers run the Python code a model directory ships (auto_map); "
@@ -37,8 +41,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--costs-device", default=None, help="device key of the costs (explicit opt-in)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports the error in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    workloads = [workload_by_name(n) for n in args.workload] if args.workload else list(DEFAULT_WORKLOADS)
+    # A run's workloads (its config's top-level `workloads:`) are the shapes its costs were measured for.
+    run_costs = args.costs is not None and RunDir(args.costs).config.is_file()
+    known = run_workloads(args.costs) if run_costs else list(DEFAULT_WORKLOADS)
+    if args.workload:
+        workloads = resolve_workloads(args.workload, known)
+    else:
+        workloads = known
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
     for path in args.models:  # every path checked before any model loads

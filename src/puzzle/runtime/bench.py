@@ -304,10 +304,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['total_tokens_per_s']:>10.1f} {r['ttft_s'] * 1e3:>9.2f} {r['inter_token_s'] * 1e3:>8.3f} "
             f"{r['speedup_vs_reference']:>6.2f} {_ratio(roof.get('ratio_to_floor')):>6} "
             f"{_ratio(roof.get('ratio_to_datasheet_floor')):>7} {_binds(roof):>13} {pred_s:>12} "
-            f"{(hf['output_tokens_per_s'] if hf else float('nan')):>9.1f} "
-            f"{(hf['runtime_speedup'] if hf else float('nan')):>6.2f}"
+            f"{(format(hf['output_tokens_per_s'], '.1f') if hf else '-'):>9} "
+            f"{(format(hf['runtime_speedup'], '.2f') if hf else '-'):>6}"
         )
     lines.append(floors_note(report))
+    if str(report["device"]).startswith("cpu"):
+        lines.append("note: CPU timings vary up to ~20x between runs (other processes, frequency scaling); compare "
+                     "models within one bench call, and time the target GPU for decisions")
     if any(r.get("predicted", {}).get("kind") == "estimate" for r in report["results"]):
         lines.append("~est: predicted from analytic (roofline) costs, an ESTIMATE, not a measurement")
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
