@@ -92,12 +92,15 @@ NOUNS = ("anchor", "badger", "candle", "dragon", "engine", "falcon", "garden", "
 class _Builder:
     """Token-level assembly of one item: haystack tokens with encoded inserts at given positions."""
 
-    def __init__(self, encode: Encoder, bos_id: int | None, haystack: np.ndarray, rng: np.random.Generator) -> None:
+    def __init__(self, encode: Encoder, bos_id: int | None, haystack: np.ndarray, rng: np.random.Generator,
+                 sentence_ends: np.ndarray | None = None, starts: np.ndarray | None = None) -> None:
         self.encode, self.bos_id, self.haystack, self.rng = encode, bos_id, haystack, rng
+        self.sentence_ends = sentence_ends  # token ids ending a sentence: inserts go right after one
+        self.starts = starts if starts is not None and len(starts) else np.arange(len(haystack))  # window starts
 
     def filler(self, n: int) -> list[int]:
         """`n` consecutive haystack tokens from a random start (wrapping around)."""
-        start = int(self.rng.integers(0, len(self.haystack)))
+        start = int(self.rng.choice(self.starts))
         return np.take(self.haystack, np.arange(start, start + n), mode="wrap").tolist()
 
     def assemble(self, task: str, length: int, intro: str, inserts: list[str], question: str,
@@ -113,7 +116,7 @@ class _Builder:
             raise PuzzleError(f"long-context length {length} is too short for {task} (its text alone is {fixed} "
                               "tokens); use longer lengths")
         hay = self.filler(n)
-        at = np.sort(self.rng.integers(0, n + 1, size=len(pieces)))
+        at = np.sort(self.rng.choice(self._slots(hay), size=len(pieces)))
         body: list[int] = []
         prev = 0
         for pos, piece in zip(at.tolist(), pieces, strict=True):
@@ -121,6 +124,14 @@ class _Builder:
             prev = pos
         body += hay[prev:]
         return LongContextItem(task, length, head + body + q_ids, a_ids)
+
+    def _slots(self, hay: list[int]) -> np.ndarray:
+        """Where an insert may go: after a sentence end (as RULER places needles), else anywhere."""
+        if self.sentence_ends is not None and len(hay):
+            after = np.nonzero(np.isin(np.asarray(hay), self.sentence_ends))[0] + 1
+            if len(after):
+                return np.concatenate([[0], after])
+        return np.arange(len(hay) + 1)
 
     def key(self, taken: set[str]) -> str:
         while True:
@@ -244,12 +255,22 @@ def haystack_tokens(tokens: np.ndarray, special: set[int]) -> np.ndarray:
     return flat
 
 
+def sentence_end_ids(haystack: np.ndarray, decode: Callable[[list[int]], str] | None) -> np.ndarray | None:
+    """The haystack's token ids whose text ends a sentence ('.', '!', '?'); None without a decoder."""
+    if decode is None:
+        return None
+    ids = np.unique(haystack)
+    return ids[[decode([int(i)]).rstrip().endswith((".", "!", "?")) for i in ids]]
+
+
 def make_items(cfg: LongContextConfig, lengths: list[int], encode: Encoder, bos_id: int | None,
                haystack: np.ndarray, decode: Callable[[list[int]], str] | None = None
                ) -> dict[str, dict[int, list[LongContextItem]]]:
     """task -> length -> `cfg.items` items. Each item draws from its own generator seeded by (seed, task, length,
     index), so adding a task or a length leaves the other items unchanged."""
     pool = word_pool(encode, decode, haystack) if "frequent_words" in cfg.tasks else []
+    ends = sentence_end_ids(haystack, decode)
+    starts = None if ends is None else np.nonzero(np.isin(haystack, ends))[0] + 1  # windows start at a sentence
     out: dict[str, dict[int, list[LongContextItem]]] = {}
     for task in cfg.tasks:
         t = TASKS.index(task)
@@ -257,7 +278,8 @@ def make_items(cfg: LongContextConfig, lengths: list[int], encode: Encoder, bos_
         for length in lengths:
             items = []
             for i in range(cfg.items):
-                b = _Builder(encode, bos_id, haystack, np.random.default_rng([cfg.seed, t, length, i]))
+                b = _Builder(encode, bos_id, haystack, np.random.default_rng([cfg.seed, t, length, i]), ends,
+                             starts)
                 if task == "niah_single":
                     items.append(niah(b, length, 1, task))
                 elif task == "niah_multikey":
