@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from puzzle.core.errors import PuzzleError
+from puzzle.core.tmpfiles import match_umask, sweep_stale, tmp_prefix
 
 STAMP = ".stage.json"
 
@@ -39,9 +40,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    match_umask(tmp_path)  # mkstemp makes it 0600
     try:
         yield tmp_path
         fsync_path(tmp_path)  # the data is on disk before the name points at it
@@ -108,7 +111,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name; it replaces `path` only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale(path.parent, path.name)  # left by a killed writer of the same directory
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    match_umask(tmp)  # mkdtemp makes it 0700
     try:
         yield tmp
         replace_dir(tmp, path)

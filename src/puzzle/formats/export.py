@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from puzzle.core.artifacts import atomic_dir
 from puzzle.core.errors import PuzzleError
+from puzzle.core.tmpfiles import match_umask
 from puzzle.formats import hf
 from puzzle.formats.loading import SIDECAR
 from puzzle.formats.native import copy_tokenizer_files, make_readable, save_model
@@ -96,4 +97,4 @@ def write_sidecar(model: PuzzleModel, model_dir: Path, format: str, extra: dict[
     """The `puzzle.json` sidecar: our exact ModelConfig, the format written and whatever the caller adds."""
     path = Path(model_dir) / SIDECAR
     _write_json(path, {"model_config": model.config.to_dict(), "export_format": format, **(extra or {})})
-    path.chmod(0o644)
+    match_umask(path)

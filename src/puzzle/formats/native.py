@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from puzzle.core.artifacts import atomic_dir, load_tensors, save_tensors
+from puzzle.core.tmpfiles import match_umask
 from puzzle.model.blocks import ModelConfig
 from puzzle.formats.hf import read_json_file
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
@@ -55,11 +56,11 @@ def copy_tokenizer_files(tokenizer_source: Any, out_dir: Path) -> list[str]:
 
 
 def make_readable(directory: Path) -> None:
-    """atomic_dir/atomic_path create private (0700/0600) temporaries; a model directory is for sharing."""
-    directory.chmod(0o755)
+    """The directory and its files get the modes the umask gives new files (copies may carry a source's mode)."""
+    match_umask(directory)
     for f in directory.iterdir():
         if f.is_file():
-            f.chmod(0o644)
+            match_umask(f)
 
 
 def save_model(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = None) -> Path:
