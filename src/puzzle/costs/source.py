@@ -34,3 +34,15 @@ def costs_source(costs: dict[str, Any] | None) -> str:
     else:  # files written before the roofline was recorded
         gpu = "a datasheet GPU"
     return f"ESTIMATE from an analytic roofline of {gpu}; not measured"
+
+
+def short_source(costs: dict[str, Any] | None) -> str:
+    """A few words for titles and column headers: 'ESTIMATE, datasheet H200 SXM roofline' or 'measured, <device>'."""
+    if not costs:
+        return "no costs"
+    if costs.get("kind") == "measured":
+        return f"measured, {costs.get('device', '?')}"
+    roof = costs.get("roofline") or {}
+    spec = datasheet_of_roofline(roof["peak_flops"], roof["mem_bandwidth"], costs.get("dtype", "bfloat16")) \
+        if roof.get("peak_flops") and roof.get("mem_bandwidth") else None
+    return f"ESTIMATE, {f'datasheet {spec.name}' if spec else 'analytic'} roofline"

@@ -20,7 +20,7 @@ from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
 from puzzle.costs.consistency import adjustment_rows
-from puzzle.costs.source import costs_source
+from puzzle.costs.source import costs_source, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.report import plots as report_plots
@@ -121,7 +121,7 @@ def relative_layer_costs(parent: list[BlockConfig], child: list[BlockConfig], co
                          metric: str) -> tuple[list[float | None], list[float | None], str]:
     """Per layer: child attention / FFN cost over the parent's, from measured costs, else parameter counts."""
     att, ffn = [], []
-    source = "measured time" if costs and costs.get("kind") == "measured" else "estimated time"
+    source = short_source(costs)  # an estimate says so in every table header and plot title
     for p, c in zip(parent, child, strict=True):
         for out, kind, pv, cv in ((att, "attention", p.attention, c.attention), (ffn, "ffn", p.ffn, c.ffn)):
             if costs:
@@ -129,8 +129,6 @@ def relative_layer_costs(parent: list[BlockConfig], child: list[BlockConfig], co
                 out.append(mine / base if base and mine is not None else None)
             else:
                 out.append(None)
-    if not costs:
-        source = "no costs"
     return att, ffn, source
 
 
