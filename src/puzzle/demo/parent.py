@@ -40,7 +40,9 @@ def build_demo_parent(work_dir: Path, pretrain_cfg: PretrainConfig, seq_len: int
     model = build_model(demo_parent_config(load_tokenizer(tokenizer_dir).vocab_size), seed=pretrain_cfg.seed)
     print(f"demo: pretraining a {model.config.param_count() / 1e6:.2f}M-parameter parent on "
           f"{tokens.size / 1e6:.2f}M tokens of standard-library text", file=sys.stderr)
-    losses = pretrain(model, tokens, pretrain_cfg)
+    checkpoint = work_dir / "pretrain" / "checkpoint.pt"  # an interrupted demo resumes pretraining from here
+    losses = pretrain(model, tokens, pretrain_cfg, checkpoint=checkpoint)
     print(f"demo: parent loss {losses[0]:.2f} -> {sum(losses[-20:]) / min(20, len(losses)):.2f}", file=sys.stderr)
     export_hf(model, parent_dir, tokenizer_source=tokenizer_dir, format="llama")
+    checkpoint.unlink(missing_ok=True)
     return parent_dir, corpus
