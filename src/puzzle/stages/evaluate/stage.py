@@ -39,6 +39,7 @@ from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.decoder import PuzzleModel
 from puzzle.stages.data import load_tokens
 from puzzle.stages.evaluate import long_context_eval
+from puzzle.stages.evaluate.lm_harness import LmEvalConfig, as_task_metrics, hf_tokenizer, run_lm_eval
 from puzzle.stages.evaluate.long_context import LongContextConfig, LongContextItem
 from puzzle.stages.evaluate.tasks import (
     LastWordItem,
@@ -71,6 +72,7 @@ class EvalConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     parent: str = "parent"
     long_context: LongContextConfig | None = None  # RULER-like probes per context length; None = off, {} = defaults
+    lm_eval: LmEvalConfig | None = None  # lm-evaluation-harness tasks on the same model objects; None = off
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "task_batch_tokens"):
@@ -159,8 +161,10 @@ def _timed(into: dict[str, float], key: str, device: torch.device) -> Iterator[N
 def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: PuzzleModel, heldout: np.ndarray | None,
                     tasks: dict[str, Items], tokenizer: Any, cfg: EvalConfig, device: torch.device,
                     workloads: list[Workload] | None = None,
-                    long_items: dict[str, dict[int, list[LongContextItem]]] | None = None) -> dict[str, Any]:
-    """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent."""
+                    long_items: dict[str, dict[int, list[LongContextItem]]] | None = None,
+                    lm_tokenizer: Any = None) -> dict[str, Any]:
+    """Every model (loaded lazily, one at a time) against `parent`; the first loader should be the parent.
+    `lm_tokenizer`: the transformers tokenizer lm-eval tasks (cfg.lm_eval) run with."""
     results: dict[str, dict[str, Any]] = {}
     encode = functools.lru_cache(maxsize=None)(tokenizer.encode) if tasks else None  # tokenized once, not per model
     for name, load in tqdm(loaders.items(), desc="eval: models", unit="model", total=len(loaders)):
@@ -176,6 +180,10 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
         if tasks:
             with _timed(seconds, "tasks", device):
                 res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.task_batch_tokens, device, encode)
+        if cfg.lm_eval is not None and cfg.lm_eval.tasks:
+            with _timed(seconds, "lm_eval", device):
+                res["lm_eval"] = run_lm_eval(model, lm_tokenizer, cfg.lm_eval, name)
+            res["tasks"] = {**res.get("tasks", {}), **as_task_metrics(res["lm_eval"])}  # table and retention
         if long_items and cfg.long_context is not None:
             res["long_context"] = long_context_eval.evaluate_long_context(
                 long_items, long_context_eval.model_tail_logits(model), device, cfg.long_context.max_batch_tokens)
@@ -226,7 +234,8 @@ def _model_dtype(cfg: EvalConfig, device: torch.device) -> torch.dtype:
 
 def _inputs_hash(run: RunDir, models: dict[str, Path], cfg: EvalConfig) -> str:
     paths = [run.root / cfg.parent, run.data, *models.values(), *(Path(t.path) for t in cfg.tasks),
-             *(Path(t.labels) for t in cfg.tasks if t.labels)]
+             *(Path(t.labels) for t in cfg.tasks if t.labels),
+             *([Path(cfg.lm_eval.include_path)] if cfg.lm_eval and cfg.lm_eval.include_path else [])]
     return hash_json({"inputs": [[str(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
 
 
@@ -252,7 +261,8 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
         tokenizer = load_tokenizer(run.root / cfg.parent)
     # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
     heldout, skipped = None, None
-    if run.data_manifest.exists() or not (tasks or cfg.long_context is not None):  # nothing else: the data error
+    lm_tasks = cfg.lm_eval is not None and bool(cfg.lm_eval.tasks)
+    if run.data_manifest.exists() or not (tasks or lm_tasks or cfg.long_context):  # nothing else: the data error
         heldout = load_tokens(run.data, HELDOUT_SPLIT)
         if cfg.max_sequences is not None:
             heldout = heldout[:cfg.max_sequences]
@@ -268,8 +278,9 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
         haystack = load_tokens(run.data, cfg.long_context.split or HELDOUT_SPLIT)
         long_items = long_context_eval.prepare_items(cfg.long_context, haystack, tokenizer,
                                                      parent.config.max_position_embeddings)
+    lm_tokenizer = hf_tokenizer(run.root / cfg.parent) if lm_tasks else None
     models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads,
-                             long_items)
+                             long_items, lm_tokenizer)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
               "split": HELDOUT_SPLIT, "sequences": 0 if heldout is None else int(heldout.shape[0]),
               "seq_len": None if heldout is None else int(heldout.shape[1]), "heldout_skipped": skipped,
