@@ -216,3 +216,12 @@ def test_real_gutenberg_with_parent_tokenizer(tmp_path: Path) -> None:
     assert main(args) == 0
     train = load_tokens(tmp_path / "run" / "data", "train")
     assert train.shape[1] == 128 and train.shape[0] > 10 and int(train.max()) < 32000
+
+
+def test_an_empty_text_file_is_an_error_not_two_tokens(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(PuzzleError, match="no text") as e:
+        run_data(tmp_path / "run", DataConfig(sources=[str(tmp_path / "empty.txt")], seq_len=16),
+                 tokenizer=ByteTokenizer())
+    assert "empty.txt" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "data").exists()

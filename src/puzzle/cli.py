@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from puzzle import __version__
 from puzzle.core.errors import PuzzleError
 
 # name -> (module, one-line help)
@@ -38,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzle", description="Make a pretrained LLM faster on its target GPU.")
+    parser.add_argument("--version", action="version", version=f"puzzle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from puzzle.commands.argtypes import dtype_arg, positive_int
 from puzzle.core.artifacts import read_json, write_json
+from puzzle.core.dtypes import torch_dtype
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
@@ -29,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + ", or one of the --costs run's workloads; default: all of them")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", type=dtype_arg, default=None,
+                        help="bfloat16 (bf16), float16 (fp16) or float32 (fp32); default: bfloat16 on GPU, else float32")
     parser.add_argument("--graphs", default="auto", choices=["auto", "fused", "manual", "none"])
     parser.add_argument("--repeats", type=positive_int, default=2,
                         help="timed generations per model and workload; the first warms up (default 2)")
@@ -41,17 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--costs-device", default=None, help="device key of the costs (explicit opt-in)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports the error in one line)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     # A run's workloads (its config's top-level `workloads:`) are the shapes its costs were measured for.
     run_costs = args.costs is not None and RunDir(args.costs).config.is_file()
@@ -60,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         workloads = resolve_workloads(args.workload, known)
     else:
         workloads = known
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
+    dtype = torch_dtype(args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
     for path in args.models:  # every path checked before any model loads
         if not Path(path).exists():

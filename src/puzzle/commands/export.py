@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from puzzle.core.dtypes import ALIASES, torch_dtype
+from puzzle.commands.argtypes import dtype_arg, shard_size
+from puzzle.core.dtypes import torch_dtype
 from puzzle.formats import export_hf, load_model
 from puzzle.formats.export import EXPORT_FORMATS
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
@@ -16,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="directory to write (replaced atomically)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="nemotron-nas",
                         help="nemotron-nas (any child; loads with trust_remote_code) or llama (homogeneous only)")
-    parser.add_argument("--dtype", choices=sorted(ALIASES), default=None, help="weight dtype (default: as stored)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--dtype", type=dtype_arg, default=None,
+                        help="weight dtype: bfloat16 (bf16), float16 (fp16) or float32 (fp32); default: as stored")
+    parser.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                        help="largest safetensors shard, e.g. 2GB or 500MB")
 
 
 def run(args: argparse.Namespace) -> int:

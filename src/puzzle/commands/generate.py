@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from puzzle.commands.argtypes import dtype_arg, positive_int
+from puzzle.core.dtypes import torch_dtype
 from puzzle.core.errors import PuzzleError
 from puzzle.formats import load_model
 from puzzle.formats.tokenizers import load_tokenizer
@@ -17,18 +19,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (native or Hugging Face) or llama2.c .bin file")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", type=dtype_arg, default=None,
+                        help="bfloat16 (bf16), float16 (fp16) or float32 (fp32); default: bfloat16 on GPU, else float32")
     parser.add_argument("--graphs", default="auto", choices=["auto", "fused", "manual", "none"])
 
 
 def run(args: argparse.Namespace) -> int:
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
+    dtype = torch_dtype(args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
     model = load_model(args.model, device=args.device, dtype=dtype).eval()
     tok = load_tokenizer(args.tokenizer or args.model)

@@ -107,6 +107,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _yaml_where(path: Path, e: yaml.YAMLError) -> str:
+    """`path:line:column` (1-based) of a YAML error, where PyYAML knows it."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    if problem:
+        return f"{problem} ({context})" if context else str(problem)
+    return (str(e).splitlines() or ["unknown error"])[0]
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -114,7 +128,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise PuzzleError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise PuzzleError(f"{_yaml_where(path, e)}: not valid YAML: {_yaml_problem(e)}; fix that line") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -149,6 +163,9 @@ def load_stage_config(cls: type[T], run_dir: str | Path, section: str, path: str
                       overrides: list[str] | None = None) -> T:
     """One stage's config for a single-stage command: the run's saved config (RUN/config.json) as the base, the
     YAML file's `section` on top (mappings merge, other values replace), then key=value overrides."""
+    if section != "data" and not Path(run_dir).is_dir():  # only `puzzle data` may start a run directory
+        raise PuzzleError(f"run directory {run_dir} does not exist; pass the directory `puzzle run` (or `puzzle "
+                          "import` and `puzzle data`) wrote")
     data = saved_run_config(run_dir).get(section) or {}
     if path is not None:
         data = merge(data, read_yaml(path).get(section) or {})

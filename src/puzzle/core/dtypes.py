@@ -20,7 +20,8 @@ def dtype_name(name: str, field: str = "dtype") -> str:
     key = str(name).removeprefix("torch.")
     key = ALIASES.get(key, key)
     if key not in DTYPE_BYTES:
-        raise PuzzleError(f"{field} {name!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+        names = ", ".join(f"{k} ({a})" for a, k in ALIASES.items())
+        raise PuzzleError(f"{field} {name!r} is not supported; use one of {names}")
     return key
 
 

@@ -10,6 +10,7 @@ A `puzzle.json` sidecar keeps our exact ModelConfig and whatever the caller adds
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,27 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*(TB|GB|MB|KB|B)?\s*$", re.IGNORECASE)
+_UNIT = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as transformers' max_shard_size
+
+
+def parse_shard_size(value: int | str) -> int:
+    """Bytes of a shard size: a positive int, or text such as "5GB", "500MB", "2000000" (bytes)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise PuzzleError(f"max shard size {value!r} is not a size; write e.g. 5GB, 500MB or a byte count")
+        size = int(float(m.group(1)) * _UNIT[(m.group(2) or "B").upper()])
+    if size <= 0:
+        raise PuzzleError(f"max shard size {value!r} must be positive; write e.g. 5GB or 500MB")
+    return size
+
+
 def write_sharded_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=parse_shard_size(max_shard_size))
     for filename, keys in split.filename_to_tensors.items():
         shard = {k: state[k].detach().to("cpu").contiguous() for k in keys}
         save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
@@ -55,6 +74,7 @@ def export_hf(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = N
     """Write `model` to out_dir (atomically replacing it). dtype None keeps the model's dtype."""
     if format not in EXPORT_FORMATS:
         raise PuzzleError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    parse_shard_size(max_shard_size)  # a bad size fails before anything is written
     config = model.config
     state = {k: v for k, v in model.state_dict().items()}
     if any(t.is_meta for t in state.values()):

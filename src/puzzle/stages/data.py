@@ -322,21 +322,28 @@ def _tokenize(files: list[Path], file_keys: dict[str, str], cfg: DataConfig, tok
         for path in files:
             for key, pieces in documents(path, cfg, file_keys[str(path)]):
                 packer = packers[document_split(key, cfg.seed, cfg.valid_fraction, cfg.test_fraction)]
-                packer.documents += 1
-                packer.add(list(bos))
+                started = False  # an empty document (e.g. an empty file) is no document: no BOS/EOS of its own
                 for text in pieces:
                     ids = tokenizer.encode(text)
                     if ids and max(ids) >= limit:
                         raise PuzzleError(f"the tokenizer produced id {max(ids)} >= vocabulary size {limit}; "
                                           "use the parent's tokenizer")
+                    if ids and not started:
+                        packer.documents += 1
+                        packer.add(list(bos))
+                        started = True
                     packer.add(ids)
                     total += len(ids)
                     bar.update(len(text.encode("utf-8", errors="replace")))
-                packer.add(list(eos))
+                if started:
+                    packer.add(list(eos))
                 if cfg.max_tokens is not None and total >= cfg.max_tokens:
                     return
         if size:
             bar.update(max(0, size - bar.n))  # the separators and markup that no piece holds
+    if total == 0:
+        raise PuzzleError(f"data.sources hold no text ({', '.join(str(f) for f in files)} "
+                          f"{'is' if len(files) == 1 else 'are'} empty); add text to them")
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
