@@ -33,6 +33,7 @@ def test_eval_scores_tasks_on_a_model_without_a_data_split(tmp_path: Path, capsy
     task.write_text("".join(json.dumps({"context": "The cat sat on the", "choices": ["mat", "sun", "tree"],
                                         "gold": g}) + "\n" for g in (0, 1, 2, 0)))
     out = tmp_path / "out"
+    out.mkdir()
     assert main(["eval", str(out), "--task", str(task), f"parent={model_dir}", "throughput=false"]) == 0
     printed = capsys.readouterr()
     result = json.loads((out / "eval" / "eval.json").read_text())
@@ -48,5 +49,6 @@ def test_eval_scores_tasks_on_a_model_without_a_data_split(tmp_path: Path, capsy
     assert row.split()[1] == f"{100 * mine['accuracy']:.1f}/{100 * mine['acc_norm']:.1f}"
     assert "held-out" in (out / "warnings.json").read_text()
     # with neither a data split nor tasks there is nothing to score: the data error, one line, exit 2
+    (tmp_path / "empty").mkdir()
     assert main(["eval", str(tmp_path / "empty"), f"parent={model_dir}"]) == 2
     assert "puzzle data" in capsys.readouterr().err

@@ -89,6 +89,7 @@ def test_lm_eval_scores_our_model_object_offline(tmp_path: Path, capsys: pytest.
     (yamls / "my_gen.yaml").write_text(GEN_YAML.format(data=data))
 
     out = tmp_path / "out"
+    out.mkdir()
     assert main(["eval", str(out), "--lm-eval", "my_mc,my_gen", "--lm-eval-include", str(yamls),
                  f"parent={model_dir}", "throughput=false"]) == 0
     parent = json.loads((out / "eval" / "eval.json").read_text())["models"]["parent"]

@@ -11,6 +11,7 @@ and imported only when tasks are configured.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -153,37 +154,55 @@ def as_task_metrics(summary: dict[str, dict[str, float]]) -> dict[str, dict[str,
     return out
 
 
-def task_manager(task_manager_cls: Any, cfg: LmEvalConfig) -> Any:
+@functools.lru_cache(maxsize=4)  # one index for every model of an eval
+def task_manager(task_manager_cls: Any, include_path: str | None, tasks: tuple[str, ...]) -> Any:
     """lm-eval's task index: the include_path alone when it holds every task (indexing lm-eval's ~15k built-in
     task YAMLs takes tens of seconds), else the built-ins too."""
-    if cfg.include_path is not None:
-        local = task_manager_cls(include_path=cfg.include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in cfg.tasks):
+    if include_path is not None:
+        local = task_manager_cls(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
             return local
-    return task_manager_cls(include_path=cfg.include_path)
+    return task_manager_cls(include_path=include_path)
 
 
-def run_lm_eval(model: PuzzleModel, tokenizer: Any, cfg: LmEvalConfig, name: str = "puzzle") -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` on `model` for `cfg.tasks`, offline; -> summarize()'s {task: {metric: value}}."""
+def _import_lm_eval() -> Any:
     try:
         # local: lm-eval is an optional extra and a heavy import (datasets, pandas, sklearn)
         with offline():
-            from lm_eval import simple_evaluate
+            import lm_eval
             from lm_eval.models.huggingface import HFLM
             from lm_eval.tasks import TaskManager
     except ImportError:
         raise PuzzleError("eval.lm_eval.tasks needs lm-evaluation-harness: pip install 'puzzle-llm[lm-eval]' "
                           "(or pip install lm-eval)") from None
+    return SimpleNamespace(simple_evaluate=lm_eval.simple_evaluate, HFLM=HFLM, TaskManager=TaskManager)
+
+
+def _checked_manager(cfg: LmEvalConfig) -> Any:
     with offline():
-        manager = task_manager(TaskManager, cfg)
-        unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
-        if unknown:
-            raise PuzzleError(f"lm-eval knows no task {unknown[0]!r}; give a task YAML directory as "
-                              "eval.lm_eval.include_path (--lm-eval-include) or fix eval.lm_eval.tasks")
-        lm = HFLM(pretrained=HFView(model, name), tokenizer=tokenizer, batch_size=cfg.batch_size,
+        manager = task_manager(_import_lm_eval().TaskManager, cfg.include_path, tuple(cfg.tasks))
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise PuzzleError(f"lm-eval knows no task {unknown[0]!r}; give a task YAML directory as "
+                          "eval.lm_eval.include_path (--lm-eval-include) or fix eval.lm_eval.tasks")
+    return manager
+
+
+def prepare_lm_eval(cfg: LmEvalConfig, model_dir: Path) -> Any:
+    """Before any model runs: lm-eval is installed, knows every task; -> the tokenizer the tasks run with."""
+    _checked_manager(cfg)
+    return hf_tokenizer(model_dir)
+
+
+def run_lm_eval(model: PuzzleModel, tokenizer: Any, cfg: LmEvalConfig, name: str = "puzzle") -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on `model` for `cfg.tasks`, offline; -> summarize()'s {task: {metric: value}}."""
+    lm_eval = _import_lm_eval()
+    manager = _checked_manager(cfg)
+    with offline():
+        lm = lm_eval.HFLM(pretrained=HFView(model, name), tokenizer=tokenizer, batch_size=cfg.batch_size,
                   max_length=model.config.max_position_embeddings)
         try:
-            results = simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                       task_manager=manager, log_samples=False, bootstrap_iters=0)
         except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
             raise PuzzleError(f"lm-eval could not read tasks {cfg.tasks} offline ({type(e).__name__}: "

@@ -39,7 +39,7 @@ from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.decoder import PuzzleModel
 from puzzle.stages.data import load_tokens
 from puzzle.stages.evaluate import long_context_eval
-from puzzle.stages.evaluate.lm_harness import LmEvalConfig, as_task_metrics, hf_tokenizer, run_lm_eval
+from puzzle.stages.evaluate.lm_harness import LmEvalConfig, as_task_metrics, prepare_lm_eval, run_lm_eval
 from puzzle.stages.evaluate.long_context import LongContextConfig, LongContextItem
 from puzzle.stages.evaluate.tasks import (
     LastWordItem,
@@ -256,12 +256,14 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _model_dtype(cfg, device)
     tasks = load_tasks(cfg)
+    lm_tasks = cfg.lm_eval is not None and bool(cfg.lm_eval.tasks)
+    # checked before any model runs: lm-eval installed, every task known; its tokenizer
+    lm_tokenizer = prepare_lm_eval(cfg.lm_eval, run.root / cfg.parent) if cfg.lm_eval and lm_tasks else None
     tokenizer = None
     if tasks or cfg.long_context is not None:
         tokenizer = load_tokenizer(run.root / cfg.parent)
     # The test split: documents that neither chose the blocks (scoring) nor trained them (BLD, uptraining).
     heldout, skipped = None, None
-    lm_tasks = cfg.lm_eval is not None and bool(cfg.lm_eval.tasks)
     if run.data_manifest.exists() or not (tasks or lm_tasks or cfg.long_context):  # nothing else: the data error
         heldout = load_tokens(run.data, HELDOUT_SPLIT)
         if cfg.max_sequences is not None:
@@ -278,7 +280,6 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
         haystack = load_tokens(run.data, cfg.long_context.split or HELDOUT_SPLIT)
         long_items = long_context_eval.prepare_items(cfg.long_context, haystack, tokenizer,
                                                      parent.config.max_position_embeddings)
-    lm_tokenizer = hf_tokenizer(run.root / cfg.parent) if lm_tasks else None
     models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads,
                              long_items, lm_tokenizer)
     result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "reference": "parent",
