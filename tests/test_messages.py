@@ -72,3 +72,16 @@ def test_version(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"puzzle {puzzle.__version__}"
+
+
+@pytest.mark.parametrize("override, field", [("data.seq_len=-5", "data.seq_len"),
+                                             ("library.tokens_per_variant=-1", "library.tokens_per_variant"),
+                                             ("library.search_space.ffn_fractions=[-0.5]", "ffn_fractions")])
+def test_run_refuses_negative_sizes_before_any_stage(tmp_path: Path, capsys, override: str, field: str) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nparent: {tmp_path / 'parent'}\ndata: {{sources: [{corpus}]}}\n")
+    assert main(["run", str(config), override]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
