@@ -124,14 +124,16 @@ def test_summary_without_search_claims_no_measured_costs(tmp_path: Path, capsys:
 
 
 def test_library_prints_the_worst_rows_and_writes_every_row(tmp_path: Path) -> None:
-    entries = [LibraryEntry(layer, "attention", AttentionConfig("gqa", heads), None, None,
+    entries = [LibraryEntry(layer, "attention", AttentionConfig("gqa", heads), None, f"w{layer}-{heads}",
                             {"val_nmse_after": layer + heads / 10, "tokens": 100})
-               for layer in range(12) for heads in (1, 2, 4, 8, 16, 32)]
+               for layer in range(12) for heads in (1, 2, 4, 8, 16)]
+    entries += [LibraryEntry(layer, "attention", AttentionConfig.no_op(), None, None, {"val_nmse_after": 1e9})
+                for layer in range(12)]  # no weights, nMSE 1 by definition: never the "worst"
     text = write_summary(tmp_path, entries, limit=5)
     lines = text.splitlines()
     assert len(lines) == 1 + 1 + 5  # what it is, the header, five rows
     assert "72 entries" in lines[0] and str(tmp_path / "summary.csv") in lines[0]
-    assert lines[2].split()[:3] == ["11", "attention", "gqa32"]  # worst first
+    assert lines[2].split()[:3] == ["11", "attention", "gqa16"]  # worst trained entry first
     assert len((tmp_path / "summary.csv").read_text().splitlines()) == 1 + 72
 
 

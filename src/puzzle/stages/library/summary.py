@@ -51,10 +51,12 @@ def summary_table(entries: list[LibraryEntry], limit: int | None = TOP_ROWS) -> 
 
 
 def write_summary(library_dir: Path, entries: list[LibraryEntry], limit: int = TOP_ROWS) -> str:
-    """Write `library_dir/summary.csv`; returns what to print: the worst `limit` entries and the CSV's path."""
+    """Write `library_dir/summary.csv`; returns what to print: the `limit` trained entries BLD fitted worst
+    (no-ops hold no weights and are 1 by definition) and the CSV's path."""
     path = Path(library_dir) / RunDir.LIBRARY_SUMMARY
     write_text(path, summary_csv(entries))
-    shown = min(limit, len(entries))
-    head = (f"library: {len(entries)} entries; the {shown} with the highest validation nMSE after BLD "
-            f"(all of them: {path})" if len(entries) > shown else f"library: {len(entries)} entries ({path})")
-    return head + "\n" + summary_table(entries, limit)
+    trained = [e for e in entries if e.file is not None]
+    shown = min(limit, len(trained))
+    head = (f"library: {len(entries)} entries; the {shown} trained ones with the highest validation nMSE after "
+            f"BLD (all of them: {path})" if len(entries) > shown else f"library: {len(entries)} entries ({path})")
+    return head + "\n" + summary_table(trained if len(entries) > shown else entries, limit)
