@@ -18,12 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _architecture(fmt: str, source_architecture: str) -> str:
+    """The class the files are: a Nemotron-NAS child is DeciLMForCausalLM whatever its parent was; a native
+    directory has no HF class, only the parent's."""
+    if fmt == "nemotron-nas":
+        return "DeciLMForCausalLM"
+    return f"from {source_architecture}" if fmt == "native" else source_architecture
+
+
 def run(args: argparse.Namespace) -> int:
     if args.path is None:
         config, title, fmt = tiny_llama_config(), "built-in tiny Llama (random weights; pass a PATH to inspect yours)", "builtin"
     else:
         config, fmt = load_model_config(args.path), detect_format(args.path)
-        title = f"{args.path} ({fmt}, {config.source_architecture})"
+        title = f"{args.path} ({fmt}, {_architecture(fmt, config.source_architecture)})"
     report = inspect_config(config)
     if fmt == "gguf":  # what the file stores: its architecture and the tensor types that will be dequantized
         report = {**report, **gguf_summary(args.path)}

@@ -269,7 +269,8 @@ def _common_hf(config: ModelConfig) -> dict[str, Any]:
         "pad_token_id": config.pad_token_id,
         # Both spellings: transformers 5 reads rope_parameters, vLLM and older tools read rope_theta/rope_scaling.
         "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
+        # No "rope_scaling": null: transformers warns (FutureWarning) on every load of a config that sets it.
+        **({"rope_scaling": rope_scaling} if rope_scaling else {}),
         "rope_parameters": {"rope_theta": config.rope_theta, **(rope_scaling or {"rope_type": "default"})},
         "use_cache": True,
         "dtype": "float32",

@@ -203,7 +203,8 @@ def hf_llama_like(config: ModelConfig, device: torch.device, dtype: torch.dtype)
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=b.attention.num_kv_heads, head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, tie_word_embeddings=config.tie_word_embeddings,
+        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
+        **({"rope_scaling": config.rope_scaling} if config.rope_scaling else {}),  # None would warn (FutureWarning)
     )
     with torch.device(device):
         model = LlamaForCausalLM(hf_cfg).to(dtype)
