@@ -183,3 +183,21 @@ def test_costs_measurement_shows_progress_over_variants(capsys: pytest.CaptureFi
     costs_for_workload(tiny_llama_config(num_layers=2, num_kv_heads=4), blocks, Workload("w", 1, 8, 4), cfg, timer)
     err = capsys.readouterr().err
     assert "costs: w" in err and "4/4" in err and "variant" in err
+
+
+def test_uptrain_shows_progress_naming_the_child_and_a_summary_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from gkd_helpers import damaged_child
+    from puzzle.core.config import from_dict
+    from puzzle.core.distributed import DistInfo
+    from puzzle.stages.uptrain.stage import UptrainConfig, train_gkd
+
+    parent = tiny_parent()
+    train, valid = token_arrays()
+    cfg = from_dict(UptrainConfig, {"steps": 3, "micro_batch_size": 2, "val_every": 0, "val_batches": 1,
+                                    "checkpoint_every": 0, "device": "cpu"})
+    train_gkd(damaged_child(parent), parent, train, valid, cfg, tmp_path / "child-0" / ".uptrain",
+              DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    captured = capsys.readouterr()
+    assert "uptrain child-0" in captured.err and "3/3" in captured.err and "step" in captured.err
+    assert "uptrain child-0: 3 steps, train loss" in captured.out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from puzzle.core.artifacts import (
     atomic_dir,
@@ -248,10 +249,13 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
     if restored is not None:
         start, log = restored
         if info.is_main:
-            print(f"uptrain: resuming from step {start} of {steps}")
+            print(f"uptrain {Path(work_dir).parent.name}: resuming from step {start} of {steps}")
     elif valid is not None:
         log["valid"].append({"step": 0, **validate(wrapped, teacher, valid, cfg, info, autocast)})
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * info.world_size * train.shape[1]
+    name = Path(work_dir).parent.name  # the child: work_dir is children/<name>/.uptrain
+    bar = tqdm(total=steps, initial=start, desc=f"uptrain {name}", unit="step", disable=not info.is_main,
+               mininterval=1.0)
     for step in range(start, steps):
         optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(6, device=device)
@@ -282,10 +286,14 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
             log["valid"].append({"step": step + 1, **validate(wrapped, teacher, valid, cfg, info, autocast)})
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
             save_checkpoint(ckpt_path, child, optimizer, scheduler, step + 1, log, fingerprint, mode, info)
-        if info.is_main and (step + 1) % max(1, steps // 20) == 0:
-            print(f"uptrain step {step + 1}/{steps} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", refresh=False)
         if on_step is not None:
             on_step(step + 1, record)
+    bar.close()
+    if info.is_main and log["train"]:
+        valid_kl = f", valid KL {log['valid'][-1]['kl']:.4f}" if log["valid"] else ""
+        print(f"uptrain {name}: {steps} steps, train loss {log['train'][-1]['loss']:.4f}{valid_kl}")
     return GKDResult(log=log, model=child, mode=mode, resumed_from=start)
 
 
@@ -324,6 +332,7 @@ def run_uptrain(run_dir: Path | RunDir, child_dir: Path, cfg: UptrainConfig) -> 
               "data": fingerprint_files(run.data), "config": _trajectory_config(cfg)}
     inputs_hash = hash_json(inputs)
     if stage_is_current(out, inputs_hash):
+        print(f"uptrain {child_dir.name}: {out} is current, nothing to do")
         return out
     with distributed(cfg.device) as info:
         parent = load_model(parent_dir)
@@ -345,5 +354,7 @@ def run_uptrain(run_dir: Path | RunDir, child_dir: Path, cfg: UptrainConfig) -> 
                 mark_stage_done(tmp, "uptrain", inputs_hash)
             if not cfg.keep_checkpoint:
                 shutil.rmtree(work, ignore_errors=True)
+            if info.is_main:
+                print(f"uptrain {child_dir.name}: wrote {out}")
         barrier()
     return out
