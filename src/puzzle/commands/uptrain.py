@@ -36,6 +36,5 @@ def children(run_dir: Path, names: list[str] | None) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(UptrainConfig, args.run_dir, "uptrain", args.config, args.overrides)
     for child_dir in children(args.run_dir, args.child):
-        out = run_uptrain(args.run_dir, child_dir, cfg)
-        print(f"uptrained child written to {out}")
+        run_uptrain(args.run_dir, child_dir, cfg)  # says per child whether it wrote or was current
     return 0

@@ -180,16 +180,17 @@ class Llama2cTokenizer:
 
 
 def _config_override(model_dir: Path) -> dict[str, object]:
-    """`config=` for AutoTokenizer when config.json names remote code: a blank config, so that transformers
-    neither imports that code nor warns about a model type it cannot load; the class comes from
-    tokenizer_config.json."""
+    """`config=` for AutoTokenizer when config.json names remote code or is this package's native config: a blank
+    config, so that transformers neither imports that code nor reads fields it would warn about (a native
+    config's `rope_scaling`); the class comes from tokenizer_config.json."""
     from transformers import PretrainedConfig  # lazy: transformers takes seconds to import
 
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {"config": PretrainedConfig()} if isinstance(config, dict) and "auto_map" in config else {}
+    ours = isinstance(config, dict) and ("auto_map" in config or "puzzle_format" in config)  # native.FORMAT_KEY
+    return {"config": PretrainedConfig()} if ours else {}
 
 
 def _llama2c_tokenizer_beside(path: Path) -> Path | None:
