@@ -6,6 +6,7 @@ import argparse
 import json
 
 from puzzle.formats import detect_format, load_model_config
+from puzzle.formats.engines import servability_json, servability_lines
 from puzzle.formats.gguf import gguf_summary
 from puzzle.model.inspection import format_report, inspect_config
 from puzzle.model.presets import tiny_llama_config
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         types = ", ".join(f"{n} x{k}" for n, k in report["gguf_tensor_types"].items())
         title += f"; GGUF architecture {report['gguf_architecture']}, tensor types {types}"
     if args.json:
-        print(json.dumps({"path": args.path, "format": fmt, "config": config.to_dict(), **report}, indent=2))
+        print(json.dumps({"path": args.path, "format": fmt, "config": config.to_dict(), **report,
+                          "engines": servability_json(config)}, indent=2))
     else:
         print(format_report(title, config, report))
+        print("\n".join(f"  {line}" for line in servability_lines(config)))
     return 0

@@ -31,6 +31,7 @@ from puzzle.model.blocks import BlockConfig, ModelConfig, uniform_blocks
 from puzzle.formats.nemotron_nas import block_from_nemotron, block_to_nemotron, json_value
 from puzzle.core.errors import PuzzleError
 
+NEMOTRON_FFN_MULT = "nemotron_ffn_mult"  # ModelConfig.extra key: an imported Nemotron-NAS config's ffn_mult per layer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "DeciLMForCausalLM")
 
 # Whole-model keys, and per-layer sub-key prefixes (ours -> HF). Everything else under a prefix is kept.
@@ -228,6 +229,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                 f"block_configs must be a list with one entry per layer ({n_layers}); fix config.json"
             )
         blocks = _nemotron_blocks(raw, n_heads, hidden)
+        # Re-export writes each layer's ffn_mult as it was (1.0, not the 1.03125 its size maps back to).
+        mults = [(e.get("ffn") or {}).get("ffn_mult") for e in raw]
+        extra = {NEMOTRON_FFN_MULT: mults} if any(m is not None for m in mults) else {}
     else:
         n_kv = _int(hf, "num_key_value_heads", n_heads)
         if n_kv <= 0 or n_heads % n_kv:
@@ -235,6 +239,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                 f"num_key_value_heads={n_kv} does not divide num_attention_heads={n_heads}; fix config.json"
             )
         blocks = uniform_blocks(n_layers, n_kv, _int(hf, "intermediate_size"))
+        extra = {}
     theta, scaling = _rope(hf)
     return ModelConfig(
         vocab_size=_int(hf, "vocab_size"), hidden_size=hidden, num_attention_heads=n_heads, blocks=blocks,
@@ -242,7 +247,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
         attention_bias=attention_bias, bos_token_id=_token_ids(hf, "bos_token_id"),
         eos_token_id=_token_ids(hf, "eos_token_id"), pad_token_id=_token_ids(hf, "pad_token_id"),
-        source_architecture=arch,
+        source_architecture=arch, extra=extra,
     )
 
 
@@ -287,10 +292,20 @@ def config_to_nemotron(config: ModelConfig, dtype: torch.dtype = torch.float32) 
             "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
         },
         **_common_hf(config),
-        "block_configs": [block_to_nemotron(b, config.num_attention_heads, config.hidden_size) for b in config.blocks],
+        # Per-layer sizes live in block_configs; NVIDIA's configs set the global ones to null, and tools that read a
+        # non-null num_key_value_heads first would take it for every layer.
+        "intermediate_size": None,
+        "num_key_value_heads": None,
+        "block_configs": [block_to_nemotron(b, config.num_attention_heads, config.hidden_size, _kept_mult(config, i))
+                          for i, b in enumerate(config.blocks)],
     }
-    data["dtype"] = str(dtype).removeprefix("torch.")
+    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
     return data
+
+
+def _kept_mult(config: ModelConfig, layer: int) -> float | None:
+    kept = config.extra.get(NEMOTRON_FFN_MULT) or []
+    return kept[layer] if layer < len(kept) else None
 
 
 def is_homogeneous_llama(config: ModelConfig) -> bool:
@@ -310,7 +325,7 @@ def config_to_llama(config: ModelConfig, dtype: torch.dtype = torch.float32) -> 
                     sliding_window=None, attention_bias=True)
     else:
         data.update(architectures=["LlamaForCausalLM"], model_type="llama", pretraining_tp=1)
-    data["dtype"] = str(dtype).removeprefix("torch.")
+    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")  # torch_dtype: for older tooling
     return data
 
 

@@ -37,11 +37,14 @@ EXAMPLE = {"attention": '{"n_heads_in_group": 8} or {"no_op": true}',
            "ffn": '{"intermediate_size": 14336} or {"no_op": true}'}
 
 
-def block_to_nemotron(block: BlockConfig, num_attention_heads: int, hidden_size: int) -> dict[str, Any]:
+def block_to_nemotron(block: BlockConfig, num_attention_heads: int, hidden_size: int,
+                      kept_ffn_mult: float | None = None) -> dict[str, Any]:
     """One entry of DeciLM's `block_configs`.
 
-    `intermediate_size` is written exactly; `ffn_mult` is written too, because vLLM's nemotron_nas
-    model derives the size from it (exact whenever the size is a multiple of 256).
+    `intermediate_size` is written exactly; `ffn_mult` is written too, because vLLM, SGLang, TensorRT-LLM and
+    llama.cpp's converter derive the size from it alone (exact whenever the size is a multiple of 256; otherwise it
+    names the next multiple up, so those engines fail on the weight shapes instead of loading a wrong model).
+    `kept_ffn_mult`, an imported checkpoint's own value, is written instead when it still gives this size.
     """
     att = block.attention
     attention = {
@@ -59,6 +62,9 @@ def block_to_nemotron(block: BlockConfig, num_attention_heads: int, hidden_size:
         raise PuzzleError(f"FFN kind {block.ffn.kind!r} has no Nemotron-NAS mapping; write the model in the native "
                           "format (puzzle.formats.save_model)")
     ffn = spec.nemotron(block.ffn, hidden_size)
+    if (kept_ffn_mult is not None and block.ffn.kind == "swiglu"
+            and ffn_mult_to_intermediate_size(kept_ffn_mult, hidden_size) == block.ffn.intermediate_size):
+        ffn["ffn_mult"] = kept_ffn_mult
     return {"attention": attention, "ffn": ffn}
 
 

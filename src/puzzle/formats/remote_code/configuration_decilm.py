@@ -4,6 +4,7 @@ Each entry of `block_configs` describes one layer:
     attention: {n_heads_in_group: int | None, no_op: bool, replace_with_linear: bool, ...}
     ffn:       {intermediate_size: int | None, ffn_mult: float | None, no_op: bool, replace_with_linear: bool, ...}
 RoPE settings are kept in `rope_parameters` (rope_theta plus the llama3 scaling fields when present).
+Entries become `BlockFields` objects (attribute and mapping access); `to_dict` writes them back unchanged.
 """
 
 from __future__ import annotations
@@ -66,7 +67,13 @@ class DeciLMConfig(_BaseConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.hidden_act = hidden_act
-        self.block_configs = [dict(b) if isinstance(b, dict) else _as_dict(b) for b in (block_configs or [])]
+        # Objects with attribute access (`block.attention.no_op`), as NVIDIA's DeciLMConfig gives and vLLM, SGLang
+        # and TensorRT-LLM read them; `to_dict` writes them back as the plain JSON objects they came from.
+        self.block_configs = [BlockFields(b if isinstance(b, dict) else _as_dict(b)) for b in (block_configs or [])]
+        # Older tooling spells the dtype `torch_dtype`; transformers 5 reads `dtype` and warns on the old name.
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if torch_dtype is not None and kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch_dtype
         # Set as a plain attribute (never through the deprecated `rope_scaling` property of transformers 5).
         rope = _rope_parameters(kwargs)
         self.rope_parameters = rope
@@ -75,7 +82,42 @@ class DeciLMConfig(_BaseConfig):
         self.rope_parameters = rope  # the base __init__ may standardise it; keep our exact values
 
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["block_configs"] = [_as_dict(b) for b in self.block_configs]
+        return out
+
+
+class BlockFields:
+    """One `block_configs` entry, or its `attention` / `ffn` part: attribute access (`block.ffn.ffn_mult`) and
+    mapping access (`block["ffn"]`, `block.get("ffn")`) over the same JSON fields."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            setattr(self, key, BlockFields(value) if isinstance(value, dict) else value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return vars(self).get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return vars(self)[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in vars(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockFields) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() if isinstance(v, BlockFields) else v for k, v in vars(self).items()}
+
+    def __repr__(self) -> str:
+        return f"BlockFields({self.to_dict()!r})"
+
+
 def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return dict(obj)
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    return dict(vars(obj))
+    return {k: _as_dict(v) if hasattr(v, "__dict__") else v for k, v in vars(obj).items()}

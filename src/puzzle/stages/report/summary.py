@@ -15,6 +15,7 @@ from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
 from puzzle.core.rundir import RunDir
 from puzzle.costs.source import costs_source, is_estimate
+from puzzle.stages.report.serving import serving_lines
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -127,6 +128,8 @@ def print_summary(run_dir: Path | RunDir) -> None:
     print(f"\nSummary of {run.root} (throughput: workload {workload or '-'}{quality})")
     print(format_table(header, rows))
     print(source)
+    for line in serving_lines(run):  # which engines serve each child (puzzle.formats.engines)
+        print(line)
     verify = _load(run.solutions).get("verify", {})
     if verify.get("status") == "skipped":
         print(f"search meas.: not timed at search ({verify.get('reason')})")

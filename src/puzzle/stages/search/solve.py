@@ -18,6 +18,7 @@ from puzzle.core.rundir import RunDir
 from puzzle.costs.table import CostTable, load_cost_table, measured_workloads
 from puzzle.model.blocks import BlockConfig
 from puzzle.stages.search import mip
+from puzzle.stages.search.serving import check_parent, parent_config, servable_mask
 from puzzle.stages.search.tables import describe_best
 from puzzle.stages.search.targets import NEEDS_WORKLOAD, ConstraintSpec, parse_target
 
@@ -122,6 +123,12 @@ def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig) -> SearchInputs:
     scores = read_json(run.scores_file)
     candidates, objective = objective_from_scores(scores, cfg.metric)
     parent_blocks = [BlockConfig.from_dict(b) for b in scores["parent_blocks"]]
+    keep = None
+    if cfg.serve_with:  # only the variants every named engine serves reach the MIP
+        check_parent(parent_config(run.parent), cfg.serve_with)
+        keep = servable_mask(candidates, cfg.serve_with)
+        candidates = [[b for b, k in zip(c, m) if k] for c, m in zip(candidates, keep)]
+        objective = [o[m] for o, m in zip(objective, keep)]
     workloads = list(dict.fromkeys(c.workload for c in cfg.constraints if c.workload))
     costs_dir = run.costs
     if costs_dir.exists():  # predictions for every measured workload, constrained or not
@@ -132,7 +139,8 @@ def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig) -> SearchInputs:
     for m in ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy", "long_context"):
         rows = [[r.get(m) for r in e["candidates"]] for e in scores["layers"]]
         if all(v is not None for row in rows for v in row):
-            metric_values[m] = [np.array(r, dtype=float) for r in rows]
+            values = [np.array(r, dtype=float) for r in rows]
+            metric_values[m] = values if keep is None else [v[k] for v, k in zip(values, keep)]
     return SearchInputs(candidates, objective, parent_blocks, tables, parent_tables, metric_values)
 
 

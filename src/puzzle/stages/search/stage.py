@@ -20,6 +20,7 @@ from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
+from puzzle.formats.engines import check_engine_names
 from puzzle.stages.search.solve import (  # noqa: F401 (re-exported: the search's public names)
     HIGHER_IS_BETTER,
     Metric,
@@ -55,6 +56,10 @@ class SearchConfig:
     # correct the per-variant costs by what was measured and search again: at most this many measured
     # searches (`puzzle.stages.search.verify`); 0 disables the check.
     verify_rounds: int = 3
+    # Serving engines every child must load in (`puzzle.formats.engines`: vllm, sglang, trtllm, llama.cpp,
+    # transformers): the MIP only sees the variants all of them serve. [] = no restriction (the summary and
+    # `puzzle inspect` still say which engines serve each child).
+    serve_with: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for i, spec in enumerate(self.constraints):
@@ -77,6 +82,7 @@ class SearchConfig:
             raise PuzzleError(f"search.time_limit_s must be positive, got {self.time_limit_s}")
         if not 0 <= self.mip_rel_gap < 1:
             raise PuzzleError(f"search.mip_rel_gap must be in [0, 1), got {self.mip_rel_gap}")
+        check_engine_names(self.serve_with)
         if self.verify_rounds < 0:
             raise PuzzleError(f"search.verify_rounds must be 0 (no check) or more, got {self.verify_rounds}")
 
