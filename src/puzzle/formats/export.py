@@ -24,7 +24,9 @@ from puzzle.core.errors import PuzzleError
 from puzzle.core.tmpfiles import match_umask
 from puzzle.formats import hf
 from puzzle.formats.loading import SIDECAR
+from puzzle.formats.llama2c_hf import write_hf_tokenizer
 from puzzle.formats.native import copy_tokenizer_files, make_readable, save_model
+from puzzle.formats.tokenizers import Llama2cTokenizer
 from puzzle.formats.nemotron_nas import nemotron_ffn_missing
 from puzzle.model.decoder import PuzzleModel
 
@@ -96,6 +98,8 @@ def export_hf(model: PuzzleModel, out_dir: str | Path, tokenizer_source: Any = N
             for name in REMOTE_CODE_FILES:
                 shutil.copy2(REMOTE_CODE_DIR / name, tmp / name)
         copy_tokenizer_files(tokenizer_source, tmp)
+        for tok_bin in sorted(tmp.glob("tok*.bin"))[:1]:  # llama2.c's: also as tokenizer.json for AutoTokenizer
+            write_hf_tokenizer(Llama2cTokenizer(tok_bin), tmp)
         write_sidecar(model, tmp, format, extra_sidecar)
         make_readable(tmp)
     return out_dir

@@ -218,11 +218,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_dir():
         if (path / "tokenizer.model").exists():
             return SentencePieceTokenizer(path / "tokenizer.model")
-        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
-            return HFTokenizer(path)
+        # Before tokenizer.json: an exported llama2.c model carries both, the json converted from the tok*.bin.
         tok = _llama2c_tokenizer_beside(path)
         if tok is not None:
             return Llama2cTokenizer(tok)
+        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+            return HFTokenizer(path)
         raise PuzzleError(
             f"no tokenizer in {path} (looked for tokenizer.model, tokenizer.json, tok*.bin); add one or pass "
             "the tokenizer file"
