@@ -56,3 +56,28 @@ def test_workload_help_lists_the_built_in_names(capsys):
         main(["bench", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert all(w.name in out for w in DEFAULT_WORKLOADS)
+
+
+class _BrokenGenerate:
+    """A transformers model whose generate fails inside transformers (e.g. a compile error on CPU)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def parameters(self):
+        return self.inner.parameters()
+
+    def generate(self, ids, **kwargs):
+        raise RuntimeError("inductor: C++ compile failed\ntraceback lines")
+
+
+def test_a_failing_hf_baseline_is_a_warning_not_a_traceback():
+    from puzzle.runtime.bench import hf_llama_like
+
+    hf = {"parent": _BrokenGenerate(hf_llama_like(PARENT, torch.device("cpu"), torch.float32))}
+    report = bench({"parent": build_model(PARENT, seed=0).eval()}, [TINY], repeats=1, hf_models=hf, measure_bw=False)
+    (result,) = report["results"]
+    assert "hf_generate" not in result and result["output_tokens_per_s"] > 0
+    (warning,) = report["warnings"]
+    assert "HF baseline failed (RuntimeError: inductor: C++ compile failed)" in warning
+    assert f"warning: {warning}" in format_table(report).splitlines()

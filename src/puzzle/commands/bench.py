@@ -129,4 +129,10 @@ def _load_hf(path: str, model, device: str, dtype: torch.dtype, trust_remote_cod
         p = Path(tempfile.mkdtemp(prefix="puzzle-bench-hf-"))
         export_hf(model, p)
         trust = True  # the code in p is this package's own export
-    return AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=trust).to(device).eval()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError, AttributeError, ImportError, RuntimeError) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise PuzzleError(f"--hf: transformers cannot load {path} ({type(e).__name__}: {first}); bench without "
+                          "--hf, or export it with `puzzle export` and bench the exported directory") from None
+    return hf.to(device).eval()

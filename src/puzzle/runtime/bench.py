@@ -253,7 +253,13 @@ def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: Gra
                 p["same_graph_mode"] = p["graphs"] in (None, r["graphs"])  # like for like (None: estimate)
                 r["predicted"] = p
             if hf_models and name in hf_models:
-                hf = hf_generate_baseline(hf_models[name], w, model.config.vocab_size, repeats)
+                try:
+                    hf = hf_generate_baseline(hf_models[name], w, model.config.vocab_size, repeats)
+                except Exception as e:  # noqa: BLE001 (transformers' own code: its failure costs the column only)
+                    warnings.append(f"{name} on {w.name}: the HF baseline failed ({type(e).__name__}: "
+                                    f"{(str(e).splitlines() or [''])[0][:200]}); no HF column for it")
+                    results.append(r)
+                    continue
                 hf["runtime_speedup"] = r["output_tokens_per_s"] / hf["output_tokens_per_s"]
                 r["hf_generate"] = hf
                 if hf["cache_fallback"]:
