@@ -36,3 +36,28 @@ def test_a_time_limited_solve_says_so_and_prints_nothing(capfd) -> None:
     assert sol is not None and not sol.optimal
     out, _ = capfd.readouterr()
     assert out == ""
+
+
+def test_a_time_limited_baseline_is_reported_in_solutions_and_warnings(tmp_path, monkeypatch) -> None:
+    from test_search import _write_run
+
+    from puzzle.core.artifacts import read_json
+    from puzzle.core.notices import read_warnings
+    from puzzle.stages.search.stage import SearchConfig, run_search
+    from puzzle.stages.search.targets import ConstraintSpec
+
+    _write_run(tmp_path)
+    real = mip.max_params_baseline
+
+    def stopped(problem, params, **kwargs):  # as if HiGHS hit search.time_limit_s
+        sol = real(problem, params, **kwargs)
+        return None if sol is None else mip.Solution(sol.choice, sol.objective, optimal=False)
+
+    monkeypatch.setattr(mip, "max_params_baseline", stopped)
+    cfg = SearchConfig(constraints=[ConstraintSpec("throughput", "1.3x", "gen"), ConstraintSpec("params", "1.5M")],
+                       time_limit_s=7)
+    result = read_json(run_search(tmp_path, cfg))
+    statuses = {b["method"]: b.get("status") for b in result["baselines"] if b["feasible"]}
+    assert statuses == {"greedy": "heuristic", "max_params": "time limit"}
+    (warning,) = [w["message"] for w in read_warnings(tmp_path) if "baseline" in w["message"]]
+    assert "max_params" in warning and "time_limit_s=7 s" in warning
