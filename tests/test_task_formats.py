@@ -195,3 +195,20 @@ def test_shared_task_files_score_as_before(name: str) -> None:
         new = evaluate_task(some, lambda ids: model(ids).logits, tok.encode, tok.bos_id, CPU, 8, 1024)
         old = _old_scores(some, lambda ids: model(ids).logits, tok, 1024)
     assert new == old
+
+
+def test_task_entry_options_survive_the_run_config_and_task_limit(tmp_path: Path) -> None:
+    """eval.tasks[] in a run config: format, labels and separator reach the reader, also under eval.task_limit."""
+    from puzzle.core.config import from_dict
+    from puzzle.stages.evaluate.stage import EvalConfig, load_tasks
+
+    q = tmp_path / "valid.jsonl"
+    q.write_text("".join(json.dumps({"goal": f"g{i}", "sol1": "a", "sol2": "b"}) + "\n" for i in range(3)))
+    labels = tmp_path / "valid-labels.lst"
+    labels.write_text("1\n0\n1\n")
+    cfg = from_dict(EvalConfig, {"task_limit": 2, "tasks": [
+        {"path": str(q), "format": "piqa", "labels": str(labels), "separator": "\n"}]})
+    (items,) = load_tasks(cfg).values()
+    assert [it.gold for it in items] == [1, 0] and items[0].requests()[0] == ("Question: g0\nAnswer:", "\na")
+    with pytest.raises(PuzzleError, match="'piqa-v2' is not one of"):
+        from_dict(EvalConfig, {"tasks": [{"path": str(q), "format": "piqa-v2"}]})
