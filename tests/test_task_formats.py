@@ -212,3 +212,16 @@ def test_task_entry_options_survive_the_run_config_and_task_limit(tmp_path: Path
     assert [it.gold for it in items] == [1, 0] and items[0].requests()[0] == ("Question: g0\nAnswer:", "\na")
     with pytest.raises(PuzzleError, match="'piqa-v2' is not one of"):
         from_dict(EvalConfig, {"tasks": [{"path": str(q), "format": "piqa-v2"}]})
+
+
+def test_directory_of_mmlu_csvs_is_one_task(tmp_path: Path) -> None:
+    mmlu = tmp_path / "mmlu" / "test"
+    mmlu.mkdir(parents=True)
+    (mmlu / "anatomy_test.csv").write_text('"q1",a,b,c,d,A\n"q2",a,b,c,d,B\n')
+    (mmlu / "virology_test.csv").write_text('"q3",a,b,c,d,D\n')
+    (mmlu / "README.txt").write_text("not a task\n")
+    items = load_task(TaskSpec(str(mmlu)))
+    assert [it.gold for it in items] == [0, 1, 3] and items[2].context.startswith("q3\nA. a")
+    assert len(load_task(TaskSpec(str(mmlu), limit=1))) == 2  # the limit is per file
+    with pytest.raises(PuzzleError, match="holds no .csv files"):
+        load_task(TaskSpec(str(tmp_path)))

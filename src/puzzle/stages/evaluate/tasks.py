@@ -115,6 +115,12 @@ def read_lambada(path: Path, limit: int | None = None) -> list[LastWordItem]:
 
 def load_task(spec: TaskSpec) -> list[MultipleChoiceItem] | list[LastWordItem]:
     path = Path(spec.path)
+    if path.is_dir():  # one task from many files, e.g. MMLU's 57 per-subject CSVs; `limit` applies per file
+        files = sorted(f for f in path.iterdir() if f.is_file() and ".csv" in f.name)
+        if not files or spec.labels is not None:
+            raise PuzzleError(f"task directory {path} " + ("takes no `labels`" if files else "holds no .csv files")
+                              + "; give a task file, or a directory of MMLU-style CSVs")
+        return [it for f in files for it in load_task(replace(spec, path=str(f)))]  # type: ignore[misc]
     if not path.is_file():
         raise PuzzleError(f"task file {path} does not exist; fix eval.tasks[].path")
     fmt = detect_format(path) if spec.format == "auto" else spec.format
