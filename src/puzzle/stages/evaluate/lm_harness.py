@@ -66,8 +66,9 @@ class HFView(torch.nn.Module):
         """Nothing to tie: the model's own head is already what it is."""
 
     def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
-        # input_ids [B, T] right-padded by HFLM for log-likelihoods; causal: pads after a row change nothing
-        return SimpleNamespace(logits=self.inner(input_ids).logits)  # [B, T, V]
+        # input_ids [B, T] right-padded by HFLM for log-likelihoods; causal: pads after a row change nothing.
+        # fp32 logits: lm-eval's log-softmax then matches `puzzle eval`'s own scorer under bf16 weights.
+        return SimpleNamespace(logits=self.inner(input_ids).logits.float())  # [B, T, V]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_length: int, stopping_criteria: Any = None,
