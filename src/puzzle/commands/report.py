@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from puzzle.core.config import load_stage_config
+from puzzle.core.rundir import RunDir
 from puzzle.stages.report.stage import ReportConfig, run_report
 
 
@@ -19,4 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(ReportConfig, args.run_dir, "report", args.config, args.overrides)
     print(f"wrote {run_report(args.run_dir, cfg)}")
+    plots = sorted(RunDir(args.run_dir).plots.glob("*.png"))
+    print(f"plots: {RunDir(args.run_dir).plots}/ ({', '.join(p.name for p in plots)})" if plots
+          else "plots: none (the report's notes say why)")
     return 0

@@ -288,7 +288,8 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
             has_ret = any(m.get("mean_retention_pct") is not None for m in inp.eval["models"].values())
             figures.append(("Evaluated models", report_plots.models(
                 pts, xlabel, xlabel != "parameters", "accuracy retained (% of parent)" if has_ret else
-                f"KL(parent || model), {inp.eval.get('split', 'valid')} split", "Evaluated models",
+                f"KL(parent || model), {inp.eval.get('split', 'valid')} split",
+                "Evaluated models" if xlabel != "parameters" else "Evaluated models (throughput is measured on a GPU only)",
                 plots_dir / "measured_quality.png")))
     if inp.solutions:
         parts.append(solutions_section(inp.solutions, inp.costs))
