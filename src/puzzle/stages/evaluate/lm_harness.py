@@ -201,10 +201,11 @@ def run_lm_eval(model: PuzzleModel, tokenizer: Any, cfg: LmEvalConfig, name: str
     manager = _checked_manager(cfg)
     with offline():
         lm = lm_eval.HFLM(pretrained=HFView(model, name), tokenizer=tokenizer, batch_size=cfg.batch_size,
-                  max_length=model.config.max_position_embeddings)
+                          max_length=model.config.max_position_embeddings)
         try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0)
+            results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+                                              limit=cfg.limit, task_manager=manager, log_samples=False,
+                                              bootstrap_iters=0)
         except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
             raise PuzzleError(f"lm-eval could not read tasks {cfg.tasks} offline ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); use a local task YAML "
