@@ -212,3 +212,13 @@ def test_eval_throughput_workloads_come_from_the_run_config_not_cost_files(tmp_p
     with pytest.raises(PuzzleError, match=r"unknown workload 'nope'; known: \['tg', ") as e:
         run_eval(run, EvalConfig(max_sequences=2, device="cpu", workloads=["nope"]))
     assert "\n" not in str(e.value)
+
+
+def test_continuation_longer_than_the_window_is_scored_on_its_tail() -> None:
+    model = byte_parent().eval()
+    req = ([1, 5, 6], list(range(10, 40)))  # 30 continuation tokens, window of 16
+    (ll, _), = score_requests(lambda ids: model(ids).logits, [req], CPU, batch_size=1, max_len=16, max_tokens=64)
+    seq = (req[0] + req[1])[-17:]
+    with torch.no_grad():
+        lp = F.log_softmax(model(torch.tensor([seq[:-1]])).logits[0], -1)  # [16, V]
+    assert ll == pytest.approx(float(lp.gather(-1, torch.tensor(seq[1:])[:, None]).sum()), rel=1e-5)

@@ -177,7 +177,8 @@ def score_requests(logits_fn: LogitsFn, requests: list[tuple[list[int], list[int
         chunk = order[s:s + rows]
         s += len(chunk)
         seqs = [(requests[i][0] + requests[i][1])[-(max_len + 1):] for i in chunk]
-        conts = [len(requests[i][1]) for i in chunk]
+        # a continuation longer than the context window is scored on its last max_len tokens
+        conts = [min(len(requests[i][1]), len(q) - 1) for i, q in zip(chunk, seqs, strict=True)]
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         row_of, pos_of, targets = [], [], []  # one entry per continuation token
         for row, (q, n) in enumerate(zip(seqs, conts, strict=True)):
