@@ -132,3 +132,20 @@ def test_pre_tokenizer_names() -> None:
          "behavior": "Isolated"}, {**byte_level, "use_regex": False}]}
     assert bpe_pre_tokenizer({"pre_tokenizer": llama3}) == "llama-bpe"
     assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "Whitespace"}}) is None
+
+
+def test_llama3_rope_factors_are_what_llama_cpp_divides_by(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from puzzle.formats.gguf_export import llama3_rope_factors
+    from puzzle.model.decoder import rope_inverse_frequencies
+    from puzzle.model.presets import LLAMA3_ROPE_SCALING
+
+    cfg = tiny_llama_config(hidden_size=256, num_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE_SCALING)
+    plain = rope_inverse_frequencies(replace(cfg, rope_scaling=None))
+    factors = torch.from_numpy(llama3_rope_factors(cfg))  # llama.cpp: freq = base freq / factor
+    assert torch.allclose(plain / factors, rope_inverse_frequencies(cfg), rtol=1e-5)
+    assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the scaling are present at head_dim 128
+    export_gguf(build_model(cfg), tmp_path / "l3.gguf")
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "l3.gguf").tensors}["rope_freqs.weight"]
+    assert np.allclose(np.array(stored.data), factors.numpy())
