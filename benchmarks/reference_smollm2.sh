@@ -20,10 +20,10 @@ if [ ! -f "$GGUF" ]; then
   echo "$SHA  $GGUF.tmp" | sha256sum -c - || { rm -f "$GGUF.tmp"; exit 1; }
   mv "$GGUF.tmp" "$GGUF"
 fi
-python3 -c 'import gguf' 2>/dev/null || pip install --no-deps --no-index -q .carry/wheels/gguf-*.whl || exit 1
+python3 -c 'import gguf' 2>/dev/null || python3 -m pip install --no-deps --no-index -q .carry/wheels/gguf-*.whl || exit 1
 [ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUN=/root/runs/smollm2-135m-h200
+RUN=${RUN:-/root/runs/smollm2-135m-h200}; mkdir -p "$(dirname "$RUN")"
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
   python3 -c 'import torch, transformers, gguf; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
   > "$OUT/smollm2_env.txt" 2>&1
@@ -33,7 +33,7 @@ timeout "${LIMIT:-560}" python3 -m puzzle.cli run configs/smollm2-135m-h200.yaml
   | grep --line-buffered -v -E '^\s*$|it/s\]$' | tee -a "$RUN.log"
 rc=${PIPESTATUS[0]}
 echo "rc=$rc wall_s=$(( $(date +%s) - start )) args: $*" | tee -a "$RUN.log"
-cp "$RUN.log" "$OUT/smollm2_run.log"
+cp "$RUN.log" "$OUT/$(basename "$RUN")_run.log"
 ( cd "$RUN" && find . -name '*.json' -not -name '*.safetensors*' -size -4M -o -name '*.csv' -o -name 'report.md' \
-    -o -name '*.png' | grep -v '/layer[0-9]*/' | tar czf "$OUT/smollm2_artifacts.tar.gz" -T - ) 2>/dev/null
+    -o -name '*.png' | grep -v '/layer[0-9]*/' | tar czf "$OUT/$(basename "$RUN")_artifacts.tar.gz" -T - ) 2>/dev/null
 exit "$rc"
