@@ -46,6 +46,8 @@ from puzzle.stages.evaluate.tasks import (
     MultipleChoiceItem,
     TaskSpec,
     evaluate_task,
+    primary_metric,
+    task_score,
     load_task,
     task_names,
 )
@@ -107,23 +109,30 @@ def heldout_metrics(model: PuzzleModel, parent: PuzzleModel, tokens: np.ndarray,
 
 
 def task_metrics(model: PuzzleModel, tasks: dict[str, Items], tokenizer: Any, batch_tokens: int,
-                 device: torch.device, encode: Callable[[str], list[int]] | None = None) -> dict[str, dict[str, float]]:
-    """`encode`: the tokenizer's, possibly cached across models (every model sees the same requests)."""
+                 device: torch.device, encode: Callable[[str], list[int]] | None = None,
+                 specs: dict[str, TaskSpec] | None = None) -> dict[str, dict[str, Any]]:
+    """`encode`: the tokenizer's, possibly cached across models (every model sees the same requests). Each result
+    names its primary `metric` (the task's spec, default acc_norm for multiple choice) and its value as `score`."""
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
     max_len = model.config.max_position_embeddings
-    return {name: evaluate_task(items, logits_fn, encode or tokenizer.encode, tokenizer.bos_id, device, 1, max_len,
-                                max_tokens=batch_tokens)
-            for name, items in tasks.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, items in tasks.items():
+        res: dict[str, Any] = evaluate_task(items, logits_fn, encode or tokenizer.encode, tokenizer.bos_id, device, 1,
+                                            max_len, max_tokens=batch_tokens)
+        res["metric"] = primary_metric((specs or {}).get(name, TaskSpec(name)), res)
+        res["score"] = res[res["metric"]]
+        out[name] = res
+    return out
 
 
 def add_retention(results: dict[str, dict[str, Any]], reference: str = "parent") -> None:
     """Each model's task accuracy as a percentage of the reference's, and their mean (the paper's metric)."""
     ref = results[reference].get("tasks", {})
     for res in results.values():
-        retained = {name: 100.0 * m["accuracy"] / ref[name]["accuracy"]
-                    for name, m in res.get("tasks", {}).items() if ref.get(name, {}).get("accuracy")}
+        retained = {name: 100.0 * task_score(m) / task_score(ref[name])
+                    for name, m in res.get("tasks", {}).items() if name in ref and task_score(ref[name])}
         res["retention_pct"] = retained
         res["mean_retention_pct"] = float(np.mean(list(retained.values()))) if retained else None
         ref_tp, tp = results[reference].get("throughput", {}), res.get("throughput", {})
@@ -179,7 +188,8 @@ def evaluate_models(loaders: dict[str, Callable[[], PuzzleModel]], parent: Puzzl
                 res.update(heldout_metrics(model, parent, heldout, cfg.batch_size, device))
         if tasks:
             with _timed(seconds, "tasks", device):
-                res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.task_batch_tokens, device, encode)
+                res["tasks"] = task_metrics(model, tasks, tokenizer, cfg.task_batch_tokens, device, encode,
+                                            dict(zip(task_names(cfg.tasks), cfg.tasks, strict=True)))
         if cfg.lm_eval is not None and cfg.lm_eval.tasks:
             with _timed(seconds, "lm_eval", device):
                 res["lm_eval"] = run_lm_eval(model, lm_tokenizer, cfg.lm_eval, name)

@@ -41,5 +41,6 @@ def task_table(models: dict[str, dict[str, Any]]) -> str:
     lines = [" ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))])
              for r in rows]
     if any("/" in c for r in rows[1:] for c in r[1:]):
-        lines.append("(accuracy/acc_norm: acc_norm divides each choice's log-likelihood by its length in bytes)")
+        lines.append("(accuracy/acc_norm: acc_norm divides each choice's log-likelihood by its length in bytes; "
+                     "retention uses each task's `metric`, acc_norm for multiple choice unless the task says otherwise)")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ the context; `acc_norm` divides by the ending's length in bytes, as lm-eval does
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Literal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +41,13 @@ class TaskSpec:
     limit: int | None = None  # first N items only
     labels: str | None = None  # a file with one gold label per line, for records that lack theirs (PIQA)
     separator: str | None = None  # between context and choice; unset: one space (the choice's own dropped)
+    # The number retention and the summary use: "auto" = acc_norm for multiple choice (lm-eval's headline
+    # metric for HellaSwag, PIQA, ARC), accuracy for last-word tasks.
+    metric: Literal["auto", "accuracy", "acc_norm"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("auto", "accuracy", "acc_norm"):
+            raise PuzzleError(f"task {self.path}: metric {self.metric!r} is not one of auto, accuracy, acc_norm")
 
 
 @dataclass(frozen=True)
@@ -221,3 +229,18 @@ def evaluate_task(items: list[MultipleChoiceItem] | list[LastWordItem], logits_f
         correct_norm += max(range(n), key=lambda j: lls[j] / lengths[j]) == it.gold  # type: ignore[union-attr]
         pos += n
     return {"accuracy": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
+
+
+def primary_metric(spec: TaskSpec, result: dict[str, float]) -> str:
+    """Which of a task's results retention and the summary report (see TaskSpec.metric)."""
+    if spec.metric == "auto":
+        return "acc_norm" if "acc_norm" in result else "accuracy"
+    if spec.metric not in result:
+        raise PuzzleError(f"task {spec.path}: metric {spec.metric!r} does not apply to it (it has "
+                          f"{sorted(k for k in result if k.startswith('acc'))}); set metric: accuracy")
+    return spec.metric
+
+
+def task_score(result: dict[str, Any]) -> float | None:
+    """The task's reported number: its primary metric (`score`), or accuracy in eval.json files without one."""
+    return result.get("score", result.get("accuracy"))

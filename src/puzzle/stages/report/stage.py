@@ -23,7 +23,9 @@ from puzzle.costs.consistency import adjustment_rows
 from puzzle.costs.source import costs_source, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.stages.evaluate.tasks import task_score
 from puzzle.stages.report import plots as report_plots
+from puzzle.stages.report.summary import metric_label
 from puzzle.stages.search.targets import parse_target
 
 COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots
@@ -154,12 +156,12 @@ def eval_section(ev: dict[str, Any]) -> str:
     tasks = sorted({t for m in models.values() for t in m.get("tasks", {})})
     workloads = sorted({w for m in models.values() for w, r in m.get("throughput", {}).items()
                         if isinstance(r, dict) and "output_tokens_per_s" in r})
-    header = ["model", "params", "LM loss", "ppl", "KL to parent", "top-1 agree", *[f"{t} acc" for t in tasks],
+    header = ["model", "params", "LM loss", "ppl", "KL to parent", "top-1 agree", *[f"{t} {metric_label(models, t)}" for t in tasks],
               "retained %", *[f"{w} tok/s" for w in workloads], *[f"{w} speedup" for w in workloads]]
     rows = []
     for name, m in models.items():
         rows.append([name, m.get("params"), m.get("lm_loss"), m.get("perplexity"), m.get("kl_to_parent"),
-                     m.get("agreement"), *[m.get("tasks", {}).get(t, {}).get("accuracy") for t in tasks],
+                     m.get("agreement"), *[task_score(m.get("tasks", {}).get(t, {})) for t in tasks],
                      m.get("mean_retention_pct"),
                      *[m.get("throughput", {}).get(w, {}).get("output_tokens_per_s") for w in workloads],
                      *[m.get("speedup", {}).get(w) for w in workloads]])

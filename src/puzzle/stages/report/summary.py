@@ -15,6 +15,7 @@ from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
 from puzzle.core.rundir import RunDir
 from puzzle.costs.source import costs_source, is_estimate
+from puzzle.stages.evaluate.tasks import task_score
 from puzzle.stages.report.serving import serving_lines
 
 
@@ -58,7 +59,8 @@ def summary_rows(run_dir: Path | RunDir) -> tuple[list[str], list[list[str]], st
     pred = estimate_label(predicted_parent.get(workload or "", {}))  # an estimate never reads as measured
     header = ["model", "params (M)", f"{pred} tok/s", f"{pred} speed-up", "search meas. x", "rounds", "meas. tok/s",
               "meas. speed-up",
-              f"{split} KL", f"{split} top-1", f"{split} ppl", *[f"{t} acc (ret. %)" for t in tasks]]
+              f"{split} KL", f"{split} top-1", f"{split} ppl",
+              *[f"{t} {metric_label(evaluation, t)} (ret. %)" for t in tasks]]
     rows = []
     names = list(evaluation) or ["parent"]
     for name in names:
@@ -95,8 +97,14 @@ def _search_cell(solutions: dict[str, Any], check: dict[str, Any] | None, parent
     return _fmt(speedup, ".3f") + ("" if check.get("meets_target") else " MISSED")
 
 
+def metric_label(models: dict[str, Any], task: str) -> str:
+    """The column name of a task's reported metric: `acc_norm`, or `acc` (also for eval.json without one)."""
+    metric = next((m["tasks"][task].get("metric") for m in models.values() if task in m.get("tasks", {})), None)
+    return "acc_norm" if metric == "acc_norm" else "acc"
+
+
 def _task_cell(res: dict[str, Any], task: str) -> str:
-    acc = res.get("tasks", {}).get(task, {}).get("accuracy")
+    acc = task_score(res.get("tasks", {}).get(task, {}))
     ret = res.get("retention_pct", {}).get(task)
     return "-" if acc is None else f"{acc:.3f} ({_fmt(ret, '.1f')})"
 

@@ -1,0 +1,38 @@
+"""Which number a task reports: acc_norm for multiple choice unless the task names its metric; retention uses it."""
+
+from __future__ import annotations
+
+import pytest
+
+from puzzle.core.errors import PuzzleError
+from puzzle.stages.evaluate.stage import add_retention
+from puzzle.stages.evaluate.tasks import TaskSpec, primary_metric, task_score
+from puzzle.stages.report.summary import metric_label
+
+
+def test_auto_picks_acc_norm_for_multiple_choice_and_accuracy_for_last_word() -> None:
+    assert primary_metric(TaskSpec("h.jsonl"), {"accuracy": 0.3, "acc_norm": 0.4}) == "acc_norm"
+    assert primary_metric(TaskSpec("l.jsonl"), {"accuracy": 0.3, "target_nll": 2.0}) == "accuracy"
+    assert primary_metric(TaskSpec("h.jsonl", metric="accuracy"), {"accuracy": 0.3, "acc_norm": 0.4}) == "accuracy"
+    with pytest.raises(PuzzleError, match="does not apply"):
+        primary_metric(TaskSpec("l.jsonl", metric="acc_norm"), {"accuracy": 0.3})
+    with pytest.raises(PuzzleError, match="not one of"):
+        TaskSpec("x.jsonl", metric="f1")  # type: ignore[arg-type]
+
+
+def test_retention_and_labels_follow_the_primary_metric() -> None:
+    parent = {"tasks": {"hs": {"accuracy": 0.30, "acc_norm": 0.40, "metric": "acc_norm", "score": 0.40}}}
+    child = {"tasks": {"hs": {"accuracy": 0.30, "acc_norm": 0.20, "metric": "acc_norm", "score": 0.20}}}
+    results = {"parent": parent, "child": child}
+    add_retention(results)
+    assert child["retention_pct"]["hs"] == pytest.approx(50.0)  # acc_norm 0.20 / 0.40, not accuracy's 100%
+    assert metric_label(results, "hs") == "acc_norm"
+
+
+def test_eval_files_without_a_metric_read_as_accuracy() -> None:
+    old = {"parent": {"tasks": {"hs": {"accuracy": 0.5, "acc_norm": 0.6}}},
+           "child": {"tasks": {"hs": {"accuracy": 0.25, "acc_norm": 0.6}}}}
+    add_retention(old)
+    assert task_score(old["child"]["tasks"]["hs"]) == 0.25
+    assert old["child"]["retention_pct"]["hs"] == pytest.approx(50.0)
+    assert metric_label(old, "hs") == "acc"
