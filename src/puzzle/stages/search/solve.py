@@ -89,22 +89,29 @@ def infeasible_message(problem: mip.Problem, targets: list[Target], **solver: fl
     return f"no child meets every target ({names}) at once, though each alone can be met; relax one of them"
 
 
-def objective_from_scores(scores: dict[str, Any], metric: str) -> tuple[list[list[BlockConfig]], list[np.ndarray]]:
-    """Per-layer candidates and objective (minimised) from scores.json."""
+def objective_from_scores(scores: dict[str, Any], metric: str, weights: dict[str, float] | None = None,
+                          ) -> tuple[list[list[BlockConfig]], list[np.ndarray]]:
+    """Per-layer candidates and objective (minimised) from scores.json: `metric`, plus weight x each metric in
+    `weights` (a higher-is-better metric enters as its loss, so {long_context: 2} adds 2 x the accuracy a block
+    costs). One candidate is chosen per layer, so each term is the sum of per-block replace-1 scores."""
     layers = scores.get("layers") or []
     if [entry["layer"] for entry in layers] != list(range(len(layers))) or not layers:
         raise PuzzleError("scores/scores.json does not cover every layer; rerun `puzzle score`")
+    terms = {metric: 1.0, **(weights or {})} if metric not in (weights or {}) else dict(weights or {})
     candidates, objective = [], []
-    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
     for entry in layers:
         rows = entry["candidates"]
-        values = [row.get(metric) for row in rows]
-        if any(v is None for v in values):
-            raise PuzzleError(f"scores have no '{metric}' values (layer {entry['layer']}); "
-                              "set score.task_file (task_accuracy) or score.long_context (long_context) and rerun "
-                              "`puzzle score`, or pick another search.metric")
+        total = np.zeros(len(rows))
+        for name, weight in terms.items():
+            values = [row.get(name) for row in rows]
+            if any(v is None for v in values):
+                raise PuzzleError(f"scores have no '{name}' values (layer {entry['layer']}); "
+                                  "set score.task_file (task_accuracy) or score.long_context (long_context) and "
+                                  "rerun `puzzle score`, or pick another search.metric / search.metric_weights")
+            sign = -1.0 if name in HIGHER_IS_BETTER else 1.0
+            total += weight * sign * np.array(values, dtype=float)
         candidates.append([BlockConfig.from_dict(row["block"]) for row in rows])
-        objective.append(sign * np.array(values, dtype=float))
+        objective.append(total)
     return candidates, objective
 
 
@@ -121,7 +128,7 @@ class SearchInputs:
 def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig) -> SearchInputs:
     run = RunDir(run_dir)
     scores = read_json(run.scores_file)
-    candidates, objective = objective_from_scores(scores, cfg.metric)
+    candidates, objective = objective_from_scores(scores, cfg.metric, cfg.metric_weights)
     parent_blocks = [BlockConfig.from_dict(b) for b in scores["parent_blocks"]]
     keep = None
     if cfg.serve_with:  # only the variants every named engine serves reach the MIP
@@ -206,6 +213,7 @@ def search(inputs: SearchInputs, cfg: SearchConfig) -> dict[str, Any]:
         raise PuzzleError("no target of the sweep can be met: " + "; ".join(i["message"] for i in infeasible))
     return {
         "metric": cfg.metric,
+        "metric_weights": dict(cfg.metric_weights),
         "constraints": [to_dict(c) for c in cfg.constraints],
         "parent": {w: t.predict([0] * len(inputs.parent_blocks)) for w, t in inputs.parent_tables.items()},
         "solutions": solutions,

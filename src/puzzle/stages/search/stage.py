@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from puzzle.core.artifacts import hash_json, hash_paths, mark_stage_done, stage_is_current, write_json, write_text
 from puzzle.core.config import to_dict
@@ -43,6 +43,9 @@ from puzzle.stages.search.verify import eval_graphs, verified_search
 @dataclass
 class SearchConfig:
     metric: Metric = "kl"
+    # More terms of the objective, metric -> weight, e.g. {long_context: 2.0} to protect long range while the
+    # KL keeps the rest (a weight for `metric` itself replaces its 1.0). Needs those metrics in scores.json.
+    metric_weights: dict[str, float] = field(default_factory=dict)
     device: str = "auto"  # which costs/<device>-<workload>.json; auto = the only one measured
     constraints: list[ConstraintSpec] = field(default_factory=list)
     sweep: list[str] = field(default_factory=list)  # targets substituted into constraints[sweep_constraint]
@@ -83,6 +86,11 @@ class SearchConfig:
         if not 0 <= self.mip_rel_gap < 1:
             raise PuzzleError(f"search.mip_rel_gap must be in [0, 1), got {self.mip_rel_gap}")
         check_engine_names(self.serve_with)
+        for name, weight in self.metric_weights.items():
+            if name not in get_args(Metric):
+                raise PuzzleError(f"search.metric_weights: unknown metric {name!r}; use one of {list(get_args(Metric))}")
+            if not isinstance(weight, int | float) or weight < 0:
+                raise PuzzleError(f"search.metric_weights.{name}: weight {weight!r} must be a number >= 0")
         if self.verify_rounds < 0:
             raise PuzzleError(f"search.verify_rounds must be 0 (no check) or more, got {self.verify_rounds}")
 
