@@ -6,8 +6,8 @@ import pytest
 
 from puzzle.core.errors import PuzzleError
 from puzzle.stages.evaluate.stage import add_retention
-from puzzle.stages.evaluate.tasks import TaskSpec, primary_metric, task_score
-from puzzle.stages.report.summary import metric_label
+from puzzle.stages.evaluate.tasks import TaskSpec, primary_metric
+from puzzle.stages.report.summary import metric_label, task_score
 
 
 def test_auto_picks_acc_norm_for_multiple_choice_and_accuracy_for_last_word() -> None:

@@ -46,11 +46,11 @@ from puzzle.stages.evaluate.tasks import (
     MultipleChoiceItem,
     TaskSpec,
     evaluate_task,
-    primary_metric,
-    task_score,
     load_task,
+    primary_metric,
     task_names,
 )
+from puzzle.stages.report.summary import task_score
 from puzzle.stages.uptrain.gkd import loss_terms
 
 Items = list[MultipleChoiceItem] | list[LastWordItem]

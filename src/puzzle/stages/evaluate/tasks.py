@@ -240,7 +240,3 @@ def primary_metric(spec: TaskSpec, result: dict[str, float]) -> str:
                           f"{sorted(k for k in result if k.startswith('acc'))}); set metric: accuracy")
     return spec.metric
 
-
-def task_score(result: dict[str, Any]) -> float | None:
-    """The task's reported number: its primary metric (`score`), or accuracy in eval.json files without one."""
-    return result.get("score", result.get("accuracy"))

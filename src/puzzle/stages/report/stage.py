@@ -23,9 +23,8 @@ from puzzle.costs.consistency import adjustment_rows
 from puzzle.costs.source import costs_source, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.stages.evaluate.tasks import task_score
 from puzzle.stages.report import plots as report_plots
-from puzzle.stages.report.summary import metric_label
+from puzzle.stages.report.summary import metric_label, task_score
 from puzzle.stages.search.targets import parse_target
 
 COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots

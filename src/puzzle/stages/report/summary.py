@@ -15,7 +15,6 @@ from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
 from puzzle.core.rundir import RunDir
 from puzzle.costs.source import costs_source, is_estimate
-from puzzle.stages.evaluate.tasks import task_score
 from puzzle.stages.report.serving import serving_lines
 
 
@@ -95,6 +94,12 @@ def _search_cell(solutions: dict[str, Any], check: dict[str, Any] | None, parent
         return "-"
     speedup = check.get("measured", {}).get(workload, {}).get("speedup")
     return _fmt(speedup, ".3f") + ("" if check.get("meets_target") else " MISSED")
+
+
+def task_score(result: dict[str, Any]) -> float | None:
+    """A task's reported number in eval.json: its primary metric (`score`, see `stages.evaluate.tasks.primary_metric`),
+    or accuracy in files written before tasks had one."""
+    return result.get("score", result.get("accuracy"))
 
 
 def metric_label(models: dict[str, Any], task: str) -> str:
