@@ -92,3 +92,19 @@ def test_report_cli(run: Path) -> None:
     assert main(["report", str(run), "plots=false"]) == 0
     assert main(["report", str(run), "colour=red"]) == 2
     assert json.loads((run / "eval" / "eval.json").read_text())["models"]["parent"]["agreement"] == 1.0
+
+
+def test_report_shows_long_context_retention(tmp_path: Path) -> None:
+    def lc(acc: dict[str, float], ret: dict[str, float | None] | None) -> dict:
+        return {"mean_accuracy": acc, "accuracy": {}, **({"retention_pct": ret} if ret is not None else {})}
+
+    ev = {"split": "test", "sequences": 0, "seq_len": None, "models": {
+        "parent": {"params": 10, "long_context": lc({"1024": 0.8, "2048": 0.5}, {"1024": 100.0, "2048": 100.0})},
+        "child": {"params": 8, "long_context": lc({"1024": 0.4, "2048": 0.0}, {"1024": 50.0, "2048": 0.0})}},
+        "long_context": {"tasks": ["niah_single"], "items": 4, "haystack_split": "test"}}
+    write_json(tmp_path / "eval" / "eval.json", ev)
+    text = run_report(tmp_path, ReportConfig()).read_text()
+    assert "## Long-context retention" in text
+    assert "| child | 40.0 (50%) | 0.0 (0%) |" in text
+    if report_plots.available():
+        assert (tmp_path / "report" / "long_context.png").stat().st_size > 0

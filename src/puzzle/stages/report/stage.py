@@ -24,6 +24,7 @@ from puzzle.costs.source import costs_source, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.report import plots as report_plots
+from puzzle.stages.report.long_context import long_context_plot, long_context_section
 from puzzle.stages.report.summary import metric_label, task_score
 from puzzle.stages.search.targets import parse_target
 
@@ -284,6 +285,11 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
     figures: list[tuple[str, Path]] = []
     if inp.eval:
         parts.append(eval_section(inp.eval))
+        if long_context_section(inp.eval):
+            parts.append(long_context_section(inp.eval))
+            drawn = long_context_plot(inp.eval, plots_dir / "long_context.png") if plots else None
+            if drawn:
+                figures.append(("Long-context accuracy by context length", drawn))
         if plots and inp.eval.get("models"):
             pts, xlabel = _measured_points(inp.eval, workload)
             has_ret = any(m.get("mean_retention_pct") is not None for m in inp.eval["models"].values())
