@@ -27,6 +27,7 @@ from puzzle.stages.evaluate.long_context import (
     resolve_lengths,
 )
 from puzzle.stages.report import plots  # matplotlib itself is imported only when a plot is drawn
+from puzzle.stages.report.long_context import long_context_plot
 
 TailLogitsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ids [B, T], k) -> logits of the last k positions [B, k, V]
 
@@ -127,18 +128,9 @@ def long_context_table(models: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_long_context(models: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    """Mean accuracy vs context length, one line per model (the paper's retention-per-length view);
-    None when matplotlib (the optional `plots` extra) is missing or nothing was scored."""
-    series = {}
-    for name, m in models.items():
-        lc = m.get("long_context")
-        if lc:
-            lengths = sorted(int(n) for n in lc["mean_accuracy"])
-            series[name] = ([float(n) for n in lengths], [100 * lc["mean_accuracy"][str(n)] for n in lengths])
-    if not series or not plots.available():
-        return None
-    return plots.curves(series, "context length (tokens)", "accuracy % (mean over tasks)",
-                        "Long-context accuracy by context length", path)
+    """Mean accuracy vs context length, one line per model (the paper's retention-per-length view), drawn as the
+    report draws it; None when matplotlib cannot be imported or nothing was scored."""
+    return long_context_plot(models, path) if plots.available() else None
 
 
 def prepare_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, max_len: int,

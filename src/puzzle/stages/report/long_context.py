@@ -8,14 +8,14 @@ from typing import Any
 from puzzle.stages.report import plots
 
 
-def _scored(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: m["long_context"] for name, m in ev.get("models", {}).items() if m.get("long_context")}
+def _scored(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: m["long_context"] for name, m in models.items() if m.get("long_context")}
 
 
 def long_context_section(ev: dict[str, Any]) -> str:
     """A markdown table, model x context length: mean accuracy % over the probe tasks (retention % of the
     parent's); '' when eval ran no long-context probes."""
-    scored = _scored(ev)
+    scored = _scored(ev.get("models", {}))
     if not scored:
         return ""
     lengths = sorted({int(n) for lc in scored.values() for n in lc["mean_accuracy"]})
@@ -33,10 +33,10 @@ def long_context_section(ev: dict[str, Any]) -> str:
             "parent's in brackets, '-' where the parent scores 0):\n\n" + "\n".join(rows) + "\n")
 
 
-def long_context_plot(ev: dict[str, Any], path: Path) -> Path | None:
-    """Mean accuracy vs context length, one line per model; None when nothing was scored."""
+def long_context_plot(models: dict[str, Any], path: Path) -> Path | None:
+    """Mean accuracy vs context length, one line per model (eval.json's `models`); None when nothing was scored."""
     series = {}
-    for name, lc in _scored(ev).items():
+    for name, lc in _scored(models).items():
         lengths = sorted(int(n) for n in lc["mean_accuracy"])
         series[name] = ([float(n) for n in lengths], [100 * lc["mean_accuracy"][str(n)] for n in lengths])
     if not series:

@@ -287,7 +287,7 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
         parts.append(eval_section(inp.eval))
         if long_context_section(inp.eval):
             parts.append(long_context_section(inp.eval))
-            drawn = long_context_plot(inp.eval, plots_dir / "long_context.png") if plots else None
+            drawn = long_context_plot(inp.eval.get("models", {}), plots_dir / "long_context.png") if plots else None
             if drawn:
                 figures.append(("Long-context accuracy by context length", drawn))
         if plots and inp.eval.get("models"):
