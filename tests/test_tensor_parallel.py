@@ -1,0 +1,76 @@
+"""Tensor-parallel sharding over 2 gloo ranks (CPU) gives the unsharded model's logits on every rank."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.decoder import PuzzleModel, build_model
+from puzzle.model.presets import tiny_llama_config
+from puzzle.runtime.tensor_parallel import shard_model
+
+
+def _heterogeneous(num_heads: int, kv: tuple[int, int], **kwargs: object) -> PuzzleModel:
+    """Every attention kind (KV heads split and replicated) and every built-in FFN kind, 6 layers."""
+    blocks = [
+        BlockConfig(AttentionConfig.gqa(kv[0]), FFNConfig.swiglu(96)),
+        BlockConfig(AttentionConfig.gqa(kv[1]), FFNConfig.linear()),
+        BlockConfig(AttentionConfig.linear(), FFNConfig.swiglu(64)),
+        BlockConfig(AttentionConfig.no_op(), FFNConfig.no_op()),
+        BlockConfig(AttentionConfig.gqa(num_heads), FFNConfig.no_op()),
+        BlockConfig(AttentionConfig.no_op(), FFNConfig.swiglu(128)),
+    ]
+    config = tiny_llama_config(num_heads=num_heads, **kwargs).with_blocks(blocks)
+    return build_model(config, seed=0)
+
+
+def _models() -> list[PuzzleModel]:
+    # 4 heads: KV 2 splits over 2 ranks, KV 1 is replicated; 6 heads with KV 3: uneven groups per rank
+    # (rank 0 reads KV 0,0,1, rank 1 reads 1,2,2), with q/k/v biases and untied embeddings.
+    return [_heterogeneous(4, (2, 1)), _heterogeneous(6, (3, 2), hidden_size=96, attention_bias=True,
+                                                      tie_word_embeddings=False)]
+
+
+def _worker(rank: int, world: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1)
+        ids = torch.randint(0, 256, (2, 9))
+        for model in _models():
+            if model.lm_head is not None:
+                with torch.no_grad():
+                    model.lm_head.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
+            want = model(ids).logits  # [B, T, V]
+            sharded = shard_model(model, rank, world)
+            n_full = sum(p.numel() for layer in model.layers for p in layer.parameters())
+            n_shard = sum(p.numel() for layer in sharded.layers for p in layer.parameters())
+            assert n_shard < 0.75 * n_full, (n_shard, n_full)  # the layers really are split
+            got = sharded(ids).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_forward_matches_unsharded_on_every_rank(tmp_path: Path) -> None:
+    os.environ.pop("TORCHELASTIC_RUN_ID", None)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def test_world_size_not_dividing_query_heads_is_one_line_error() -> None:
+    model = build_model(tiny_llama_config(num_heads=4, num_kv_heads=2), seed=0)
+    with pytest.raises(PuzzleError, match=r"query heads \(4\) divisible by 3") as err:
+        shard_model(model, 0, 3)
+    assert "\n" not in str(err.value)
+
+
+def test_intermediate_not_divisible_names_the_layer() -> None:
+    model = build_model(tiny_llama_config(num_heads=4, num_kv_heads=2, intermediate_size=130), seed=0)
+    with pytest.raises(PuzzleError, match=r"layer 0: SwiGLU intermediate size 130"):
+        shard_model(model, 0, 4)
