@@ -1,4 +1,5 @@
-"""Tensor-parallel sharding over 2 gloo ranks (CPU) gives the unsharded model's logits on every rank."""
+"""Tensor-parallel sharding over 2 gloo ranks (CPU) gives the unsharded model's logits on every rank:
+the plain forward, and the runtime engine's prefill and KV-cached decode."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from puzzle.core.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import PuzzleModel, build_model
 from puzzle.model.presets import tiny_llama_config
-from puzzle.runtime.tensor_parallel import shard_model
+from puzzle.runtime.engine import Engine
+from puzzle.runtime.tensor_parallel import shard_model, tensor_parallel_engine
 
 
 def _heterogeneous(num_heads: int, kv: tuple[int, int], **kwargs: object) -> PuzzleModel:
@@ -38,6 +40,22 @@ def _models() -> list[PuzzleModel]:
                                                       tie_word_embeddings=False)]
 
 
+def _check_engine(model: PuzzleModel, sharded: PuzzleModel, ids: torch.Tensor) -> None:
+    """Padded prefill, then 3 decode steps on the static KV cache: same logits; each rank caches its KV heads.
+    """
+    full, tp = Engine(model, 2, 16, graphs="none"), tensor_parallel_engine(sharded, 2, 16)
+    full_kv = [c.k.shape[1] for c in full.cache.layers if c is not None]
+    tp_kv = [c.k.shape[1] for c in tp.cache.layers if c is not None]
+    assert sum(tp_kv) < sum(full_kv), (tp_kv, full_kv)
+    pads = torch.tensor([0, 3])
+    want = full.prefill(ids[:, :6], pads).clone()  # [B, V]
+    torch.testing.assert_close(tp.prefill(ids[:, :6], pads), want, atol=1e-5, rtol=1e-5)
+    for step in range(3):
+        tokens = ids[:, 6 + step]
+        want = full.decode(tokens).clone()
+        torch.testing.assert_close(tp.decode(tokens), want, atol=1e-5, rtol=1e-5)
+
+
 def _worker(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -54,6 +72,7 @@ def _worker(rank: int, world: int, store: str) -> None:
             assert n_shard < 0.75 * n_full, (n_shard, n_full)  # the layers really are split
             got = sharded(ids).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            _check_engine(model, sharded, ids)
     finally:
         dist.destroy_process_group()
 
@@ -68,6 +87,12 @@ def test_world_size_not_dividing_query_heads_is_one_line_error() -> None:
     with pytest.raises(PuzzleError, match=r"query heads \(4\) divisible by 3") as err:
         shard_model(model, 0, 3)
     assert "\n" not in str(err.value)
+
+
+def test_engine_refuses_fused_graphs() -> None:
+    model = build_model(tiny_llama_config(num_heads=4, num_kv_heads=2), seed=0)
+    with pytest.raises(PuzzleError, match="graph mode 'fused' is not supported with tensor parallelism"):
+        tensor_parallel_engine(shard_model(model, 0, 1), 1, 8, graphs="fused")  # type: ignore[arg-type]
 
 
 def test_intermediate_not_divisible_names_the_layer() -> None:

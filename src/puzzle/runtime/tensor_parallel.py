@@ -6,15 +6,18 @@ full logits. Sharding rules per sub-block (Nq/Nkv heads, D head_dim, H hidden, I
   - GQA attention: query heads split evenly (Nq % world == 0 is required), rank r owns heads
     [r*Nq/world, (r+1)*Nq/world). KV heads: when Nkv % world == 0, rank r owns KV heads
     [r*Nkv/world, (r+1)*Nkv/world), exactly those its query heads read; otherwise each rank keeps (a copy
-    of) every KV head its query heads read, so some KV heads are replicated. q/k/v are column-parallel;
-    o_proj is row-parallel over this rank's heads, then all-reduce (sum).
+    of) every KV head its query heads read, so some KV heads are replicated (`_kv_heads`). q/k/v are
+    column-parallel; o_proj is row-parallel over this rank's heads, then all-reduce (sum).
   - SwiGLU FFN: gate/up column-parallel, down row-parallel (I % world == 0), then all-reduce.
   - Linear attention / linear FFN (one H x H matrix): row-parallel over input features (H % world == 0),
     then all-reduce.
   - No-op sub-blocks: nothing. Any other (registered) FFN kind stays whole on every rank: correct, not split.
   - Embeddings, norms, RoPE and the LM head are replicated.
-Only the plain `PuzzleModel.forward` (full-sequence logits) is sharded; the runtime engine's KV-cached
-decode is not. The collective is `torch.distributed.all_reduce` on the given group (gloo on CPU, NCCL on GPU).
+The sharded ops stay GQAAttention / SwiGLU / linear modules with fewer heads or features (the row-parallel
+layers all-reduce inside their forward), so both `PuzzleModel.forward` and the runtime engine run them
+unchanged: `tensor_parallel_engine` builds an engine whose static KV cache holds only this rank's KV heads
+(the copy's config lists them per layer). The collective is `torch.distributed.all_reduce` on the given
+group (gloo on CPU, NCCL on GPU); every rank must feed the same tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.core.errors import PuzzleError
-from puzzle.model.decoder import GQAAttention, LinearAttention, LinearFFN, PuzzleModel, SwiGLU, apply_rope
+from puzzle.model.blocks import AttentionConfig
+from puzzle.model.decoder import GQAAttention, LinearAttention, LinearFFN, PuzzleModel, SwiGLU
+from puzzle.runtime.engine import Engine, GraphMode
 
 
 def _split(n: int, rank: int, world: int) -> slice:
@@ -35,9 +40,11 @@ def _split(n: int, rank: int, world: int) -> slice:
     return slice(rank * size, (rank + 1) * size)
 
 
-def _copy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, cls: type[nn.Linear] = nn.Linear,
+            **extra: object) -> nn.Linear:
+    """A `cls` layer holding copies of weight [out, in] (and bias [out])."""
     out_f, in_f = weight.shape
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    layer = cls(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype, **extra)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -45,79 +52,83 @@ def _copy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer
 
 
-def _rows(layer: nn.Linear, rows: slice | torch.Tensor) -> nn.Linear:
-    """Column-parallel slice: output features `rows` (bias sliced with them)."""
-    bias = layer.bias[rows] if layer.bias is not None else None
-    return _copy_linear(layer.weight[rows], bias)
+def _rows(layer: nn.Linear, rows: torch.Tensor | slice) -> nn.Linear:
+    """Column-parallel slice: output features `rows` (index [n] or slice; bias sliced with them)."""
+    return _linear(layer.weight[rows], layer.bias[rows] if layer.bias is not None else None)
 
 
-def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
+class AllReduceLinear(nn.Linear):
+    """Row-parallel layer: this rank's partial product x @ W_local^T, summed over the group's ranks.
 
+    x_slice: when set, the layer takes the full input and multiplies only x[..., x_slice] (the rank's input
+    features); otherwise the input is already this rank's slice (attention heads, SwiGLU intermediates).
+    """
 
-class RowParallelLinear(nn.Module):
-    """y = x W^T with W [out, in] split over input features: x[..., cols] @ W[:, cols]^T, summed over ranks"""
-
-    def __init__(self, layer: nn.Linear, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
-        super().__init__()
-        assert layer.bias is None, "row-parallel layers here carry no bias"
-        self.cols = _split(layer.in_features, rank, world)
-        self.weight = nn.Parameter(layer.weight[:, self.cols].detach().clone(), requires_grad=False)
-        self.group = group
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device: object = None,
+                 dtype: torch.dtype | None = None, group: dist.ProcessGroup | None = None,
+                 x_slice: slice | None = None) -> None:
+        assert not bias, "a bias would be summed once per rank"
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.group, self.x_slice = group, x_slice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x [B, T, H] (full, replicated) -> [B, T, out] full after the all-reduce
-        return _all_reduce(F.linear(x[..., self.cols], self.weight), self.group)
+        # x [B, T, in_local] (or [B, T, in] with x_slice) -> [B, T, out], full after the all-reduce
+        out = F.linear(x if self.x_slice is None else x[..., self.x_slice], self.weight)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
 
 
-class ShardedGQAAttention(nn.Module):
-    """This rank's query heads, the KV heads they read, and its rows of o_proj; all-reduce at the end."""
-
-    def __init__(self, op: GQAAttention, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
-        super().__init__()
-        nq, nkv, d = op.num_heads, op.num_kv_heads, op.head_dim
-        group_size = nq // nkv
-        q_heads = range(*_split(nq, rank, world).indices(nq))
-        kv_first, kv_last = q_heads[0] // group_size, q_heads[-1] // group_size
-        self.num_heads, self.num_kv_heads, self.head_dim = len(q_heads), kv_last - kv_first + 1, d
-        # local query head j reads local KV head kv_index[j]; the identity pattern (Nkv % world == 0) is the
-        # usual repeat_interleave, the replicated one may be uneven (e.g. Nq=6, Nkv=3, world=2: 0,0,1 | 1,2,2)
-        self.register_buffer("kv_index", torch.tensor([q // group_size - kv_first for q in q_heads],
-                                                      device=op.q_proj.weight.device), persistent=False)
-        q_rows = slice(q_heads[0] * d, (q_heads[-1] + 1) * d)
-        kv_rows = slice(kv_first * d, (kv_last + 1) * d)
-        self.q_proj = _rows(op.q_proj, q_rows)
-        self.k_proj, self.v_proj = _rows(op.k_proj, kv_rows), _rows(op.v_proj, kv_rows)
-        self.o_proj = _copy_linear(op.o_proj.weight[:, q_rows], None)
-        self.group = group
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H], summed over ranks."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nq, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)  # [B, nq, T, D]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-        return _all_reduce(out, self.group)
+def _head_rows(heads: list[int], d: int, device: torch.device) -> torch.Tensor:
+    """Weight rows [len(heads) * D] of the given heads, in order."""
+    return torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long, device=device)
 
 
-class ShardedSwiGLU(nn.Module):
-    """gate/up column-parallel, down row-parallel over the intermediate features; all-reduce at the end."""
+def _kv_heads(num_heads: int, num_kv_heads: int, rank: int, world: int) -> tuple[list[int], list[int]]:
+    """(this rank's query heads, the KV heads it keeps, in cache order).
 
-    def __init__(self, op: SwiGLU, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
-        super().__init__()
-        cols = _split(op.gate_proj.out_features, rank, world)
-        self.gate_proj, self.up_proj = _rows(op.gate_proj, cols), _rows(op.up_proj, cols)
-        self.down_proj = _copy_linear(op.down_proj.weight[:, cols], None)
-        self.group = group
+    Local query head j reads local KV head j // (len(q) // len(kv)). The KV heads the rank's query heads
+    read are kept once each when that grouping is even (always when Nkv % world == 0); when it is not
+    (e.g. Nq=6, Nkv=3, world=2 reads KV 0,0,1 | 1,2,2) every local query head gets its own copy of its KV
+    head, so the shard is plain multi-head attention with a larger cache.
+    """
+    group = num_heads // num_kv_heads
+    q_heads = list(range(num_heads))[_split(num_heads, rank, world)]
+    reads = [q // group for q in q_heads]
+    kept = sorted(set(reads))
+    even = len(q_heads) % len(kept) == 0 and reads == [kept[j // (len(q_heads) // len(kept))]
+                                                       for j in range(len(q_heads))]
+    return q_heads, kept if even else reads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x [B, T, H] -> [B, T, I/world] -> [B, T, H] summed over ranks
-        return _all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.group)
+
+def _shard_gqa(op: GQAAttention, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
+    """In place: this rank's query heads and the KV heads they read (q/k/v column-parallel), o_proj
+    row-parallel over those heads; the op stays a GQAAttention, so its forward and the runtime run it."""
+    d = op.head_dim
+    q_heads, kv_heads = _kv_heads(op.num_heads, op.num_kv_heads, rank, world)
+    dev = op.q_proj.weight.device
+    q_rows, kv_rows = _head_rows(q_heads, d, dev), _head_rows(kv_heads, d, dev)
+    o_proj = _linear(op.o_proj.weight[:, q_rows], None, AllReduceLinear, group=group)
+    op.q_proj = _rows(op.q_proj, q_rows)
+    op.k_proj, op.v_proj = _rows(op.k_proj, kv_rows), _rows(op.v_proj, kv_rows)
+    op.o_proj = o_proj
+    op.num_heads, op.num_kv_heads = len(q_heads), len(kv_heads)
+    for name in ("qkv_weight", "qkv_bias"):  # fused views of the unsharded weights (puzzle.runtime.fusion)
+        op._buffers.pop(name, None)
+
+
+def _shard_swiglu(op: SwiGLU, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
+    """In place: gate/up column-parallel, down row-parallel over this rank's intermediate features."""
+    cols = _split(op.gate_proj.out_features, rank, world)
+    op.gate_proj, op.up_proj = _rows(op.gate_proj, cols), _rows(op.up_proj, cols)
+    op.down_proj = _linear(op.down_proj.weight[:, cols], None, AllReduceLinear, group=group)
+    op._buffers.pop("gate_up_weight", None)
+
+
+def _shard_input(layer: nn.Linear, rank: int, world: int, group: dist.ProcessGroup | None) -> AllReduceLinear:
+    """A linear sub-block's H x H matrix, row-parallel over its input features."""
+    cols = _split(layer.in_features, rank, world)
+    shard = _linear(layer.weight[:, cols], None, AllReduceLinear, group=group, x_slice=cols)
+    return shard  # type: ignore[return-value]
 
 
 def check_tensor_parallel(model: PuzzleModel, world: int) -> None:
@@ -142,28 +153,6 @@ def check_tensor_parallel(model: PuzzleModel, world: int) -> None:
                                   "use a world size that divides it")
 
 
-def _shard_op(op: nn.Module, rank: int, world: int, group: dist.ProcessGroup | None) -> nn.Module:
-    if isinstance(op, GQAAttention):
-        return ShardedGQAAttention(op, rank, world, group)
-    if isinstance(op, SwiGLU):
-        return ShardedSwiGLU(op, rank, world, group)
-    if isinstance(op, LinearAttention):
-        # keeps LinearAttention's call signature (x, cos, sin) and its parameter name
-        return _LinearAttentionShard(RowParallelLinear(op.linear_attn, rank, world, group))
-    if isinstance(op, LinearFFN):
-        return RowParallelLinear(op.linear_mlp, rank, world, group)
-    return op  # other FFN kinds: replicated whole
-
-
-class _LinearAttentionShard(nn.Module):
-    def __init__(self, linear: RowParallelLinear) -> None:
-        super().__init__()
-        self.linear_attn = linear
-
-    def forward(self, x: torch.Tensor, *_: object, **__: object) -> torch.Tensor:
-        return self.linear_attn(x)
-
-
 @torch.no_grad()
 def shard_model(model: PuzzleModel, rank: int, world: int,
                 group: dist.ProcessGroup | None = None) -> PuzzleModel:
@@ -180,6 +169,31 @@ def shard_model(model: PuzzleModel, rank: int, world: int,
         return sharded
     for layer in sharded.layers:
         for block in (layer.attention, layer.ffn):
-            if block is not None:
-                block.op = _shard_op(block.op, rank, world, group)
+            op = block.op if block is not None else None
+            if isinstance(op, GQAAttention):
+                _shard_gqa(op, rank, world, group)
+                block.config = AttentionConfig.gqa(op.num_kv_heads)  # type: ignore[union-attr]
+            elif isinstance(op, SwiGLU):
+                _shard_swiglu(op, rank, world, group)
+            elif isinstance(op, LinearAttention):
+                op.linear_attn = _shard_input(op.linear_attn, rank, world, group)
+            elif isinstance(op, LinearFFN):
+                op.linear_mlp = _shard_input(op.linear_mlp, rank, world, group)
+    # The copy's config holds this rank's KV heads per layer, so a runtime KV cache allocates only those.
+    sharded.config = sharded.config.with_blocks(sharded.block_configs)
     return sharded
+
+
+def tensor_parallel_engine(sharded: PuzzleModel, batch_size: int, max_seq_len: int,
+                           graphs: GraphMode = "none", bucket: int = 256) -> Engine:
+    """A runtime engine on a `shard_model` copy: prefill and KV-cached decode, all-reducing per sub-block.
+
+    graphs: "none" (eager) or "manual" (CUDA-graph capture of the eager kernels; NCCL all-reduces can be
+    captured). "fused"/"auto" are refused: the fused regions and batch-1 GEMVs read o_proj / down_proj
+    weights directly and would skip the all-reduce. No q/k/v or gate/up fusion either (it would work, but
+    is not tested sharded).
+    """
+    if graphs not in ("none", "manual"):
+        raise PuzzleError(f"graph mode {graphs!r} is not supported with tensor parallelism; "
+                          "use 'none' or 'manual'")
+    return Engine(sharded, batch_size, max_seq_len, graphs=graphs, bucket=bucket, fuse=False)
