@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from puzzle.core.config import from_dict
 from puzzle.core.errors import PuzzleError
+from puzzle.core.workloads import Workload
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import PuzzleModel, build_model
 from puzzle.model.presets import tiny_llama_config
@@ -99,3 +101,13 @@ def test_intermediate_not_divisible_names_the_layer() -> None:
     model = build_model(tiny_llama_config(num_heads=4, num_kv_heads=2, intermediate_size=130), seed=0)
     with pytest.raises(PuzzleError, match=r"layer 0: SwiGLU intermediate size 130"):
         shard_model(model, 0, 4)
+
+
+def test_workload_tensor_parallel_is_optional_and_validated() -> None:
+    plain = Workload("chat", 1, 128, 128)
+    assert plain.tensor_parallel == 1
+    assert plain.to_dict() == {"name": "chat", "batch_size": 1, "prompt_len": 128, "gen_len": 128}  # as before
+    tp = from_dict(Workload, {**plain.to_dict(), "tensor_parallel": 2}, where="workloads[0]")
+    assert tp.tensor_parallel == 2 and Workload(**tp.to_dict()) == tp
+    with pytest.raises(PuzzleError, match="workload 'chat': tensor_parallel must be a positive integer, got 0"):
+        Workload("chat", 1, 128, 128, tensor_parallel=0)

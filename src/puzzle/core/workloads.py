@@ -15,9 +15,12 @@ class Workload:
     batch_size: int
     prompt_len: int
     gen_len: int
+    # GPUs the model is split over (Megatron tensor parallelism, `puzzle.runtime.tensor_parallel`); measured
+    # only under torchrun with that many GPUs; not yet wired into costs (they are measured on one GPU).
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for field_name in ("batch_size", "prompt_len", "gen_len"):
+        for field_name in ("batch_size", "prompt_len", "gen_len", "tensor_parallel"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value <= 0:
                 raise PuzzleError(f"workload {self.name!r}: {field_name} must be a positive integer, got {value!r}")
@@ -31,7 +34,11 @@ class Workload:
         return self.batch_size * self.gen_len
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "batch_size": self.batch_size, "prompt_len": self.prompt_len, "gen_len": self.gen_len}
+        d: dict[str, object] = {"name": self.name, "batch_size": self.batch_size, "prompt_len": self.prompt_len,
+                                "gen_len": self.gen_len}
+        if self.tensor_parallel != 1:  # absent at 1, so existing artifacts and cache keys stay as they were
+            d["tensor_parallel"] = self.tensor_parallel
+        return d
 
 
 # The paper's scenarios (Table 3) at a large batch, plus single-stream chat.
