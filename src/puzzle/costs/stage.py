@@ -149,6 +149,10 @@ def run_costs(run_dir: Path, cfg: CostsConfig, workloads: list[Workload],
         raise PuzzleError("costs: the search space has no blocks; build the library first")
     if not workloads:
         raise PuzzleError("workloads is empty; name at least one workload")
+    for w in workloads:  # costing a TP workload as one GPU would be silently wrong
+        if w.tensor_parallel != 1:
+            raise PuzzleError(f"workload {w.name!r}: tensor_parallel={w.tensor_parallel} is not costed yet (per-block "
+                              "costs are measured on one GPU); remove it from the workloads the costs stage measures")
     kind, device = resolve_mode(cfg)
     key = ESTIMATE_KEY if kind == "estimate" else device_key(device)
     written: dict[str, Path] = {}
