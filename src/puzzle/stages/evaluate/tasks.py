@@ -12,9 +12,9 @@ the context; `acc_norm` divides by the ending's length in bytes, as lm-eval does
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +167,20 @@ def split_request(encode: Encoder, context: str, continuation: str, bos_id: int 
     return prefix + ctx, cont
 
 
+def target_logprobs(logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of logits [B, T, V]: the summed log-prob of the scored targets and whether each is the argmax.
+
+    rows, positions, targets [N]: one entry per scored token. Only these N positions go through log-softmax.
+    Returns (log-prob sums [B], every scored token greedy [B] bool).
+    """
+    picked = logits[rows, positions].float()  # [N, V]
+    lp = F.log_softmax(picked, dim=-1).gather(-1, targets[:, None])[:, 0]  # [N]
+    missed = (picked.argmax(-1) != targets).float()  # [N]
+    zeros = torch.zeros(logits.shape[0], device=logits.device)
+    return zeros.index_add(0, rows, lp), zeros.index_add(0, rows, missed) == 0
+
+
 @torch.no_grad()
 def score_requests(logits_fn: LogitsFn, requests: list[tuple[list[int], list[int]]], device: torch.device,
                    batch_size: int, max_len: int, max_tokens: int | None = None) -> list[tuple[float, bool]]:
@@ -195,15 +209,10 @@ def score_requests(logits_fn: LogitsFn, requests: list[tuple[list[int], list[int
             pos_of += range(len(q) - 1 - n, len(q) - 1)  # positions predicting the continuation
             targets += q[len(q) - n:]
         logits = logits_fn(ids.to(device))  # [B, width, V]
-        picked = logits[torch.tensor(row_of, device=device), torch.tensor(pos_of, device=device)].float()  # [N, V]
-        target = torch.tensor(targets, device=device)  # [N]
-        lp = F.log_softmax(picked, dim=-1).gather(-1, target[:, None])[:, 0]  # [N]
-        hit = picked.argmax(-1) == target  # [N]
-        owner = torch.tensor(row_of, device=device)
-        ll = torch.zeros(len(chunk), device=device).index_add_(0, owner, lp).tolist()
-        missed = torch.zeros(len(chunk), device=device).index_add_(0, owner, (~hit).float()).tolist()
-        for row, i in enumerate(chunk):
-            results[i] = (ll[row], missed[row] == 0)
+        ll, greedy = target_logprobs(logits, torch.tensor(row_of, device=device), torch.tensor(pos_of, device=device),
+                                     torch.tensor(targets, device=device))
+        for row, (i, s_ll, s_greedy) in enumerate(zip(chunk, ll.tolist(), greedy.tolist(), strict=True)):
+            results[i] = (s_ll, s_greedy)
     return results
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from puzzle.core.errors import PuzzleError
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.decoder import DecoderLayer, PuzzleModel
+from puzzle.stages.evaluate.tasks import target_logprobs
 from puzzle.stages.library.provider import BlockProvider
 from puzzle.stages.scoring.batches import EvalBatch, TaskItem
 
@@ -88,14 +89,11 @@ def _accumulate(sums: _Sums, logits: torch.Tensor, batch: EvalBatch, parent_logp
     if batch.task_targets is not None:
         targets = batch.task_targets.to(logits.device)
         mask = targets >= 0  # [B, T]: only these positions are scored (long-context rows are mostly context)
-        target = targets[mask]  # [N]
-        lp = torch.log_softmax(logits[mask].float(), dim=-1)  # [N, V]
-        row = mask.nonzero()[:, 0]  # [N]: the row of each scored position
-        logp_sum = torch.zeros(mask.shape[0], device=lp.device).index_add_(0, row, lp.gather(-1, target[:, None])[:, 0])
-        misses = torch.zeros(mask.shape[0], device=lp.device).index_add_(0, row, (lp.argmax(-1) != target).float())
+        row, pos = mask.nonzero().unbind(1)  # [N] each: where the scored positions are
+        logp_sum, greedy = target_logprobs(logits, row, pos, targets[mask])
         for r, key in enumerate(batch.task_rows):
             sums.choice_logp[key] = float(logp_sum[r])
-            sums.choice_greedy[key] = bool(misses[r] == 0)
+            sums.choice_greedy[key] = bool(greedy[r])
         return
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     tokens = batch.tokens.to(logp.device)
