@@ -21,19 +21,6 @@ if [ ! -f "$GGUF" ]; then
   mv "$GGUF.tmp" "$GGUF"
 fi
 python3 -c 'import gguf' 2>/dev/null || python3 -m pip install --no-deps --no-index -q .carry/wheels/gguf-*.whl || exit 1
-[ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUN=${RUN:-/root/runs/smollm2-135m-h200}; mkdir -p "$(dirname "$RUN")"
-{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
-  python3 -c 'import torch, transformers, gguf; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
-  > "$OUT/smollm2_env.txt" 2>&1
-[ -f .carry/git_state.json ] && cp .carry/git_state.json "$OUT/git_state.json"  # saved by: python benchmarks/_meta.py
-start=$(date +%s)
-timeout "${LIMIT:-560}" python3 -m puzzle.cli run configs/smollm2-135m-h200.yaml run_dir=$RUN parent=$GGUF "$@" 2>&1 \
-  | grep --line-buffered -v -E '^\s*$|it/s\]$' | tee -a "$RUN.log"
-rc=${PIPESTATUS[0]}
-echo "rc=$rc wall_s=$(( $(date +%s) - start )) args: $*" | tee -a "$RUN.log"
-cp "$RUN.log" "$OUT/$(basename "$RUN")_run.log"
-( cd "$RUN" && find . -name '*.json' -not -name '*.safetensors*' -size -4M -o -name '*.csv' -o -name 'report.md' \
-    -o -name '*.png' | grep -v '/layer[0-9]*/' | tar czf "$OUT/$(basename "$RUN")_artifacts.tar.gz" -T - ) 2>/dev/null
-exit "$rc"
+source "$(dirname "$0")/_device_run.sh"
+RUN=${RUN:-/root/runs/smollm2-135m-h200}
+device_run "$(basename "$RUN")" configs/smollm2-135m-h200.yaml "$RUN" "$RUN.log" parent="$GGUF" "$@"
