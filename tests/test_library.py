@@ -236,3 +236,19 @@ def test_library_trains_gqa2_from_a_five_kv_head_parent(tmp_path: Path) -> None:
     build_library(tmp_path / "library", model, tokens(32, 0), tokens(8, 1), lib)
     entry = Library.open(tmp_path / "library").entry(0, "attention", "gqa2")
     assert entry.metrics["tokens"] > 0 and entry.metrics["init"] == "kv_mean_pool"
+
+
+def test_parent_items_reuse_the_parents_modules(parent: torch.nn.Module) -> None:
+    """The parent's own sub-blocks are not copied into a wave (an fp32 copy is 0.9 GB per Llama-8B layer)."""
+    from puzzle.stages.library import LibraryEntry
+    from puzzle.stages.library.train import build_candidate
+
+    own = CONFIG.blocks[1]
+    att = build_candidate(parent, LibraryEntry(1, "attention", own.attention, None, None), {}, 1e-3)
+    ffn = build_candidate(parent, LibraryEntry(1, "ffn", None, own.ffn, None), {}, 1e-3)
+    assert att.attention is parent.layers[1].attention and att.ffn is None
+    assert ffn.ffn is parent.layers[1].ffn and ffn.attention is None
+    saved = ffn.weights(torch.float32)  # the entry's keys are sub-block-relative, as for trained variants
+    assert set(saved) == set(parent.layers[1].ffn.state_dict())
+    other = build_candidate(parent, LibraryEntry(1, "attention", AttentionConfig.gqa(1), None, None), {}, 1e-3)
+    assert other.attention is not parent.layers[1].attention  # a variant to train: its own fp32 copy

@@ -178,6 +178,10 @@ def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, 
 def build_candidate(parent: PuzzleModel, item: LibraryEntry, stats: dict[tuple[int, str], CalibrationStats],
                     ridge: float) -> Candidate:
     layer, model = parent.layers[item.layer], parent.config
+    if is_parent_item(item, model.blocks[item.layer]):
+        # Nothing to train: the parent's own modules, not an fp32 copy (0.9 GB per Llama-8B layer in a wave).
+        keep_att, keep_ffn = item.kind in ("attention", "block"), item.kind in ("ffn", "block")
+        return Candidate(item, layer.attention if keep_att else None, layer.ffn if keep_ffn else None)
     att = ffn = None
     if item.attention is not None:
         att = init_attention(layer.attention, item.attention, model, stats.get((item.layer, "attention")), ridge) \
