@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from puzzle.core.dtypes import dtype_bytes
+from puzzle.core.dtypes import compute_dtype_name, dtype_bytes, precision_bytes
 from puzzle.core.workloads import Workload
 from puzzle.model.blocks import (
     AttentionConfig,
@@ -48,10 +48,14 @@ def _roofline(flops: float, nbytes: float, cfg: CostsConfig) -> float:
 
 def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
                       cfg: CostsConfig, ctx: int) -> dict[str, Any]:
-    """FLOPs and bytes of each variant against the roofline (peak_flops, mem_bandwidth): an estimate."""
-    eb = dtype_bytes(cfg.dtype)
+    """FLOPs and bytes of each variant against the roofline (peak_flops, mem_bandwidth): an estimate.
+
+    Weights and KV at the precision's bytes (fp8: 1), activations and the LM head at its compute dtype's.
+    """
+    eb = precision_bytes(cfg.dtype)
+    ab = dtype_bytes(compute_dtype_name(cfg.dtype))  # activations, embeddings, LM head
     h, d, nq, b, p = model.hidden_size, model.head_dim, model.num_attention_heads, w.batch_size, w.prompt_len
-    act = lambda tokens: 4 * tokens * h * eb  # read + write of a few hidden-sized tensors
+    act = lambda tokens: 4 * tokens * h * ab  # read + write of a few hidden-sized tensors
     out: dict[str, Any] = {"attention": {}, "ffn": {}}
     for att in atts:
         params = attention_param_count(att, h, d, nq, model.attention_bias)
@@ -78,8 +82,8 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
         out["ffn"][ffn.name] = rec
     head = model.vocab_size * h
     out["fixed"] = {
-        "prefill_s": _roofline(2 * head * b, head * eb + act(b * p), cfg),  # LM head on the last token only
-        "decode_step_s": _roofline(2 * head * b, head * eb + b * model.vocab_size * 4, cfg),
+        "prefill_s": _roofline(2 * head * b, head * ab + act(b * p), cfg),  # LM head on the last token only
+        "decode_step_s": _roofline(2 * head * b, head * ab + b * model.vocab_size * 4, cfg),
         "sampling_s": 0.0, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
     }
     return out

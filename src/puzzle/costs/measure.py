@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from puzzle.core.dtypes import dtype_bytes, torch_dtype
+from puzzle.core.dtypes import FP8, compute_dtype_name, precision_bytes, torch_dtype
 from puzzle.core.errors import PuzzleError
 from puzzle.core.workloads import Workload
 from puzzle.costs.calibration import fit_calibration
@@ -24,6 +24,7 @@ from puzzle.costs.schema import lookup_variant
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import build_model
 from puzzle.runtime.engine import Engine
+from puzzle.runtime.fp8 import E4M3, quantize_fp8
 from puzzle.runtime.timing import summarize, time_calls
 
 if TYPE_CHECKING:
@@ -48,10 +49,14 @@ def _stack_config(model: ModelConfig, block: BlockConfig, k: int, seq: int, voca
 
 def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, device: torch.device,
                 gen: torch.Generator) -> tuple[list[float], list[float]]:
-    """Prefill and decode-step samples (seconds) of a whole model (random weights) with the runtime engine."""
-    model = build_model(config, device=device, dtype=torch_dtype(cfg.dtype), seed=0).eval()
+    """Prefill and decode-step samples (seconds) of a whole model (random weights) with the runtime engine;
+    at fp8, with FP8 linears and an FP8 KV cache (`puzzle.runtime.fp8`)."""
+    model = build_model(config, device=device, dtype=torch_dtype(compute_dtype_name(cfg.dtype)), seed=0).eval()
+    fp8 = cfg.dtype == FP8
+    if fp8:
+        quantize_fp8(model)
     b, p = w.batch_size, w.prompt_len
-    engine = Engine(model, b, max(p, ctx) + 1, graphs=cfg.graphs, bucket=1)
+    engine = Engine(model, b, max(p, ctx) + 1, graphs=cfg.graphs, bucket=1, kv_dtype=E4M3 if fp8 else None)
     prefill, decode = [], []
     for _ in range(cfg.input_sets):
         ids = torch.randint(0, config.vocab_size, (b, p), generator=gen).to(device)
@@ -79,7 +84,7 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
     calibration sees them. `timer` times one model (default: `_time_model`, the runtime engine).
     """
     timer = timer or _time_model
-    eb = dtype_bytes(cfg.dtype)
+    eb = precision_bytes(cfg.dtype)
     gen = torch.Generator().manual_seed(0)
     empty = BlockConfig(AttentionConfig.no_op(), FFNConfig.no_op())
     # per part: the layer a variant is timed in (`around`), and the reference stack (block, layers)

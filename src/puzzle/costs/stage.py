@@ -15,7 +15,7 @@ import torch
 
 from puzzle.core.artifacts import hash_json, write_json
 from puzzle.core.config import check_device, to_dict
-from puzzle.core.dtypes import DTYPE_BYTES
+from puzzle.core.dtypes import FP8, PRECISION_BYTES, compute_dtype_name, dtype_bytes, precision_name
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
 from puzzle.core.rundir import RunDir
@@ -33,11 +33,14 @@ from puzzle.runtime.timing import device_key, device_name
 from puzzle.stages.library.store import Library
 
 
+BF16_PEAK, FP8_PEAK = 989e12, 1979e12  # H100/H200 SXM dense tensor-core FLOP/s (datasheet)
+
+
 @dataclass
 class CostsConfig:
     mode: Literal["auto", "measure", "estimate"] = "auto"  # auto: measure on a GPU, estimate without one
     device: str = "cuda"
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # the deployment precision: bfloat16, float16, float32, or fp8 (`core.dtypes`)
     repeats: int = 10
     warmup: int = 3
     input_sets: int = 3
@@ -58,7 +61,7 @@ class CostsConfig:
     # Extra timing rounds for variants that break the width order (fewer KV heads or a narrower FFN timed
     # slower) by more than their spread; what still breaks it after them is fitted (`puzzle.costs.consistency`).
     consistency_remeasure: int = 2
-    peak_flops: float = 989e12  # analytic roofline (H100/H200 dense bf16)
+    peak_flops: float = 989e12  # analytic roofline (H100/H200 dense bf16; fp8: 1979e12 unless set)
     mem_bandwidth: float = 4.8e12  # analytic roofline (H200 HBM3e)
 
     def __post_init__(self) -> None:
@@ -70,8 +73,9 @@ class CostsConfig:
             raise PuzzleError(f"costs.warmup must be >= 0, got {self.warmup}")
         if self.consistency_remeasure < 0:
             raise PuzzleError(f"costs.consistency_remeasure must be >= 0, got {self.consistency_remeasure}")
-        if self.dtype not in DTYPE_BYTES:
-            raise PuzzleError(f"costs.dtype {self.dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+        self.dtype = precision_name(self.dtype, "costs.dtype")
+        if self.dtype == FP8 and self.peak_flops == BF16_PEAK:
+            self.peak_flops = FP8_PEAK  # the default roofline at the precision it prices (H100/H200 dense fp8)
         if self.method not in METHODS:
             raise PuzzleError(f"costs.method {self.method!r} is not supported; use one of {list(METHODS)}")
         check_device("costs.device", self.device)
@@ -93,8 +97,9 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
     kind, device = resolve_mode(cfg)
     atts, ffns = split_variants(blocks)
     ctx = mean_decode_context(w, cfg.bucket)
-    eb = DTYPE_BYTES[cfg.dtype]
-    mem = memory_model(model, w, eb)
+    eb = PRECISION_BYTES[cfg.dtype]  # layer weights and KV
+    cb = dtype_bytes(compute_dtype_name(cfg.dtype))  # activations, embedding, LM head (fp8: bf16)
+    mem = memory_model(model, w, eb, cb)
     if kind == "estimate":
         body = estimate_workload(model, atts, ffns, w, cfg, ctx)
         body["consistency"] = make_consistent(body, anchors=parent_anchors(model.blocks))  # monotone: no fit
@@ -108,7 +113,7 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
     body.setdefault("calibration", None)
     if total is not None:
         mem["fits"] = mem["total_bytes"] <= total
-        mem["max_batch_size"] = max_batch_size(model, w.prompt_len, w.gen_len, total, eb)
+        mem["max_batch_size"] = max_batch_size(model, w.prompt_len, w.gen_len, total, eb, cb)
     return {
         "schema": SCHEMA, "kind": kind, "device": name, "device_key": key, "device_memory_bytes": total,
         "dtype": cfg.dtype, "torch": torch.__version__,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from puzzle.core.dtypes import dtype_bytes
+from puzzle.core.dtypes import compute_dtype_name, dtype_bytes, precision_bytes
 from puzzle.core.errors import PuzzleError
 from puzzle.core.workloads import Workload, workload_by_name
 from puzzle.costs.calibration import correction
@@ -147,7 +147,10 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
     wl = data.get("workload")
     workload = Workload(**{k: wl[k] for k in ("name", "batch_size", "prompt_len", "gen_len")}) \
         if isinstance(wl, dict) else workload_by_name(workload_name)
-    dtype_size = dtype_bytes(data.get("dtype", "bfloat16"), f"{path}: dtype")
+    precision = data.get("dtype", "bfloat16")
+    dtype_size = precision_bytes(precision, f"{path}: dtype")
+    # fp8 keeps the embedding and LM head (the fixed params) in bf16: their extra bytes are a fixed cost
+    fixed_extra = dtype_bytes(compute_dtype_name(precision)) - dtype_size
     # Times come from `block_costs` / `fixed_costs` (calibration included), as `predict` adds them up.
     fixed = fixed_costs(data, workload)
     arrays: dict[str, list[np.ndarray]] = {"total": [], "prefill": [], "params": [], "kv": []}
@@ -164,7 +167,8 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
         total_s=arrays["total"], prefill_s=arrays["prefill"], params=arrays["params"],
         kv_bytes_per_token=arrays["kv"],
         fixed_total_s=fixed["total_s"], fixed_prefill_s=fixed["prefill_s"], fixed_params=fixed["params"],
-        fixed_memory_bytes=float((data.get("parent_memory") or {}).get("activation_bytes", 0.0)),
+        fixed_memory_bytes=float((data.get("parent_memory") or {}).get("activation_bytes", 0.0))
+        + fixed["params"] * fixed_extra,
         estimate=data.get("kind") == "estimate",
     )
 

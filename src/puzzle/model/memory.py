@@ -14,8 +14,13 @@ from puzzle.model.blocks import ModelConfig
 from puzzle.core.workloads import Workload
 
 
-def weights_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
-    return config.param_count() * dtype_bytes
+def weights_bytes(config: ModelConfig, dtype_bytes: int = 2, fixed_bytes: int | None = None) -> int:
+    """fixed_bytes: per embedding, LM head and final-norm parameter, where they stay wider than the layers
+    (an FP8 deployment keeps them bf16); None: dtype_bytes."""
+    if fixed_bytes is None:
+        return config.param_count() * dtype_bytes
+    layers = sum(config.block_param_count(b) for b in config.blocks)
+    return layers * dtype_bytes + (config.param_count() - layers) * fixed_bytes
 
 
 def kv_cache_bytes(config: ModelConfig, batch_size: int, seq_len: int, dtype_bytes: int = 2) -> int:
@@ -31,20 +36,26 @@ def activation_bytes(config: ModelConfig, batch_size: int, prompt_len: int, dtyp
     return batch_size * prompt_len * per_token + logits
 
 
-def memory_model(config: ModelConfig, workload: Workload, dtype_bytes: int = 2) -> dict[str, int]:
-    """Bytes needed to serve `workload`: weights, KV cache, activation estimate and their total."""
-    w = weights_bytes(config, dtype_bytes)
+def memory_model(config: ModelConfig, workload: Workload, dtype_bytes: int = 2,
+                 compute_bytes: int | None = None) -> dict[str, int]:
+    """Bytes needed to serve `workload`: weights, KV cache, activation estimate and their total.
+
+    dtype_bytes: per layer weight and cached K/V element; compute_bytes: per activation, embedding and LM-head
+    weight when wider (FP8: 1 and 2); None: dtype_bytes.
+    """
+    w = weights_bytes(config, dtype_bytes, compute_bytes)
     kv = kv_cache_bytes(config, workload.batch_size, workload.max_seq_len, dtype_bytes)
-    act = activation_bytes(config, workload.batch_size, workload.prompt_len, dtype_bytes)
+    act = activation_bytes(config, workload.batch_size, workload.prompt_len, compute_bytes or dtype_bytes)
     return {"weights_bytes": w, "kv_cache_bytes": kv, "activation_bytes": act, "total_bytes": w + kv + act}
 
 
 def max_batch_size(config: ModelConfig, prompt_len: int, gen_len: int, memory_bytes: int,
-                   dtype_bytes: int = 2) -> int:
-    """The largest batch whose weights + KV cache + activations fit in `memory_bytes` (0 if none)."""
-    free = memory_bytes - weights_bytes(config, dtype_bytes)
+                   dtype_bytes: int = 2, compute_bytes: int | None = None) -> int:
+    """The largest batch whose weights + KV cache + activations fit in `memory_bytes` (0 if none); the
+    bytes as in `memory_model`."""
+    free = memory_bytes - weights_bytes(config, dtype_bytes, compute_bytes)
     per_seq = (kv_cache_bytes(config, 1, prompt_len + gen_len, dtype_bytes)
-               + activation_bytes(config, 1, prompt_len, dtype_bytes))
+               + activation_bytes(config, 1, prompt_len, compute_bytes or dtype_bytes))
     return max(0, free // per_seq) if per_seq > 0 else 0
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.model.decoder import AttentionBlock, GQAAttention, apply_rope
-from puzzle.runtime.kv_cache import LayerCache
+from puzzle.runtime.kv_cache import LayerCache, store
 
 
 def split_heads(op: GQAAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -32,6 +32,9 @@ def split_qkv(op: GQAAttention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def project_qkv(op: GQAAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normed x [B, T, H] -> q [B, Nq, T, D], k, v [B, Nkv, T, D] (before RoPE); one GEMV when fused."""
+    fp8 = getattr(op, "qkv_fp8", None)  # one FP8 GEMM (`puzzle.runtime.fp8`)
+    if fp8 is not None:
+        return split_qkv(op, fp8(x))
     fused = getattr(op, "qkv_weight", None)  # see puzzle.runtime.fusion
     if fused is None:
         return split_heads(op, op.q_proj(x), op.k_proj(x), op.v_proj(x))
@@ -48,27 +51,27 @@ def qkv_rope(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None
 
 
 def qkv_write(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None, cos: torch.Tensor,
-              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, fresh: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """`qkv_rope`, then k/v written into the cache [B, Nkv, S, D] at `slots` [T]; returns (h, q).
 
     The part of a GQA sub-block before attention: one compiled region in "fused" mode, so RoPE on k and
-    the cache write become one kernel.
+    the cache write (with an FP8 cache's quantization: scales given, see `kv_cache.store`) become one kernel.
     """
     h, q, k, v = qkv_rope(block, h, update, cos, sin)
-    k_cache.index_copy_(2, slots, k)
-    v_cache.index_copy_(2, slots, v)
+    store(k_cache, v_cache, slots, k, v, k_scale, v_scale, fresh)
     return h, q
 
 
 def rope_write(op: GQAAttention, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+               v_cache: torch.Tensor, slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+               v_scale: torch.Tensor | None = None, fresh: bool = False) -> torch.Tensor:
     """The fused q/k/v projection's output [B, T, (Nq + 2 Nkv) D] (bias not yet added) -> RoPE -> k/v
     written into the cache at `slots`; returns q [B, Nq, T, D]. The region between `norm_gemv` and SDPA."""
     bias = getattr(op, "qkv_bias", None)
     q, k, v = split_qkv(op, qkv if bias is None else qkv + bias)
-    k_cache.index_copy_(2, slots, apply_rope(k, cos, sin))
-    v_cache.index_copy_(2, slots, v)
+    store(k_cache, v_cache, slots, apply_rope(k, cos, sin), v, k_scale, v_scale, fresh)
     return apply_rope(q, cos, sin)
 
 
@@ -82,7 +85,8 @@ def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 def attend_prefix(q: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """Attention of q [B, Nq, T, D] over the first L = cache.owner.attend_len cached slots: [B, T, Nq*D].
 
-    mask [B, 1, T, L]: bool (True = attend) or additive (0 / large negative), broadcast over heads.
+    mask [B, 1, T, L]: bool (True = attend) or additive (0 / large negative), broadcast over heads. An FP8
+    cache is dequantized here, before SDPA (which reads only floating-point K/V).
     """
     b, nq, t, d = q.shape
     nkv = cache.k.shape[1]
@@ -91,7 +95,8 @@ def attend_prefix(q: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> tor
     # Fold each KV group's queries into the query axis: [B, Nkv, G*T, D]; the mask repeats per group.
     qg = q.reshape(b, nkv, group * t, d)
     m = mask if t == 1 else mask.repeat(1, 1, group, 1)  # [B, 1, G*T, L] (broadcast when T == 1)
-    out = F.scaled_dot_product_attention(qg, cache.k[:, :, :n], cache.v[:, :, :n], attn_mask=m)
+    k, v = cache.read(n)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m)
     out = out.reshape(b, nq, t, d)  # SDPA's output may be non-contiguous on CUDA
     return out.transpose(1, 2).reshape(b, t, nq * d)
 

@@ -23,23 +23,27 @@ class DeviceSpec:
         return self.peak_flops.get(dtype.removeprefix("torch."))
 
 
-def _spec(name: str, tb_s: float, bf16_tflops: float, fp32_tflops: float) -> DeviceSpec:
+def _spec(name: str, tb_s: float, bf16_tflops: float, fp32_tflops: float, fp8_tflops: float | None = None
+          ) -> DeviceSpec:
+    """fp8_tflops: dense e4m3 tensor-core peak (Ada and Hopper; None where the GPU has no FP8 tensor cores)."""
     peaks = {"bfloat16": bf16_tflops * T, "float16": bf16_tflops * T, "float32": fp32_tflops * T}
+    if fp8_tflops is not None:
+        peaks["fp8"] = fp8_tflops * T
     return DeviceSpec(name, tb_s * T, peaks)
 
 
 # (pattern on the lower-cased CUDA device name, spec); the first match wins, so variants come before families.
 DATASHEETS: tuple[tuple[str, DeviceSpec], ...] = (
-    (r"h200.*nvl", _spec("H200 NVL", 4.8, 835, 60)),
-    (r"h200", _spec("H200 SXM", 4.8, 989, 67)),
-    (r"h100.*nvl", _spec("H100 NVL", 3.9, 835, 60)),
-    (r"h100.*pcie", _spec("H100 PCIe", 2.0, 756, 51)),
-    (r"h100", _spec("H100 SXM", 3.35, 989, 67)),
+    (r"h200.*nvl", _spec("H200 NVL", 4.8, 835, 60, 1670)),
+    (r"h200", _spec("H200 SXM", 4.8, 989, 67, 1979)),
+    (r"h100.*nvl", _spec("H100 NVL", 3.9, 835, 60, 1670)),
+    (r"h100.*pcie", _spec("H100 PCIe", 2.0, 756, 51, 1513)),
+    (r"h100", _spec("H100 SXM", 3.35, 989, 67, 1979)),
     (r"a100.*(80gb.*pcie|pcie.*80gb)", _spec("A100 80GB PCIe", 1.935, 312, 19.5)),
     (r"a100.*80gb", _spec("A100 80GB SXM", 2.039, 312, 19.5)),
     (r"a100", _spec("A100 40GB", 1.555, 312, 19.5)),
-    (r"l40s", _spec("L40S", 0.864, 362, 91.6)),
-    (r"\bl4\b", _spec("L4", 0.3, 121, 30.3)),
+    (r"l40s", _spec("L40S", 0.864, 362, 91.6, 733)),
+    (r"\bl4\b", _spec("L4", 0.3, 121, 30.3, 242)),
     (r"\ba10\b", _spec("A10", 0.6, 125, 31.2)),
 )
 

@@ -24,6 +24,7 @@ import torch
 
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel
+from puzzle.runtime.fp8 import has_fp8
 from puzzle.runtime.fusion import fuse_projections
 from puzzle.runtime.gemv import available as gemv_available
 from puzzle.runtime.kv_cache import StaticKVCache
@@ -72,8 +73,10 @@ class Engine:
     """Prefill + decode for one batch size and maximum sequence length (prompt + generated)."""
 
     def __init__(self, model: PuzzleModel, batch_size: int, max_seq_len: int, graphs: GraphMode = "auto",
-                 bucket: int = 256, fuse: bool | None = None) -> None:
-        """fuse: run q/k/v and gate/up as single GEMVs (`puzzle.runtime.fusion`); None = on CUDA only."""
+                 bucket: int = 256, fuse: bool | None = None, kv_dtype: torch.dtype | None = None) -> None:
+        """fuse: run q/k/v and gate/up as single GEMVs (`puzzle.runtime.fusion`); None = on CUDA only.
+        kv_dtype: how the KV cache stores keys and values (None: the model's dtype; torch.float8_e4m3fn: FP8,
+        `puzzle.runtime.kv_cache`). FP8 linears come with the model (`puzzle.runtime.fp8.quantize_fp8`)."""
         config = model.config
         if max_seq_len > config.max_position_embeddings:
             raise PuzzleError(
@@ -86,7 +89,7 @@ class Engine:
         self.dtype = model.embed_tokens.weight.dtype
         self.graph_mode = resolve_graph_mode(graphs, self.device)
         fuse_projections(model, self.device.type == "cuda" if fuse is None else fuse)
-        self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype)
+        self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype, kv_dtype)
         b, s, dev = batch_size, max_seq_len, self.device
         self.valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # [B, S] slots holding real tokens
         self.pad = torch.zeros(b, dtype=torch.long, device=dev)  # [B] left-padding per row
@@ -100,7 +103,8 @@ class Engine:
         self._pool = None
         self.captured = self.graph_mode in ("manual", "fused")  # decode steps (and small prefills) in CUDA graphs
         # The decode step's sub-blocks: "fused" = compiled regions (see FusedRegions), otherwise eager kernels.
-        gemv = batch_size == 1 and gemv_available(self.device)  # Triton GEMVs: see FusedRegions
+        # Triton GEMVs (see FusedRegions) read bf16/fp32 weights only: an FP8 model runs its scaled GEMMs instead
+        gemv = batch_size == 1 and gemv_available(self.device) and not has_fp8(model)
         self._regions = FusedRegions(gemv=gemv) if self.graph_mode == "fused" else EAGER
 
     # ---- prefill ---------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class Engine:
         self.valid.zero_()
         self.valid[:, :p] = ar[None, :] >= self.pad[:, None]
         positions = (ar[None, :] - self.pad[:, None]).clamp(min=0)  # [B, P]
-        self.cache.set_slots(ar, attend_len=p)
+        self.cache.set_slots(ar, attend_len=p, fresh=True)
         mask = None
         if padded:
             causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()

@@ -68,6 +68,8 @@ def fuse_projections(model: PuzzleModel, fuse: bool = True) -> PuzzleModel:
     for module in model.modules():
         if not isinstance(module, (GQAAttention, SwiGLU)) or is_fused(module):
             continue
+        if not isinstance(getattr(module, "q_proj", getattr(module, "gate_proj", None)), nn.Linear):
+            continue  # FP8 projections fuse their own way (`puzzle.runtime.fp8`)
         for name in _FUSED_BUFFERS:
             module._buffers.pop(name, None)
         if fuse and isinstance(module, GQAAttention):

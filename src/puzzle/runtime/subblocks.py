@@ -21,8 +21,12 @@ from puzzle.runtime.kv_cache import LayerCache
 
 def swiglu_act(op: SwiGLU, x: torch.Tensor) -> torch.Tensor:
     """Normed x [B, T, H] -> silu(gate) * up [B, T, I]; one GEMV for gate and up when fused."""
+    fp8 = getattr(op, "gate_up_fp8", None)  # one FP8 GEMM (`puzzle.runtime.fp8`)
     fused = getattr(op, "gate_up_weight", None)  # see puzzle.runtime.fusion
-    gate, up = F.linear(x, fused).chunk(2, dim=-1) if fused is not None else (op.gate_proj(x), op.up_proj(x))
+    if fp8 is not None:
+        gate, up = fp8(x).chunk(2, dim=-1)
+    else:
+        gate, up = F.linear(x, fused).chunk(2, dim=-1) if fused is not None else (op.gate_proj(x), op.up_proj(x))
     return F.silu(gate) * up
 
 
@@ -109,9 +113,11 @@ class FusedRegions:
         weight = getattr(block.op, "qkv_weight", None)
         if self.gemv and weight is not None:
             h, qkv = norm_gemv(h, weight, update, block.norm.weight, block.norm.eps)
-            q = self._rope_write(block.op, qkv, cos, sin, cache.k, cache.v, cache.owner.slots)
+            q = self._rope_write(block.op, qkv, cos, sin, cache.k, cache.v, cache.owner.slots, cache.k_scale,
+                                 cache.v_scale, cache.owner.fresh)
         else:
-            h, q = self._qkv_write(block, h, update, cos, sin, cache.k, cache.v, cache.owner.slots)
+            h, q = self._qkv_write(block, h, update, cos, sin, cache.k, cache.v, cache.owner.slots, cache.k_scale,
+                                   cache.v_scale, cache.owner.fresh)
         return h, self.attention_out(block, attention.attend_prefix(q, mask, cache))
 
     def attention_out(self, block: AttentionBlock, out: torch.Tensor) -> torch.Tensor:

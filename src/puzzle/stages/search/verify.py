@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from puzzle.core.artifacts import read_json
-from puzzle.core.dtypes import DTYPE_BYTES, torch_dtype
+from puzzle.core.dtypes import FP8, PRECISION_BYTES, compute_dtype_name, torch_dtype
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import warn
 from puzzle.core.rundir import RunDir
@@ -33,6 +33,7 @@ from puzzle.formats import load_model_config
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.decoder import build_model
 from puzzle.runtime.bench import run_workload
+from puzzle.runtime.fp8 import E4M3, quantize_fp8
 from puzzle.runtime.timing import device_key
 from puzzle.stages.search.correction import (
     PHASES,
@@ -60,13 +61,17 @@ def time_child(parent: ModelConfig, blocks: list[BlockConfig], workload: Workloa
     """A random-weight model of the parent's shape with `blocks`, timed as `puzzle eval` times a child
     (`runtime.bench.run_workload`, on CUDA only)."""
     try:
+        known = dtype in PRECISION_BYTES
         model = build_model(parent.with_blocks(blocks), device=device,
-                            dtype=torch_dtype(dtype) if dtype in DTYPE_BYTES else torch.bfloat16, seed=0).eval()
+                            dtype=torch_dtype(compute_dtype_name(dtype)) if known else torch.bfloat16, seed=0).eval()
+        if dtype == FP8:  # timed as the costs were: FP8 linears and KV cache
+            quantize_fp8(model)
         if model.embed_tokens.weight.device.type != "cuda":
             run: dict[str, Any] = {"skipped": "no GPU: throughput is measured on CUDA only"}
         else:
             try:
-                run = {workload.name: run_workload(model, workload, graphs=graphs)}
+                run = {workload.name: run_workload(model, workload, graphs=graphs,
+                                                   kv_dtype=E4M3 if dtype == FP8 else None)}
             except PuzzleError as e:  # e.g. the workload does not fit this model
                 run = {workload.name: {"error": str(e)}}
     except torch.cuda.OutOfMemoryError:
