@@ -44,7 +44,7 @@ from puzzle.model.blocks import FFNConfig as Fc
 from puzzle.model.decoder import PuzzleModel, build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime.engine import Engine
-from puzzle.runtime.fp8 import E4M3, quantize_fp8
+from puzzle.runtime.fp8 import E4M3, kernel_for, quantize_fp8
 from puzzle.runtime.timing import device_key
 from puzzle.stages.search.solve import SearchInputs, objective_from_scores, search
 from puzzle.stages.search.stage import SearchConfig
@@ -179,7 +179,9 @@ def main() -> None:
     record: dict[str, Any] = {"benchmark": "fp8_costs", **metadata(), "workload": w.to_dict(),
                               "parent": str(args.run) if args.run else ("tiny" if args.tiny else "llama-3.1-8b shape"),
                               "graphs": args.graphs, "speedup_target": args.speedup, "memory_target": args.memory,
+                              "fp8_kernel": kernel_for(torch.device(device), parent.hidden_size, parent.hidden_size),
                               "costs": {}, "children": {}}
+    print(f"FP8 product on {device}: {record['fp8_kernel']} (rowwise/tensor: torch._scaled_mm; dequant: fallback)")
     results = {}
     for precision in PRECISIONS:
         data = measure_costs(parent, space, w, precision, device, args)
