@@ -168,6 +168,19 @@ def test_second_run_does_nothing(full_run: tuple[RunConfig, dict], tmp_path: Pat
     assert "est. tok/s and speed-up: ESTIMATE" in out  # no GPU here: the predictions are labelled as estimates
 
 
+def test_moved_run_directory_is_still_current(full_run: tuple[RunConfig, dict], tmp_path: Path) -> None:
+    """A finished run copied or moved elsewhere (another disk, a renamed folder) recomputes nothing: no stage's
+    inputs hash may hold the run directory's own path."""
+    cfg, _ = full_run
+    moved = tmp_path / "elsewhere" / "renamed-run"
+    shutil.copytree(cfg.run_dir, moved)  # copy2 keeps contents and modification times, as `mv` or `cp -a` do
+    data = {**json.loads((moved / "config.json").read_text()), "run_dir": str(moved)}
+    before = {k: v for k, v in snapshot(moved).items() if k != "config.json"}
+    assert main(["run", str(write_yaml(tmp_path / "run.yaml", data))]) == 0
+    after = {k: v for k, v in snapshot(moved).items() if k != "config.json"}
+    assert after == before  # only config.json (which names the run directory) is rewritten
+
+
 def test_pipeline_under_torchrun_uses_every_rank(parent_src: tuple[Path, Path], tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", run_config(*parent_src, run))

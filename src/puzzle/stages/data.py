@@ -269,7 +269,8 @@ def run_data(run_dir: str | Path | RunDir, cfg: DataConfig, tokenizer_path: str 
     # Source paths are in the manifest but not the hash: the same files typed another way are the same data.
     inputs_hash = hash_json({"cfg": {**to_dict(cfg), "sources": None}, "split_keys": "content",
                              "sources": [{k: v for k, v in s.items() if k != "path"} for s in sources],
-                             "tokenizer": tok_id})
+                             # the tokenizer's contents, not where it sits: a moved run directory stays current
+                             "tokenizer": {k: v for k, v in tok_id.items() if k != "path"}})
     if stage_is_current(out, inputs_hash):
         print(f"data: {out} is current, nothing to do")
         return out

@@ -246,7 +246,10 @@ def _inputs_hash(run: RunDir, models: dict[str, Path], cfg: EvalConfig) -> str:
     paths = [run.root / cfg.parent, run.data, *models.values(), *(Path(t.path) for t in cfg.tasks),
              *(Path(t.labels) for t in cfg.tasks if t.labels),
              *([Path(cfg.lm_eval.include_path)] if cfg.lm_eval and cfg.lm_eval.include_path else [])]
-    return hash_json({"inputs": [[str(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
+    # Paths inside the run directory enter relative to it, so a moved or renamed run stays current.
+    def name(p: Path) -> str:
+        return str(p.relative_to(run.root)) if p.is_relative_to(run.root) else str(p)
+    return hash_json({"inputs": [[name(p), fingerprint_files(p)] for p in paths], "config": to_dict(cfg)})
 
 
 def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] | None = None) -> dict[str, Any]:
