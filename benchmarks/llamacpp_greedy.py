@@ -9,12 +9,13 @@ llama.cpp's vocabulary is a real one. Both sides start from the same token ids a
 
     python benchmarks/llamacpp_greedy.py [--model PATH] [--prompts 8] [--new 32] [--type f16]
 
-Writes benchmarks/results/llamacpp_greedy.json.
+Writes benchmarks/results/llamacpp_greedy.json (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"])
+    ap.add_argument("--out", default="benchmarks/results/llamacpp_greedy.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -108,10 +110,11 @@ def main() -> None:
     first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ours, theirs)]
     result = {"model": args.model or "built-in child", "blocks": [b.name for b in model.config.blocks],
               "gguf": info, "prompts": len(prompts), "new_tokens": args.new, "identical_rows": sum(same),
-              "first_difference": first_diff, "ours": ours, "llama_cpp": theirs, "meta": metadata()}
+              "first_difference": first_diff, "ours": ours, "llama_cpp": theirs,
+              "llama_cpp_python": importlib.metadata.version("llama-cpp-python"), "meta": metadata()}
     print(f"{sum(same)}/{len(same)} prompts: llama.cpp's greedy tokens equal ours ({info['architecture']}, "
           f"{args.type}); first differences: {first_diff}")
-    write_json(Path("benchmarks/results/llamacpp_greedy.json"), result)
+    write_json(Path(args.out), result)
 
 
 if __name__ == "__main__":
