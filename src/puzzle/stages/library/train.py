@@ -29,6 +29,7 @@ from puzzle.stages.library.init import (
     swiglu_activations,
 )
 from puzzle.stages.library.store import LibraryEntry
+from puzzle.stages.library.wave_optimizer import WaveOptimizer
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
 
 if TYPE_CHECKING:
@@ -198,17 +199,19 @@ def validate(parent: PuzzleModel, cands: list[Candidate], batches: Batches, n_ba
     """Normalised MSE of every candidate over the validation batches (sums over all tokens, then ratio)."""
     if not cands:
         return {}
-    err = {c.item.name: 0.0 for c in cands}
-    ref = dict(err)
+    sums = torch.zeros(len(cands), 2, dtype=torch.float64, device=device)  # [candidate, (error, reference)]
     layers = {c.item.layer for c in cands}
     for b in range(n_batches):
         acts, cos, sin = parent_activations(parent, batches(b, device), layers)
-        for c in cands:
+        for i, c in enumerate(cands):
             with autocast():
                 e, r = nmse_parts(*c(acts[c.item.layer], cos, sin))
-            err[c.item.name] += float(e)
-            ref[c.item.name] += float(r)
-    return {k: err[k] / ref[k] if ref[k] > 0 else (0.0 if err[k] == 0 else math.inf) for k in err}
+            sums[i] += torch.stack([e, r]).double()  # stays on the device: one copy to the host at the end
+    values = sums.cpu().tolist()
+    out = {}
+    for c, (err, ref) in zip(cands, values, strict=True):
+        out[c.item.name] = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
+    return out
 
 
 def _schedule(steps: int, warmup_fraction: float, min_lr_fraction: float):
@@ -245,11 +248,9 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
 
     steps = max(1, math.ceil(cfg.tokens_per_variant / (cfg.batch_size * seq_len)))
     active = [c for c in cands if is_trained(c.item, parent.config.blocks[c.item.layer])]
-    opts = {}
-    for c in active:
-        opt = torch.optim.AdamW(c.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, cfg.warmup_fraction, cfg.min_lr_fraction))
-        opts[c.item.name] = (opt, sched)
+    optimizer = WaveOptimizer({c.item.name: list(c.parameters()) for c in active}, cfg.lr, cfg.weight_decay,
+                              (0.9, 0.95), _schedule(steps, cfg.warmup_fraction, cfg.min_lr_fraction),
+                              cfg.grad_clip) if active else None
     failed: dict[str, str] = {}
     last_loss: dict[str, float] = {}
     layers = {c.item.layer for c in active}
@@ -261,16 +262,13 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
         for c in active:
             if c.item.name in failed:
                 continue
-            opt, sched = opts[c.item.name]
             with autocast():
                 err, ref = nmse_parts(*c(acts[c.item.layer], cos, sin))
                 loss = err / ref.clamp_min(1e-30)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(c.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            loss.backward()  # per variant: its activations are freed before the next variant's forward
             losses.append((c, loss.detach()))
+        if losses:
+            optimizer.step()  # type: ignore[union-attr]  # every variant's clip and AdamW step at once
         if losses and (step % cfg.log_every == 0 or step == steps - 1):
             # Checked only on logged steps: a per-step check would sync the GPU once per item per step.
             values = torch.stack([v for _, v in losses]).float().cpu().tolist()
@@ -278,7 +276,7 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
                 last_loss[c.item.name] = v
                 if not math.isfinite(v):
                     failed[c.item.name] = f"{c.item.name}: loss {v} by step {step}"
-                    opts.pop(c.item.name)  # free the optimiser state; the rest keep training
+                    optimizer.drop(c.item.name)  # type: ignore[union-attr]  # the rest keep training
             finite = [v for v in values if math.isfinite(v)]
             bar.set_postfix(loss=f"{sum(finite) / max(1, len(finite)):.4g}", items=len(finite))
         bar.update(cfg.batch_size * seq_len)
