@@ -6,6 +6,8 @@ Loss = cosine_weight * mean over layers of (1 - cos(child h_l, parent h_l)) at e
 AdamW, linear warm-up then cosine decay, gradient accumulation, bf16 autocast on GPU. One code path for any
 world size: under torchrun the child (and the frozen parent) are wrapped with DDP or FSDP2 from outside.
 Checkpoints hold model, optimizer, scheduler, data position (the step) and every rank's RNG, and resume exactly.
+The step itself is `step.train_step`; one process on CUDA replays it as one CUDA graph (`graphed`), and the
+per-step metrics stay on the device until a flush (`metrics.MetricHistory`), so no step waits for the GPU.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from puzzle.formats.export import export_model_dir
 from puzzle.model.decoder import PuzzleModel, RotaryEmbedding
 from puzzle.stages.data import load_tokens
 from puzzle.stages.uptrain import parallel
-from puzzle.stages.uptrain.gkd import LossTerms, loss_terms
+from puzzle.stages.uptrain.graphed import GraphedStep, use_cuda_graphs
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine
+from puzzle.stages.uptrain.metrics import MetricHistory, metrics_of
+from puzzle.stages.uptrain.step import forward_terms, reduce_sums, sum_vector, train_step
 
 
 @dataclass
@@ -62,6 +66,9 @@ class UptrainConfig:
     val_batches: int = 8  # micro-batches per rank per validation
     checkpoint_every: int = 50  # 0 = no intermediate checkpoints
     keep_checkpoint: bool = False  # keep the last checkpoint after a successful export
+    log_every: int = 50  # steps between host reads of the training metrics (also read before validation,
+    #                      checkpoints and the end; the NaN check runs then): no host sync in between
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"  # the whole step as one CUDA graph; auto: one process on CUDA
     parallel: Literal["auto", "fsdp", "ddp", "none"] = "auto"
     fsdp_min_params: int = 1_000_000_000  # 'auto' shards with FSDP2 from this many child parameters
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -70,7 +77,7 @@ class UptrainConfig:
     parent: str = "parent"  # the parent's directory, relative to the run directory
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) <= 0:
                 raise PuzzleError(f"uptrain.{name} must be positive, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
@@ -99,7 +106,7 @@ class GKDResult:
     model: nn.Module  # the trained child (sharded under FSDP)
     mode: str = "none"
     resumed_from: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # cuda_graphs: whether steps replayed a CUDA graph
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -163,40 +170,11 @@ def lr_lambda(cfg: UptrainConfig, steps: int) -> Callable[[int], float]:
     return lambda s: warmup_cosine(s, steps, warmup, cfg.min_lr_ratio)
 
 
-# ---- one step ---------------------------------------------------------------------------------------------
-
-
-def _terms(child: nn.Module, parent: nn.Module, ids: torch.Tensor, autocast: bool, with_hidden: bool) -> LossTerms:
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        with torch.no_grad():
-            p_out = parent(ids, output_hidden_states=with_hidden)
-        c_out = child(ids, output_hidden_states=with_hidden)
-    return loss_terms(c_out.logits, p_out.logits, c_out.hidden_states, p_out.hidden_states, ids)
-
-
-def _objective(t: LossTerms, cfg: UptrainConfig) -> torch.Tensor:
-    return (cfg.cosine_weight * t.cosine / t.tokens + cfg.kl_weight * t.kl / t.tokens
-            + cfg.lm_weight * t.lm / max(t.lm_tokens, 1))
-
-
-def _reduce(sums: torch.Tensor) -> torch.Tensor:
-    """Sum a metric vector over ranks."""
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    return sums
-
-
-def _metrics(sums: torch.Tensor, cfg: UptrainConfig) -> dict[str, float]:
-    cos, kl, lm, agree, tokens, lm_tokens = sums.tolist()
-    m = {"cosine": cos / tokens, "kl": kl / tokens, "lm_loss": lm / max(lm_tokens, 1), "agreement": agree / tokens}
-    m["loss"] = cfg.cosine_weight * m["cosine"] + cfg.kl_weight * m["kl"] + cfg.lm_weight * m["lm_loss"]
-    return m
-
-
-def _sum_vector(t: LossTerms, device: torch.device) -> torch.Tensor:
-    vals = [t.cosine.detach().float(), t.kl.detach().float(), t.lm.detach().float(), t.agree.float()]
-    return torch.stack([v.to(device) for v in vals] + [torch.tensor(float(t.tokens), device=device),
-                                                       torch.tensor(float(t.lm_tokens), device=device)])
+def host_batch(train: np.ndarray, cfg: UptrainConfig, step: int, info: DistInfo) -> torch.Tensor:
+    """This rank's micro-batches of optimizer step `step` as int64 ids on the host [grad_accum, micro, T]."""
+    rows = [batch_indices(len(train), cfg.seed, step * cfg.grad_accum + m, info.rank, info.world_size,
+                          cfg.micro_batch_size) for m in range(cfg.grad_accum)]
+    return torch.from_numpy(np.stack([np.asarray(train[idx], dtype=np.int64) for idx in rows]))
 
 
 @torch.no_grad()
@@ -211,9 +189,9 @@ def validate(child: nn.Module, parent: nn.Module, valid: np.ndarray, cfg: Uptrai
     sums = torch.zeros(6, device=info.device)
     for s in range(0, per_rank, cfg.micro_batch_size):
         ids = _ids(valid, idx[s:s + cfg.micro_batch_size], info.device)
-        sums += _sum_vector(_terms(child, parent, ids, autocast, with_hidden=True), info.device)
+        sums += sum_vector(forward_terms(child, parent, ids, autocast, with_hidden=True), info.device)
     child.train(was_training)
-    return _metrics(_reduce(sums), cfg)
+    return metrics_of(reduce_sums(sums).tolist(), cfg)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -221,8 +199,13 @@ def validate(child: nn.Module, parent: nn.Module, valid: np.ndarray, cfg: Uptrai
 
 def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid: np.ndarray, cfg: UptrainConfig,
               work_dir: Path, info: DistInfo, fingerprint: str = "",
-              on_step: Callable[[int, dict[str, float]], None] | None = None) -> GKDResult:
-    """Distil `parent` into `child` in place; checkpoints under `work_dir` and resumes from them."""
+              on_step: Callable[[int, dict[str, float]], None] | None = None,
+              run_dir: Path | None = None) -> GKDResult:
+    """Distil `parent` into `child` in place; checkpoints under `work_dir` and resumes from them.
+
+    `on_step(step, record)` sees every step's log record, in order, once its metrics are read on the host
+    (every `log_every` steps, after that step's validation and checkpoint). `run_dir` keeps warnings.
+    """
     # Function-level: torch.distributed.checkpoint and DTensor cost ~1.5 s to import, which every CLI
     # command (and the config check before a run) would otherwise pay.
     from puzzle.stages.uptrain.checkpoint import load_checkpoint, save_checkpoint
@@ -239,9 +222,11 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
     mode = parallel.choose_mode(cfg.parallel, info, sum(p.numel() for p in child.parameters()), cfg.fsdp_min_params)
     wrapped = parallel.shard_model(child, mode, device, trainable=True)
     teacher = parallel.shard_model(parent, mode, device, trainable=False)
+    graphs = _cuda_graphs(cfg, mode, info)
     # Fused on CUDA: no full-size temporaries in the step (foreach's sqrt(v) is 4 bytes/param: 20 GB at 5B).
+    # Capturable for CUDA graphs: the step count stays on the device (the fused kernel keeps it there anyway).
     optimizer = torch.optim.AdamW(child.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                  fused=True if device.type == "cuda" else None)
+                                  fused=True if device.type == "cuda" else None, capturable=graphs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     fingerprint = hash_json([fingerprint, _trajectory_config(cfg), info.world_size, steps])
     ckpt_path = Path(work_dir) / "checkpoint"
@@ -258,51 +243,55 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
     name = Path(work_dir).parent.name  # the child: work_dir is children/<name>/.uptrain
     bar = tqdm(total=steps, initial=start, desc=f"uptrain {name}", unit="step", disable=not info.is_main,
                mininterval=1.0)
+    history = MetricHistory(cfg.log_every, device)
+    graphed = GraphedStep(child, teacher, optimizer, cfg, (cfg.grad_accum, cfg.micro_batch_size, train.shape[1]),
+                          device, autocast, run_dir) if graphs else None
     for step in range(start, steps):
-        optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(6, device=device)
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(len(train), cfg.seed, step * cfg.grad_accum + micro, info.rank, info.world_size,
-                                cfg.micro_batch_size)
-            ids = _ids(train, idx, device)  # [micro, T]
-            with parallel.grad_sync(wrapped, child, mode, sync=micro == cfg.grad_accum - 1):
-                terms = _terms(wrapped, teacher, ids, autocast, with_hidden=cfg.cosine_weight > 0)
-                (_objective(terms, cfg) / cfg.grad_accum).backward()
-            sums += _sum_vector(terms, device)
-        metrics = _metrics(_reduce(sums), cfg)
-        if not math.isfinite(metrics["loss"]):
-            raise PuzzleError(
-                f"uptrain loss became {metrics['loss']} at step {step + 1}; lower uptrain.lr or use "
-                "precision=fp32 (the last good checkpoint is kept)"
-            )
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(child.parameters(), cfg.grad_clip)
-            metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor
-        metrics["lr"] = scheduler.get_last_lr()[0]
-        optimizer.step()
+        lrs = scheduler.get_last_lr()
+        batch = host_batch(train, cfg, step, info)  # [grad_accum, micro, T] on the host
+        vector = graphed(batch, lrs) if graphed is not None else None  # [WIDTH] metrics, on the device
+        if vector is None:  # eager (or the graph's capture failed just now)
+            graphed = None
+            optimizer.zero_grad(set_to_none=True)
+            ids = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
+            vector = train_step(wrapped, child, teacher, optimizer, list(ids.unbind(0)), cfg, mode, autocast)
         scheduler.step()
-        record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, **metrics}
-        log["train"].append(record)
         last = step + 1 == steps
-        if valid is not None and (last or (cfg.val_every and (step + 1) % cfg.val_every == 0)):
+        validating = valid is not None and (last or bool(cfg.val_every and (step + 1) % cfg.val_every == 0))
+        checkpointing = bool(cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last)
+        records = []
+        if history.add(step + 1, vector, lrs[0]) or last or validating or checkpointing:
+            records = history.flush(cfg, tokens_per_step)  # the NaN check: raises before any checkpoint below
+            log["train"].extend(records)
+            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", kl=f"{records[-1]['kl']:.4f}", refresh=False)
+        if validating:
             log["valid"].append({"step": step + 1, **validate(wrapped, teacher, valid, cfg, info, autocast)})
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
+        if checkpointing:
             save_checkpoint(ckpt_path, child, optimizer, scheduler, step + 1, log, fingerprint, mode, info)
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", refresh=False)
-        if on_step is not None:
-            on_step(step + 1, record)
+        for record in records if on_step is not None else []:
+            on_step(record["step"], record)
     bar.close()
     if info.is_main and log["train"]:
         valid_kl = f", valid KL {log['valid'][-1]['kl']:.4f}" if log["valid"] else ""
         print(f"uptrain {name}: {steps} steps, train loss {log['train'][-1]['loss']:.4f}{valid_kl}")
-    return GKDResult(log=log, model=child, mode=mode, resumed_from=start)
+    return GKDResult(log=log, model=child, mode=mode, resumed_from=start,
+                     extra={"cuda_graphs": graphed is not None and graphed.graph is not None})
+
+
+def _cuda_graphs(cfg: UptrainConfig, mode: str, info: DistInfo) -> bool:
+    if cfg.cuda_graphs == "on" and not use_cuda_graphs("on", mode, info.device):
+        raise PuzzleError(f"uptrain.cuda_graphs=on needs one process on a CUDA device (this run: world size "
+                          f"{info.world_size} on {info.device.type}); set uptrain.cuda_graphs=auto or off")
+    return use_cuda_graphs(cfg.cuda_graphs, mode, info.device)
 
 
 def _trajectory_config(cfg: UptrainConfig) -> dict[str, Any]:
-    """Config fields that change the training trajectory (checkpoint/validation cadence does not)."""
+    """Config fields that change the training trajectory (checkpoint/validation/logging cadence and whether
+    the step runs as a CUDA graph do not)."""
     d = to_dict(cfg)
-    for key in ("checkpoint_every", "keep_checkpoint", "val_every", "val_batches", "device"):
+    for key in ("checkpoint_every", "keep_checkpoint", "val_every", "val_batches", "device", "log_every",
+                "cuda_graphs"):
         d.pop(key)
     return d
 
@@ -344,7 +333,7 @@ def run_uptrain(run_dir: Path | RunDir, child_dir: Path, cfg: UptrainConfig) -> 
         train = load_tokens(run.data, "train")
         valid = load_tokens(run.data, "valid")
         work = child_dir / ".uptrain"
-        result = train_gkd(child, parent, train, valid, cfg, work, info, fingerprint=inputs_hash)
+        result = train_gkd(child, parent, train, valid, cfg, work, info, fingerprint=inputs_hash, run_dir=run.root)
         plain = unshard_to_plain(result.model, config, export_dtype)
         if plain is not None:
             with atomic_dir(out) as tmp:
