@@ -210,6 +210,65 @@ def test_failed_capture_changes_nothing_and_keeps_a_warning(tmp_path: Path, monk
     assert "cuda_graphs=off" in capsys.readouterr().err
 
 
+def _graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_gkd as on one GPU with graphs (the stand-in graph; AdamW's capturable exists on CUDA only)."""
+    from puzzle.stages.uptrain import stage
+
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(stage, "_cuda_graphs", lambda cfg, mode, info: cfg.cuda_graphs != "off")
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: adamw(params, **{**kw, "capturable": False}))
+    monkeypatch.setattr(GraphedStep, "_warm_step", _eager_warm)
+
+
+def test_training_through_the_graph_runner_logs_and_resumes_like_eager(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = tiny_parent()
+    base_child = damaged_child(parent)
+    train, valid = token_arrays()
+    eager = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(cuda_graphs="off"), tmp_path / "e",
+                      CPU1)
+    _graphs_on_cpu(monkeypatch)
+    monkeypatch.setattr(GraphedStep, "_capture", _fake_capture)
+    graphed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "g", CPU1)
+    assert graphed.extra["cuda_graphs"] is True
+    assert graphed.log == eager.log
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_8(step: int, record: dict) -> None:
+        if step == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "r", CPU1, on_step=kill_at_8)
+    resumed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "r", CPU1)
+    assert resumed.resumed_from == 6 and resumed.log == eager.log
+    for (name, p), q in zip(eager.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_a_failed_capture_trains_on_eagerly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = tiny_parent()
+    base_child = damaged_child(parent)
+    train, valid = token_arrays()
+    eager = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(cuda_graphs="off"), tmp_path / "e",
+                      CPU1)
+    _graphs_on_cpu(monkeypatch)
+
+    def refuse(self: GraphedStep) -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedStep, "_capture", refuse)
+    (tmp_path / "run").mkdir()
+    fallback = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "f", CPU1,
+                         run_dir=tmp_path / "run")
+    assert fallback.extra["cuda_graphs"] is False
+    assert fallback.log == eager.log
+    kept = json.loads((tmp_path / "run" / "warnings.json").read_text())["warnings"]
+    assert [w["stage"] for w in kept] == ["uptrain"] and "training eagerly" in kept[0]["message"]
+
+
 # ---- GPU ----------------------------------------------------------------------------------------------------
 
 
