@@ -3,7 +3,8 @@
 The ref-s parent (16 layers, hidden 256, vocab 32000) distilled into a child made from it with every other
 layer's attention removed, micro-batch 16 x 512 tokens, random token ids (the rate does not depend on them).
 Three settings of the same `train_gkd`:
-  eager_sync   cuda_graphs=off, log_every=1  (metrics read on the host every step, as before deferred metrics)
+  eager_sync   cuda_graphs=off, log_every=1  (metrics read on the host after every step: one sync per step;
+               the loop before deferred metrics synced twice, before and after clipping)
   eager        cuda_graphs=off, log_every=25 (no host sync between flushes)
   graphed      cuda_graphs=on,  log_every=25 (the whole step one CUDA-graph replay)
 Steps/s is timed between the flush points at step 25 and the last step (every flush waits for the GPU), so
