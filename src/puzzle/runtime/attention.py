@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.model.decoder import AttentionBlock, GQAAttention, apply_rope
+from puzzle.runtime.decode_attention import decode_attention
 from puzzle.runtime.kv_cache import LayerCache, store
 
 
@@ -99,6 +100,20 @@ def attend_prefix(q: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> tor
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m)
     out = out.reshape(b, nq, t, d)  # SDPA's output may be non-contiguous on CUDA
     return out.transpose(1, 2).reshape(b, t, nq * d)
+
+
+def attend_decode(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """One decode token's q [B, Nq, 1, D] over the row's valid slots [owner.start, owner.slots[-1]]: [B, 1, Nq*D].
+
+    The Triton flash-decoding kernel (`puzzle.runtime.decode_attention`): no mask, no read past the last
+    written slot, an FP8 cache dequantized in registers; the length comes from the slot tensor, so one captured
+    graph serves every step.
+    """
+    b, nq, t, d = q.shape
+    owner = cache.owner
+    out = decode_attention(q[:, :, 0], cache.k, cache.v, owner.slots[-1:], owner.start, cache.k_scale,
+                           cache.v_scale)  # [B, Nq, D]
+    return out.reshape(b, t, nq * d)
 
 
 def output(block: AttentionBlock, out: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from puzzle.model.blocks import ModelConfig
 from puzzle.model.decoder import PuzzleModel
 from puzzle.model.memory import activation_bytes, kv_cache_bytes, max_batch_size, mean_decode_context
 from puzzle.runtime.datasheet import DATASHEETS, DeviceSpec, datasheet
+from puzzle.runtime.decode_attention import DecodeAttention
 from puzzle.runtime.engine import Engine, GraphMode
 from puzzle.runtime.timing import device_name, measure_bandwidth, sync
 
@@ -61,10 +62,11 @@ def oom_error(model: PuzzleModel, w: Workload) -> PuzzleError:
 @torch.inference_mode()
 def run_workload(model: PuzzleModel, w: Workload, graphs: GraphMode = "auto", repeats: int = 2,
                  seed: int = 0, bucket: int = DEFAULT_BUCKET, engine_cls: type[Engine] = Engine,
-                 kv_dtype: torch.dtype | None = None) -> dict[str, Any]:
+                 kv_dtype: torch.dtype | None = None, decode_attention: DecodeAttention = "auto") -> dict[str, Any]:
     """Greedy generation of w.gen_len tokens for w.batch_size random prompts; the last repeat's timings
     (the first one warms up and captures the CUDA graphs). engine_cls: an Engine subclass (the benchmarks'
-    own graph modes, benchmarks/_graph_modes.py); kv_dtype: the KV cache's storage (`Engine`)."""
+    own graph modes, benchmarks/_graph_modes.py); kv_dtype: the KV cache's storage, decode_attention: its decode
+    attention (both `Engine`)."""
     if w.max_seq_len > model.config.max_position_embeddings:
         raise PuzzleError(f"workload {w.name!r} needs {w.max_seq_len} tokens but the model's context is "
                           f"{model.config.max_position_embeddings}; pick a shorter workload")
@@ -73,7 +75,9 @@ def run_workload(model: PuzzleModel, w: Workload, graphs: GraphMode = "auto", re
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(device)
     try:
-        extra = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
+        extra: dict[str, Any] = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
+        if decode_attention != "auto":
+            extra["decode_attention"] = decode_attention
         engine = engine_cls(model, w.batch_size, w.max_seq_len, graphs=graphs, bucket=bucket, **extra)
         runs = []
         for _ in range(max(1, repeats)):

@@ -9,7 +9,8 @@ One layer loop (`run_layers`) runs every forward pass; what it calls per sub-blo
   prompt run alone.
 - A decode step has static shapes (token ids, slot index and mask live in fixed tensors; attention reads a
   fixed-length prefix of the cache, rounded up to `bucket` slots), so it is captured once per prefix
-  length in a `torch.cuda.CUDAGraph`. Graph modes: "fused" (default on CUDA: each sub-block is one
+  length in a `torch.cuda.CUDAGraph` (with the Triton decode kernel, `decode_attention="triton"`, which reads
+  the length from the slot tensor: once for every length). Graph modes: "fused" (default on CUDA: each sub-block is one
   torch.compile region that fuses its small kernels, then manual capture), "manual" (eager kernels, manual
   capture), "none" (eager; always on CPU). See `resolve_graph_mode` for the measured numbers. A whole-step
   torch.compile ("reduce-overhead") lives with the benchmarks (benchmarks/_graph_modes.py).
@@ -24,6 +25,8 @@ import torch
 
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel
+from puzzle.runtime.decode_attention import DecodeAttention
+from puzzle.runtime.decode_attention import resolve as resolve_decode_attention
 from puzzle.runtime.fp8 import has_fp8
 from puzzle.runtime.fusion import fuse_projections
 from puzzle.runtime.gemv import available as gemv_available
@@ -73,10 +76,14 @@ class Engine:
     """Prefill + decode for one batch size and maximum sequence length (prompt + generated)."""
 
     def __init__(self, model: PuzzleModel, batch_size: int, max_seq_len: int, graphs: GraphMode = "auto",
-                 bucket: int = 256, fuse: bool | None = None, kv_dtype: torch.dtype | None = None) -> None:
+                 bucket: int = 256, fuse: bool | None = None, kv_dtype: torch.dtype | None = None,
+                 decode_attention: DecodeAttention = "auto") -> None:
         """fuse: run q/k/v and gate/up as single GEMVs (`puzzle.runtime.fusion`); None = on CUDA only.
         kv_dtype: how the KV cache stores keys and values (None: the model's dtype; torch.float8_e4m3fn: FP8,
-        `puzzle.runtime.kv_cache`). FP8 linears come with the model (`puzzle.runtime.fp8.quantize_fp8`)."""
+        `puzzle.runtime.kv_cache`). FP8 linears come with the model (`puzzle.runtime.fp8.quantize_fp8`).
+        decode_attention: "triton" (the flash-decoding kernel, `puzzle.runtime.decode_attention`: reads only the
+        filled slots; one CUDA graph for every step), "sdpa" (SDPA over the bucketed prefix under a mask) or
+        "auto" (triton for an FP8 cache on CUDA, sdpa otherwise: `decode_attention.resolve`). Prefill: SDPA."""
         config = model.config
         if max_seq_len > config.max_position_embeddings:
             raise PuzzleError(
@@ -90,6 +97,7 @@ class Engine:
         self.graph_mode = resolve_graph_mode(graphs, self.device)
         fuse_projections(model, self.device.type == "cuda" if fuse is None else fuse)
         self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype, kv_dtype)
+        self.decode_kernel = resolve_decode_attention(decode_attention, self.device, self.cache.quantized)
         b, s, dev = batch_size, max_seq_len, self.device
         self.valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # [B, S] slots holding real tokens
         self.pad = torch.zeros(b, dtype=torch.long, device=dev)  # [B] left-padding per row
@@ -105,7 +113,10 @@ class Engine:
         # The decode step's sub-blocks: "fused" = compiled regions (see FusedRegions), otherwise eager kernels.
         # Triton GEMVs (see FusedRegions) read bf16/fp32 weights only: an FP8 model runs its scaled GEMMs instead
         gemv = batch_size == 1 and gemv_available(self.device) and not has_fp8(model)
-        self._regions = FusedRegions(gemv=gemv) if self.graph_mode == "fused" else EAGER
+        if self.graph_mode == "fused":
+            self._regions = FusedRegions(gemv=gemv, decode_kernel=self.decode_kernel)
+        else:
+            self._regions = FusedRegions(backend=None, decode_kernel=True) if self.decode_kernel else EAGER
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -124,6 +135,7 @@ class Engine:
             raise PuzzleError(f"prompt of {p} tokens leaves no room to generate within {self.max_seq_len}")
         padded = pad_lens is not None and bool((pad_lens > 0).any())
         self.pad.copy_(pad_lens.to(self.device) if pad_lens is not None else torch.zeros_like(self.pad))
+        self.cache.start.copy_(self.pad)  # the decode kernel skips each row's pad slots
         if self.captured and b * p <= PREFILL_GRAPH_TOKENS:
             self._prefill_replay(input_ids, padded)
         else:
@@ -164,9 +176,12 @@ class Engine:
     # ---- decode ----------------------------------------------------------------------------------
 
     def attend_len(self, length: int) -> int:
-        """Cache prefix a step at `length` filled slots reads: exact when eager, bucketed for graphs."""
+        """Cache prefix a step at `length` filled slots reads: exact when eager, bucketed for graphs; the
+        whole cache with the decode kernel (which stops at the last written slot): one graph for every step."""
         if self.graph_mode == "none":
             return length + 1
+        if self.decode_kernel:
+            return self.max_seq_len
         return min(self.max_seq_len, -(-(length + 1) // self.bucket) * self.bucket)
 
     def _step(self, attend_len: int) -> None:
@@ -175,8 +190,12 @@ class Engine:
         positions = (self.slot - self.pad)[:, None]  # [B, 1]
         h = self.model.embed(self.ids)  # [B, 1, H]
         cos, sin = self.model.rope(positions, h.dtype)
-        # Additive mask [B, 1, 1, L], built once per step rather than converted from bool in every layer's SDPA.
-        mask = (~self.valid[:, None, None, :attend_len]).to(h.dtype) * torch.finfo(h.dtype).min
+        # Additive mask [B, 1, 1, L], built once per step rather than converted from bool in every layer's SDPA;
+        # the decode kernel reads no mask (a bool view marks the step as a decode, not a fresh prefill)
+        if self.decode_kernel:
+            mask = self.valid[:, None, None, :attend_len]
+        else:
+            mask = (~self.valid[:, None, None, :attend_len]).to(h.dtype) * torch.finfo(h.dtype).min
         h, update = run_layers(self.model, h, cos, sin, mask, self.cache, self._regions)
         self._regions.head(self.model, h, update, self.logits)
 
@@ -227,6 +246,7 @@ class Engine:
         each call rewrites slot ctx - 1 from `tokens` [B] and attends over slots [0, ctx) (every slot valid).
         For timing (`puzzle.costs`): the cache holds whatever the last prefill left, not a real context."""
         self.valid.fill_(True)
+        self.cache.start.zero_()
 
         def step() -> None:
             self.length = ctx - 1

@@ -10,6 +10,7 @@ import torch
 
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel
+from puzzle.runtime.decode_attention import DecodeAttention
 from puzzle.runtime.engine import Engine, GraphMode, left_pad
 from puzzle.runtime.sampling import SamplingConfig, sample
 
@@ -60,11 +61,13 @@ def check_prompts(model: PuzzleModel, prompts: Sequence[Sequence[int]], max_new_
 def generate(model: PuzzleModel, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
              sampling: SamplingConfig | None = None, stop_tokens: Sequence[int] = (), seed: int | None = None,
              on_token: TokenCallback | None = None, graphs: GraphMode = "auto",
-             engine: Engine | None = None, kv_dtype: torch.dtype | None = None) -> GenerationResult:
+             engine: Engine | None = None, kv_dtype: torch.dtype | None = None,
+             decode_attention: DecodeAttention = "auto") -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt (batched, left-padded); stops a row at a stop token.
 
     `engine` may be passed to reuse its cache (and captured graphs) across calls of the same batch size.
-    kv_dtype: the KV cache's storage when the engine is built here (torch.float8_e4m3fn: FP8, see `Engine`).
+    kv_dtype: the KV cache's storage when the engine is built here (torch.float8_e4m3fn: FP8, see `Engine`);
+    decode_attention: its decode attention ("auto", "triton", "sdpa": see `Engine`).
     """
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
@@ -73,7 +76,8 @@ def generate(model: PuzzleModel, prompts: Sequence[Sequence[int]] | torch.Tensor
     ids, pads = left_pad(rows)
     b, p = ids.shape
     if engine is None:
-        engine = Engine(model, b, p + max_new_tokens, graphs=graphs, kv_dtype=kv_dtype)
+        engine = Engine(model, b, p + max_new_tokens, graphs=graphs, kv_dtype=kv_dtype,
+                        decode_attention=decode_attention)
     elif engine.batch_size != b or engine.max_seq_len < p + max_new_tokens:
         raise PuzzleError("the given engine's batch size or length does not fit these prompts")
     device = engine.device

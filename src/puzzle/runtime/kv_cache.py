@@ -2,7 +2,8 @@
 
 Shapes never change after allocation, so a decode step that writes into it can be captured in a CUDA graph:
 new keys/values are written with `index_copy_` at slot indices held in a (static) tensor, and attention
-reads the whole cache (or a fixed-length prefix of it) under a mask.
+reads the whole cache (or a fixed-length prefix of it) under a mask, or, in a decode step with the Triton
+kernel (`puzzle.runtime.decode_attention`), each row's slots [start, last written slot] only.
 
 FP8 cache (kv_dtype=torch.float8_e4m3fn): K and V are stored as e4m3 with one fp32 scale each per layer (1 byte
 per element, as an FP8 serving engine keeps them) and dequantized to the compute dtype where attention reads
@@ -90,6 +91,8 @@ class StaticKVCache:
         self.kv_dtype = kv_dtype or dtype
         self.fresh = False  # the next write starts a sequence (FP8: sets the scales)
         self.slots = torch.zeros(1, dtype=torch.long, device=self.device)  # [T] write indices
+        # [B] each row's first valid slot (its left padding): a decode kernel reads slots [start, slots[-1]]
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.attend_len = max_seq_len
         self.layers: list[LayerCache | None] = []
         d = config.head_dim

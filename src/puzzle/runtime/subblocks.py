@@ -74,16 +74,19 @@ class FusedRegions:
     gemv=True (batch 1 on CUDA with Triton): every matrix-vector product is `puzzle.runtime.gemv.norm_gemv`,
     which also does the pending residual add, the norm and SwiGLU's silu(gate) * up; the compiled regions keep
     only RoPE and the cache write. Measured at Llama-3.1-8B's shape on the H200 (benchmarks/README.md).
+    decode_kernel=True: a one-token step attends with the Triton flash-decoding kernel (`attention.attend_decode`:
+    only the valid slots, FP8 dequantized in registers) instead of SDPA over the masked prefix.
     Inductor's coordinate-descent tuning made similar kernels, but chose different tile sizes from one
     compile to the next (5-25% per kernel), so no two compiles of a child, nor its costs, ran alike.
     """
 
-    def __init__(self, backend: str | None = "inductor", gemv: bool = False) -> None:
+    def __init__(self, backend: str | None = "inductor", gemv: bool = False, decode_kernel: bool = False) -> None:
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn if backend is None else _compile(fn, backend)
 
         self.compiled = backend is not None
         self.gemv = gemv
+        self.decode_kernel = decode_kernel
         self._qkv_write = wrap(attention.qkv_write)
         self._rope_write = wrap(attention.rope_write)
         self._attention_out = wrap(attention.output)
@@ -118,6 +121,8 @@ class FusedRegions:
         else:
             h, q = self._qkv_write(block, h, update, cos, sin, cache.k, cache.v, cache.owner.slots, cache.k_scale,
                                    cache.v_scale, cache.owner.fresh)
+        if self.decode_kernel and q.shape[2] == 1:
+            return h, self.attention_out(block, attention.attend_decode(q, cache))
         return h, self.attention_out(block, attention.attend_prefix(q, mask, cache))
 
     def attention_out(self, block: AttentionBlock, out: torch.Tensor) -> torch.Tensor:
