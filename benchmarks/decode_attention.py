@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-if not torch.cuda.is_available():  # the smoke run: Triton's interpreter, set before triton is imported
+if "--tiny" in sys.argv or not torch.cuda.is_available():  # CPU: Triton's interpreter, set before triton's import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +39,7 @@ from puzzle.model.memory import kv_cache_bytes, mean_decode_context
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime import attention
 from puzzle.runtime.bench import DEFAULT_BUCKET, decode_step_bytes, run_workload
-from puzzle.runtime.decode_attention import MAX_SPLITS, DecodeConfig, decode_attention, decode_config
+from puzzle.runtime.decode_attention import MAX_SPLITS, DecodeConfig, decode_attention, decode_config, resolve
 from puzzle.runtime.fp8 import E4M3
 from puzzle.runtime.kv_cache import StaticKVCache
 from puzzle.runtime.timing import measure_bandwidth, time_calls
@@ -161,7 +161,9 @@ def main() -> None:
         config = llama31_8b_config()
     bandwidth = measure_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (16 << 20))
     record: dict[str, Any] = {"benchmark": "decode_attention", **metadata(), "bandwidth_bytes_per_s": bandwidth,
-                              "layer": [], "engine": [], "graphs": args.graphs}
+                              "layer": [], "engine": [], "graphs": args.graphs,
+                              "auto_picks": {kv: "triton" if resolve("auto", device, kv == "fp8") else "sdpa"
+                                             for kv in CACHES}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'batch':>5} {'ctx':>5} {'cache':>5} {'splits':>6} {'sdpa us':>9} {'triton us':>9} {'x':>5} "
           f"{'sdpa GB/s':>9} {'triton GB/s':>11}")

@@ -84,9 +84,9 @@ def decode_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> Dec
 
     Splits fill the GPU when batch x KV heads alone would not (TARGET_PROGRAMS), at most one per block of a
     full cache; with batch x KV heads >= TARGET_PROGRAMS (e.g. Llama-3.1-8B at batch 128+) one split suffices.
-    Tiles: 32 slots x head dim 128 with 4 warps compiles for sm_90 to 140 registers a thread (3 programs per
-    SM), 64 slots to 246 (2 per SM); sglang's grouped decode kernel uses the same 32 / 4 warps / 2 stages on
-    Hopper. benchmarks/decode_attention.py times the alternatives (`--sweep`) for a measured choice.
+    Tiles: 32 slots x head dim 128, 4 warps, 2 stages compiles for sm_90 (Triton 3.9) to pipelined 16-byte
+    loads, 80 registers a thread and 21 KB of shared memory with a bf16 cache, 128 and 13 KB with FP8 (64 slots:
+    80 / 39 KB and 168 / 23 KB). benchmarks/decode_attention.py times the alternatives (`--sweep`).
     """
     block_n = 32 if head_dim <= 128 else 16
     rows = max(1, batch * kv_heads)
