@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,13 @@ import pytest
 import torch
 
 import puzzle.stages.library.init as lib_init
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 from puzzle.stages.library import Library, LibraryConfig, SearchSpaceConfig, build_library
 from puzzle.stages.library.init import init_attention
 from puzzle.stages.library.search_space import layer_spaces
-from puzzle.model.decoder import build_model
-from puzzle.model.presets import tiny_llama_config
 
 CONFIG = tiny_llama_config(num_layers=2)  # 4 query heads, 2 KV heads, SwiGLU 128, hidden 64
 
@@ -174,8 +175,8 @@ def test_defaults_resemble_the_paper() -> None:
 def test_cli_runs_the_stage(tmp_path: Path, parent: torch.nn.Module) -> None:
     import json
 
-    from puzzle.formats import save_model
     from puzzle.cli import main
+    from puzzle.formats import save_model
 
     run = tmp_path / "run"
     save_model(parent, run / "parent")
@@ -226,16 +227,18 @@ def test_kv_init_for_counts_that_do_not_divide_the_parents(heads: int, kv: int, 
     assert torch.allclose(fewer(h, cos, sin), block(h, cos, sin), atol=1e-5)
 
 
-def test_library_trains_gqa2_from_a_five_kv_head_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kv_init", "init_name"), [("pca", "kv_pca"), ("mean", "kv_mean_pool")])
+def test_library_trains_gqa2_from_a_five_kv_head_parent(tmp_path: Path, kv_init: str, init_name: str) -> None:
     cfg = tiny_llama_config(num_layers=1, hidden_size=80, num_heads=20, num_kv_heads=5, vocab_size=256)
     model = build_model(cfg, seed=0)
     lib = LibraryConfig(search_space=SearchSpaceConfig(round_to=16, attention_kv_heads=[2], attention_linear=False,
                                                        attention_no_op=False, ffn_fractions=[1.0], ffn_linear=False,
                                                        ffn_no_op=False),
-                        tokens_per_variant=4 * 8 * 32, lr=3e-4, init_batches=1, progress=False)
+                        tokens_per_variant=4 * 8 * 32, lr=3e-4, init_batches=1, progress=False, kv_init=kv_init)
     build_library(tmp_path / "library", model, tokens(32, 0), tokens(8, 1), lib)
     entry = Library.open(tmp_path / "library").entry(0, "attention", "gqa2")
-    assert entry.metrics["tokens"] > 0 and entry.metrics["init"] == "kv_mean_pool"
+    assert entry.metrics["tokens"] > 0 and entry.metrics["init"] == init_name
+    assert math.isfinite(entry.metrics["val_nmse_after"])
 
 
 def test_parent_items_reuse_the_parents_modules(parent: torch.nn.Module) -> None:

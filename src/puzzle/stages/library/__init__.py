@@ -56,6 +56,9 @@ class LibraryConfig:
     init_batches: int = 4  # calibration batches for channel selection and the ridge fits
     valid_batches: int = 4  # validation batches for nMSE before/after
     ridge: float = 1e-3  # relative ridge strength of the linear inits
+    # fewer KV heads: "pca" fits them to the parent's heads and input covariance (stages/library/kv_init.py);
+    # "mean" mean-pools the merged heads' K and V projections (the paper's init)
+    kv_init: str = "pca"
     seed: int = 0
     device: str = "auto"  # auto = this rank's GPU if any, else cpu
     dtype: str = "auto"  # parent dtype: auto = bfloat16 on GPU, float32 on CPU; also the saved dtype
@@ -78,6 +81,8 @@ class LibraryConfig:
             raise PuzzleError(f"library.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
         if self.dtype not in ("auto", *DTYPE_BYTES):
             raise PuzzleError(f"library.dtype {self.dtype!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
+        if self.kv_init not in ("pca", "mean"):
+            raise PuzzleError(f"library.kv_init {self.kv_init!r} is not one of pca, mean")
         check_device("library.device", self.device)
 
 

@@ -1,6 +1,7 @@
 """Initialising variants from the parent, as in the Puzzle paper.
 
-- fewer KV heads: mean-pool the K and V projections of each group of consecutive parent KV heads;
+- fewer KV heads: fitted to the parent's heads and input covariance (`kv_init.py`, the default), or mean-pool
+  the K and V projections of each group of consecutive parent KV heads (the paper's);
 - smaller SwiGLU: keep the intermediate channels with the largest measured contribution
   mean|silu(gate) * up| x ||down_proj column|| on calibration tokens (kept in their original order);
 - linear: ridge least squares from the sub-block's normalised input to its output on calibration tokens;
@@ -19,6 +20,7 @@ from puzzle.core.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import AttentionBlock, FFNBlock, build_attention_block, build_ffn_block
 from puzzle.model.kinds import ffn_kind
+from puzzle.stages.library.kv_init import pca_kv_init
 
 STATS_FFN_KINDS = ("swiglu", "linear")  # the kinds initialised from calibration statistics (below)
 
@@ -82,8 +84,9 @@ def kv_head_mixing(num_heads: int, parent_kv: int, child_kv: int) -> torch.Tenso
 
 
 def init_attention(parent: AttentionBlock, variant: AttentionConfig, model: ModelConfig,
-                   stats: CalibrationStats | None, ridge: float) -> AttentionBlock | None:
-    """A new attention sub-block initialised from the parent's (fp32, on the parent's device)."""
+                   stats: CalibrationStats | None, ridge: float, kv_init: str = "mean") -> AttentionBlock | None:
+    """A new attention sub-block initialised from the parent's (fp32, on the parent's device); fewer KV heads by
+    `kv_init`: "mean" pools the merged heads, "pca" fits them (`kv_init.py`; needs the input covariance)."""
     if variant.kind == "no_op":
         return None
     device = parent.norm.weight.device
@@ -98,6 +101,12 @@ def init_attention(parent: AttentionBlock, variant: AttentionConfig, model: Mode
             child.op.linear_attn.weight.copy_(ridge_fit(stats.xtx, stats.xty, ridge))
             return child
         p, c = parent.op, child.op
+        if kv_init == "pca" and c.num_kv_heads < p.num_kv_heads:
+            if stats is None or stats.xtx is None:
+                raise PuzzleError("kv_init=pca needs calibration tokens; set library.init_batches >= 1 "
+                                  "or library.kv_init=mean")
+            pca_kv_init(p, c, stats.xtx, ridge)
+            return child
         c.q_proj.load_state_dict(p.q_proj.state_dict())
         c.o_proj.load_state_dict(p.o_proj.state_dict())
         mix = kv_head_mixing(p.num_heads, p.num_kv_heads, c.num_kv_heads).to(device)  # [Nkv', Nkv]

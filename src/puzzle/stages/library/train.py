@@ -128,11 +128,11 @@ class Batches:
         return torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)).to(device)  # [B, T]
 
 
-def _init_names(item: LibraryEntry, parent: BlockConfig) -> str:
+def _init_names(item: LibraryEntry, parent: BlockConfig, kv_init: str) -> str:
     def att(a):
         if a == parent.attention:
             return "parent"
-        return {"gqa": "kv_mean_pool", "linear": "ridge_lstsq", "no_op": "none"}[a.kind]
+        return {"gqa": "kv_pca" if kv_init == "pca" else "kv_mean_pool", "linear": "ridge_lstsq", "no_op": "none"}[a.kind]
 
     def ffn(f):
         if f == parent.ffn:
@@ -148,12 +148,13 @@ def _init_names(item: LibraryEntry, parent: BlockConfig) -> str:
 
 @torch.no_grad()
 def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, n_batches: int,
-              device: torch.device) -> dict[tuple[int, str], CalibrationStats]:
+              device: torch.device, kv_init: str = "mean") -> dict[tuple[int, str], CalibrationStats]:
     """Streaming statistics for the inits that need data: keys (layer, 'attention'|'ffn')."""
     need: dict[tuple[int, str], CalibrationStats] = {}
     for it in items:
         parent_block = parent.config.blocks[it.layer]
-        if it.attention is not None and it.attention.kind == "linear":
+        if it.attention is not None and (it.attention.kind == "linear" or (
+                kv_init == "pca" and it.attention.kind == "gqa" and it.attention != parent_block.attention)):
             need[(it.layer, "attention")] = CalibrationStats()
         if it.ffn is not None and it.ffn != parent_block.ffn and it.ffn.kind in STATS_FFN_KINDS:
             need[(it.layer, "ffn")] = CalibrationStats()
@@ -177,7 +178,7 @@ def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, 
 
 
 def build_candidate(parent: PuzzleModel, item: LibraryEntry, stats: dict[tuple[int, str], CalibrationStats],
-                    ridge: float) -> Candidate:
+                    ridge: float, kv_init: str = "mean") -> Candidate:
     layer, model = parent.layers[item.layer], parent.config
     if is_parent_item(item, model.blocks[item.layer]):
         # Nothing to train: the parent's own modules, not an fp32 copy (0.9 GB per Llama-8B layer in a wave).
@@ -185,7 +186,8 @@ def build_candidate(parent: PuzzleModel, item: LibraryEntry, stats: dict[tuple[i
         return Candidate(item, layer.attention if keep_att else None, layer.ffn if keep_ffn else None)
     att = ffn = None
     if item.attention is not None:
-        att = init_attention(layer.attention, item.attention, model, stats.get((item.layer, "attention")), ridge) \
+        att = init_attention(layer.attention, item.attention, model, stats.get((item.layer, "attention")), ridge,
+                             kv_init) \
             if item.attention.kind != "no_op" else None
     if item.ffn is not None:
         ffn = init_ffn(layer.ffn, item.ffn, model, stats.get((item.layer, "ffn")), ridge) \
@@ -241,8 +243,8 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
 
-    stats = calibrate(parent, items, calib_batches, cfg.init_batches, device)
-    cands = [build_candidate(parent, it, stats, cfg.ridge) for it in items]
+    stats = calibrate(parent, items, calib_batches, cfg.init_batches, device, cfg.kv_init)
+    cands = [build_candidate(parent, it, stats, cfg.ridge, cfg.kv_init) for it in items]
     del stats
     init_loss = validate(parent, cands, valid_batches, n_valid, device, autocast)
 
@@ -292,7 +294,7 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
             failed[c.item.name] = f"{c.item.name}: validation loss {after[c.item.name]} after training"
             continue
         metrics = {
-            "init": _init_names(c.item, parent.config.blocks[c.item.layer]),
+            "init": _init_names(c.item, parent.config.blocks[c.item.layer], cfg.kv_init),
             "val_nmse_init": init_loss[c.item.name],
             "val_nmse_after": after[c.item.name] if trained else init_loss[c.item.name],
             "train_nmse_last": last_loss.get(c.item.name),

@@ -1,0 +1,92 @@
+"""Fewer KV heads, initialised from the parent's weights and input statistics (`library.kv_init: pca`).
+
+Mean-pooling the K and V projections of the merged heads (the paper's init, `kv_init: mean`) leaves a child
+whose attention output is about as far from the parent's as having no attention at all (nMSE ~1 on SmolLM2,
+`benchmarks/kv_init.py`). Here each child KV head j, serving query heads that the parent served from one or
+more KV heads ("groups" g), is fitted to them, with C [H, H] the covariance of the normalised attention input:
+
+- Values. Query head h's value path is the map M_h = O_h V_g(h) (hidden -> hidden, rank D). One shared V' [D, H]
+  and per-head O'_h [H, D] minimise sum_h ||(O'_h V' - M_h) C^(1/2)||^2: in whitened coordinates V' spans the
+  top D eigenvectors U of sum_h C^(1/2) M_h^T M_h C^(1/2); V' = U^T C^(-1/2), O'_h = M_h C^(1/2) U.
+- Keys. RoPE rotates each key pair (i, i + D/2) as one complex number, so a child key may mix the groups' keys
+  only pair by pair, with complex weights (a real mix across pairs would not commute with the rotation). Per
+  pair the child key is the principal direction w of the groups' keys under C (top eigenvector of their Hermitian
+  [G, G] covariance kappa C kappa^H, kappa_g the complex weight row of group g's pair), so k_g ~ w_g k'; each
+  query head's pair is multiplied by conj(w_g), so its scores against k' approximate those against k_g.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from puzzle.model.decoder import GQAAttention
+
+
+def _sqrt_and_inverse(c: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^(1/2) and C^(-1/2) of a covariance [H, H] made positive definite by a relative ridge (fp64)."""
+    n = c.shape[0]
+    c = c + (ridge * float(c.diagonal().mean()) + 1e-12) * torch.eye(n, dtype=c.dtype, device=c.device)
+    eigval, eigvec = torch.linalg.eigh(c)
+    eigval = eigval.clamp_min(1e-12)
+    return (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec * eigval.rsqrt()) @ eigvec.T
+
+
+def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Tensor, ridge: float) -> None:
+    """Set `child`'s q/k/v/o projections (fewer KV heads than `parent`) from `parent`'s; covariance [H, H]."""
+    nq, d = parent.num_heads, parent.head_dim
+    half_d = d // 2
+    kp, kc = parent.num_kv_heads, child.num_kv_heads
+    dev = child.q_proj.weight.device
+    c = covariance.to(dev, torch.float64)
+    c_half, c_inv_half = _sqrt_and_inverse(c, ridge)
+    group_of_head = torch.arange(nq) // (nq // kp)  # parent KV head serving each query head
+    child_of_head = torch.arange(nq) // (nq // kc)
+    wq = parent.q_proj.weight.detach().to(dev, torch.float64).view(nq, d, -1)  # [Nq, D, H]
+    wk = parent.k_proj.weight.detach().to(dev, torch.float64).view(kp, d, -1)  # [Nkv, D, H]
+    wv = parent.v_proj.weight.detach().to(dev, torch.float64).view(kp, d, -1)
+    wo = parent.o_proj.weight.detach().to(dev, torch.float64).view(-1, nq, d)  # [H, Nq, D]
+    bq, bk, bv = (None if p.bias is None else p.bias.detach().to(dev, torch.float64).view(-1, d)
+                  for p in (parent.q_proj, parent.k_proj, parent.v_proj))
+    new_q, new_o = wq.clone(), wo.clone()
+    new_k, new_v = wk.new_zeros(kc, d, wk.shape[-1]), wv.new_zeros(kc, d, wv.shape[-1])
+    new_bq = None if bq is None else bq.clone()
+    new_bk = None if bk is None else bk.new_zeros(kc, d)
+    new_bv = None if bv is None else bv.new_zeros(kc, d)
+    cz = c.to(torch.complex128)
+    for j in range(kc):
+        heads = (child_of_head == j).nonzero().flatten().tolist()
+        groups = sorted({int(group_of_head[h]) for h in heads})
+        # values: the shared subspace that keeps most of every head's value path
+        maps = {h: wo[:, h, :] @ wv[group_of_head[h]] for h in heads}  # M_h [H, H]
+        scatter = sum((m @ c_half).T @ (m @ c_half) for m in maps.values())
+        basis = torch.linalg.eigh(scatter).eigenvectors[:, -d:]  # U [H, D]
+        new_v[j] = basis.T @ c_inv_half
+        for h in heads:
+            new_o[:, h, :] = maps[h] @ c_half @ basis
+        if bv is not None:  # the constant each head adds (attention weights sum to 1), by least squares
+            target = sum(wo[:, h, :] @ bv[group_of_head[h]] for h in heads)  # [H]
+            stacked = sum(new_o[:, h, :] for h in heads)  # [H, D]
+            new_bv[j] = torch.linalg.lstsq(stacked, target[:, None]).solution[:, 0]
+        # keys and queries, one RoPE pair at a time
+        for i in range(half_d):
+            kappa = torch.complex(wk[groups, i], wk[groups, i + half_d])  # [G, H]
+            covariance_of_keys = kappa @ cz @ kappa.conj().T  # [G, G] = E[k k^H], Hermitian
+            w = torch.linalg.eigh(covariance_of_keys).eigenvectors[:, -1]  # [G], unit: k_g ~ w_g k'
+            key = (w.conj()[:, None] * kappa).sum(0)  # [H]
+            new_k[j, i], new_k[j, i + half_d] = key.real, key.imag
+            if bk is not None:
+                kb = (w.conj() * torch.complex(bk[groups, i], bk[groups, i + half_d])).sum()
+                new_bk[j, i], new_bk[j, i + half_d] = kb.real, kb.imag
+            for h in heads:
+                turn = w[groups.index(int(group_of_head[h]))].conj()
+                q = torch.complex(wq[h, i], wq[h, i + half_d]) * turn
+                new_q[h, i], new_q[h, i + half_d] = q.real, q.imag
+                if bq is not None:
+                    qb = torch.complex(bq[h, i], bq[h, i + half_d]) * turn
+                    new_bq[h, i], new_bq[h, i + half_d] = qb.real, qb.imag
+    with torch.no_grad():
+        for proj, weight, bias in ((child.q_proj, new_q, new_bq), (child.k_proj, new_k, new_bk),
+                                   (child.v_proj, new_v, new_bv), (child.o_proj, new_o, None)):
+            proj.weight.copy_(weight.reshape(proj.weight.shape))
+            if bias is not None:
+                proj.bias.copy_(bias.reshape(-1))
