@@ -7,23 +7,24 @@ import json
 import pytest
 import torch
 
+from puzzle.core.errors import PuzzleError
+from puzzle.core.workloads import Workload
+from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.costs.table import predict
+from puzzle.model.blocks import AttentionConfig as A
+from puzzle.model.blocks import BlockConfig
+from puzzle.model.blocks import FFNConfig as F
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime.bench import (
     bench,
     decode_step_bytes,
     format_table,
     hf_generate_baseline,
     hf_llama_like,
+    prefill_flops,
     run_workload,
 )
-from puzzle.model.blocks import AttentionConfig as A
-from puzzle.model.blocks import BlockConfig
-from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.stage import CostsConfig, costs_for_workload
-from puzzle.costs.table import predict
-from puzzle.core.errors import PuzzleError
-from puzzle.model.decoder import build_model
-from puzzle.model.presets import tiny_llama_config
-from puzzle.core.workloads import Workload
 
 PARENT = tiny_llama_config(num_layers=2)
 CHILD = PARENT.with_blocks([BlockConfig(A.gqa(1), F.swiglu(64)), BlockConfig(A.no_op(), F.linear())])
@@ -41,6 +42,7 @@ def test_bench_two_models_with_roofline_prediction_and_hf(tmp_path):
         assert r["output_tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["inter_token_s"] > 0
         assert r["total_tokens_per_s"] == pytest.approx(r["output_tokens_per_s"] * (8 + 6) / 6)
         assert r["roofline"]["ratio_to_floor"] > 0
+        assert r["roofline"]["prefill_s"] == r["ttft_s"] and r["roofline"]["prefill_flops"] > 0
         assert r["predicted"]["kind"] == "estimate"
     assert child["roofline"]["decode_step_bytes"] < parent["roofline"]["decode_step_bytes"]
     assert parent["hf_generate"]["output_tokens_per_s"] > 0 and "hf_generate" not in child
@@ -56,6 +58,25 @@ def test_decode_step_bytes_counts_weights_and_kv():
     base = decode_step_bytes(PARENT, w, 2, bucket=1)
     no_kv = decode_step_bytes(PARENT.with_blocks([BlockConfig(A.linear(), F.swiglu(128))] * 2), w, 2, bucket=1)
     assert base > no_kv  # GQA layers add their KV-cache reads
+
+
+@pytest.mark.parametrize("config", [PARENT, CHILD], ids=["parent", "child"])
+def test_prefill_flops_match_a_count_of_the_prefill(config):
+    """The matrix products torch's FLOP counter sees in one prefill, plus causal attention (which SDPA on CPU
+    does not report to the counter): 2 x B x Nq x D x P^2 per GQA layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from puzzle.runtime.engine import Engine
+
+    w = Workload("p", 2, 12, 4)
+    engine = Engine(build_model(config, seed=0).eval(), w.batch_size, 16, graphs="none")
+    with FlopCounterMode(display=False) as counter:
+        engine.prefill(torch.randint(0, config.vocab_size, (w.batch_size, w.prompt_len)))
+    gqa = sum(b.attention.kind == "gqa" for b in config.blocks)
+    attention = 2 * w.batch_size * config.num_attention_heads * config.head_dim * w.prompt_len ** 2 * gqa
+    # matrix products only: a torch whose counter also reports SDPA (non-causal) must not double-count it
+    products = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" not in str(op))
+    assert products > 0 and prefill_flops(config, w) == products + attention
 
 
 def test_hf_baseline_generates_exact_length():
@@ -169,9 +190,9 @@ def test_hf_static_to_dynamic_fallback_is_a_warning_in_the_table():
 
 
 def test_hf_baseline_of_a_directory_with_remote_code_needs_the_flag(tmp_path, capsys):
-    from puzzle.formats import export_hf
     from puzzle.cli import main
     from puzzle.commands.bench import trusted_hf_dir
+    from puzzle.formats import export_hf
 
     child = export_hf(build_model(CHILD, seed=1), tmp_path / "child")  # Nemotron-NAS: remote code (auto_map)
     assert main(["bench", str(child), "--workload", "batch1", "--hf"]) == 2
@@ -184,11 +205,11 @@ def test_hf_baseline_of_a_directory_with_remote_code_needs_the_flag(tmp_path, ca
 
 def test_bench_keeps_its_warnings_in_the_run_when_given_one(tmp_path, monkeypatch, capsys):
     import puzzle.runtime.bench
-    from puzzle.core.artifacts import write_json
-    from puzzle.formats import export_hf
     from puzzle.cli import main
+    from puzzle.core.artifacts import write_json
     from puzzle.core.notices import read_warnings
     from puzzle.core.workloads import workload_by_name
+    from puzzle.formats import export_hf
 
     model = export_hf(build_model(PARENT, seed=0), tmp_path / "parent", format="llama")
     batch1 = workload_by_name("batch1")

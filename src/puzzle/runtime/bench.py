@@ -123,17 +123,31 @@ def decode_step_flops(config: ModelConfig, w: Workload, bucket: int = DEFAULT_BU
     return 2.0 * w.batch_size * matmul + 4.0 * w.batch_size * config.num_attention_heads * config.head_dim * ctx * gqa
 
 
+def prefill_flops(config: ModelConfig, w: Workload) -> float:
+    """FLOPs of one prefill: 2 per weight of every block's matrix products per prompt token, the LM head on the
+    last position, and causal QK^T and PV (half the P x P square) in every GQA layer."""
+    tokens = w.batch_size * w.prompt_len
+    norms = sum(config.hidden_size * ((b.attention.kind != "no_op") + (b.ffn.kind != "no_op")) for b in config.blocks)
+    blocks = sum(config.block_param_count(b) for b in config.blocks) - norms  # matrices only
+    gqa = sum(b.attention.kind == "gqa" for b in config.blocks)
+    attention = 2.0 * w.batch_size * config.num_attention_heads * config.head_dim * w.prompt_len ** 2 * gqa
+    return 2.0 * tokens * blocks + 2.0 * w.batch_size * config.vocab_size * config.hidden_size + attention
+
+
 def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth: float | None, dtype_bytes: int,
-             bucket: int = DEFAULT_BUCKET, spec: DeviceSpec | None = None, dtype: str = "bfloat16") -> dict[str, Any]:
+             bucket: int = DEFAULT_BUCKET, spec: DeviceSpec | None = None, dtype: str = "bfloat16",
+             ttft_s: float | None = None) -> dict[str, Any]:
     """A decode step against its floors: the bytes it must read at the measured copy bandwidth (`floor_s`) and
     at the datasheet bandwidth, and its FLOPs at the dtype's datasheet peak; `binds` names the larger datasheet
-    floor (None without a datasheet)."""
+    floor (None without a datasheet). With `ttft_s`, also the prefill's FLOP/s as a fraction of that peak (prefill
+    is compute-bound at serving prompt lengths: its floor is FLOPs / peak)."""
     nbytes = decode_step_bytes(config, w, dtype_bytes, bucket)
     flops = decode_step_flops(config, w, bucket)
     out: dict[str, Any] = {"decode_step_bytes": nbytes, "decode_step_flops": flops, "measured_step_s": measured_step_s,
                            "bandwidth_bytes_per_s": bandwidth, "floor_s": None, "ratio_to_floor": None,
                            "datasheet_floor_s": None, "ratio_to_datasheet_floor": None, "compute_floor_s": None,
-                           "ratio_to_compute_floor": None, "binds": None}
+                           "ratio_to_compute_floor": None, "binds": None, "prefill_flops": prefill_flops(config, w),
+                           "prefill_s": ttft_s, "prefill_fraction_of_peak": None}
     if bandwidth:
         out["floor_s"] = nbytes / bandwidth
         out["ratio_to_floor"] = measured_step_s / out["floor_s"]
@@ -144,6 +158,8 @@ def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth
         if peak:
             out["compute_floor_s"] = flops / peak
             out["ratio_to_compute_floor"] = measured_step_s / out["compute_floor_s"]
+            if ttft_s:
+                out["prefill_fraction_of_peak"] = out["prefill_flops"] / ttft_s / peak
         out["binds"] = "compute" if (out["compute_floor_s"] or 0.0) > out["datasheet_floor_s"] else "memory"
     return out
 
@@ -253,7 +269,7 @@ def bench(models: dict[str, PuzzleModel], workloads: list[Workload], graphs: Gra
             r["speedup_vs_reference"] = r["output_tokens_per_s"] / ref["output_tokens_per_s"]
             if bandwidth or spec is not None:
                 r["roofline"] = roofline(model.config, w, r["inter_token_s"], bandwidth, dtype_bytes, spec=spec,
-                                         dtype=dtype)
+                                         dtype=dtype, ttft_s=r["ttft_s"])
             if predict is not None and (p := predict(model.config, w)) is not None:
                 p["measured_over_predicted"] = r["output_tokens_per_s"] / p["output_tokens_per_s"]
                 p["same_graph_mode"] = p["graphs"] in (None, r["graphs"])  # like for like (None: estimate)
@@ -282,6 +298,11 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}" if value < 1000 else f"{value:.3g}"
 
 
+def _percent(roof: dict[str, Any]) -> str:
+    fraction = roof.get("prefill_fraction_of_peak")
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
 def _binds(roof: dict[str, Any] | None) -> str:
     if not roof or roof["binds"] is None:
         return "?"
@@ -298,12 +319,14 @@ def floors_note(report: dict[str, Any]) -> str:
     peak = sheet["peak_flops"]
     compute = f"FLOPs / {peak / 1e12:.0f} TFLOP/s {sheet['dtype']} dense" if peak else f"no {sheet['dtype']} peak"
     return (f"floors (x = decode step / floor): {copy}; sheet = bytes read / {sheet['bandwidth_bytes_per_s'] / 1e9:.4g}"
-            f" GB/s ({sheet['name']} datasheet); binds = the larger of the sheet floor and the compute floor ({compute})")
+            f" GB/s ({sheet['name']} datasheet); binds = the larger of the sheet floor and the compute floor ({compute}); "
+            f"prefill %pk = prefill FLOPs / TTFT / that peak")
 
 
 def format_table(report: dict[str, Any]) -> str:
     head = (f"{'model':<18} {'workload':<16} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT ms':>9} {'ITL ms':>8} "
-            f"{'x ref':>6} {'x copy':>6} {'x sheet':>7} {'binds':>13} {'pred tok/s':>12} {'HF tok/s':>9} {'x HF':>6}")
+            f"{'x ref':>6} {'x copy':>6} {'x sheet':>7} {'binds':>13} {'prefill %pk':>11} {'pred tok/s':>12} "
+            f"{'HF tok/s':>9} {'x HF':>6}")
     lines = [f"device: {report['device']}, torch {report['torch']}, reference: {report['reference']}", head,
              "-" * len(head)]
     for r in report["results"]:
@@ -316,7 +339,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['model'][:18]:<18} {r['workload']['name'][:16]:<16} {r['output_tokens_per_s']:>10.1f} "
             f"{r['total_tokens_per_s']:>10.1f} {r['ttft_s'] * 1e3:>9.2f} {r['inter_token_s'] * 1e3:>8.3f} "
             f"{r['speedup_vs_reference']:>6.2f} {_ratio(roof.get('ratio_to_floor')):>6} "
-            f"{_ratio(roof.get('ratio_to_datasheet_floor')):>7} {_binds(roof):>13} {pred_s:>12} "
+            f"{_ratio(roof.get('ratio_to_datasheet_floor')):>7} {_binds(roof):>13} {_percent(roof):>11} {pred_s:>12} "
             f"{(format(hf['output_tokens_per_s'], '.1f') if hf else '-'):>9} "
             f"{(format(hf['runtime_speedup'], '.2f') if hf else '-'):>6}"
         )
