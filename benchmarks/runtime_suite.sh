@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The runtime's GPU measurements, results and logs to $OUT: the GPU tests, decode attention (SDPA vs the Triton
+# kernel, bf16 and FP8 caches), the GKD step rate (eager vs CUDA graph), FP8 costs on the 8B shape, and the
+# large-batch decode profile. Each step has its own time limit, so a slow one costs its own result only; all five
+# take up to ~13 minutes, so they run over two device calls (carry [.carry/shared, .carry/git_state.json]):
+#   python benchmarks/_meta.py > .carry/git_state.json      # here, before the calls (provenance of the copy)
+#   bash benchmarks/runtime_suite.sh gpu-tests decode-attention gkd-step-rate
+#   bash benchmarks/runtime_suite.sh fp8-costs decode-profile
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 PUZZLE_GIT_STATE_FILE=$PWD/.carry/git_state.json
+log="$OUT/runtime_suite.log"
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  local start; start=$(date +%s)
+  echo "== $name" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | grep -v -E 'it/s\]$' | tail -40 >> "$log"
+  echo "== $name: rc=${PIPESTATUS[0]} wall_s=$(( $(date +%s) - start ))" | tee -a "$log"
+}
+run_step() {
+  case $1 in
+    gpu-tests) step 150 gpu-tests python3 -m pytest -q -m gpu ;;
+    decode-attention) step 200 decode-attention python3 benchmarks/decode_attention.py --out "$OUT/decode_attention.json" ;;
+    gkd-step-rate) step 120 gkd-step-rate python3 benchmarks/gkd_step_rate.py --out "$OUT/gkd_step_rate.json" ;;
+    fp8-costs) step 200 fp8-costs python3 benchmarks/fp8_costs.py --out "$OUT/fp8_costs.json" ;;
+    decode-profile) step 150 decode-profile python3 benchmarks/decode_profile.py --variants fused --batches 64,256 \
+                      --out "$OUT/decode_profile_large_batch.json" ;;
+  esac
+}
+steps=${*:-gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile}
+for one in $steps; do  # every name is checked before anything runs
+  case $one in gpu-tests|decode-attention|gkd-step-rate|fp8-costs|decode-profile) ;;
+    *) echo "unknown step $one; steps: gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile" >&2; exit 2 ;;
+  esac
+done
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } >> "$log" 2>&1
+for one in $steps; do run_step "$one"; done
