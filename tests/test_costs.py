@@ -345,12 +345,3 @@ def test_the_search_side_of_costs_imports_without_torch():
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('puzzle'))\n")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def test_a_tensor_parallel_workload_is_refused_not_costed_as_one_gpu(tmp_path):
-    import dataclasses
-
-    tp = dataclasses.replace(WL, tensor_parallel=2)
-    with pytest.raises(PuzzleError, match="tensor_parallel=2 is not costed yet"):
-        run_costs(tmp_path, CostsConfig(), [tp], SPACE, model_config=PARENT)
-    assert not (tmp_path / "costs").exists() or not list((tmp_path / "costs").glob("*.json"))

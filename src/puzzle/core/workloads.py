@@ -15,8 +15,9 @@ class Workload:
     batch_size: int
     prompt_len: int
     gen_len: int
-    # GPUs the model is split over (Megatron tensor parallelism, `puzzle.runtime.tensor_parallel`); measured
-    # only under torchrun with that many GPUs; not yet wired into costs (they are measured on one GPU).
+    # GPUs the model is split over (Megatron tensor parallelism, `puzzle.runtime.tensor_parallel`): the costs
+    # stage times it on that many spawned ranks (`puzzle.costs.tensor_parallel`) or estimates one GPU's share;
+    # the search prices its memory per GPU; eval and the search's measured check do not time it (one GPU).
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:

@@ -9,6 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from puzzle.core.dtypes import compute_dtype_name, dtype_bytes, precision_bytes
 from puzzle.core.workloads import Workload
+from puzzle.costs.sharding import (
+    allreduce_s,
+    is_row_parallel,
+    rank_attention_params,
+    rank_ffn_params,
+    rank_kv,
+)
 from puzzle.model.blocks import (
     AttentionConfig,
     BlockConfig,
@@ -51,21 +58,30 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
     """FLOPs and bytes of each variant against the roofline (peak_flops, mem_bandwidth): an estimate.
 
     Weights and KV at the precision's bytes (fp8: 1), activations and the LM head at its compute dtype's.
+    A tensor-parallel workload (`w.tensor_parallel` = n > 1) prices one GPU: its share of each variant's
+    weights, query heads and KV (`puzzle.costs.sharding`), plus one all-reduce of the hidden state per split
+    sub-block over a datasheet NVLink; the records keep the whole variant's params and KV bytes.
     """
+    n = w.tensor_parallel
     eb = precision_bytes(cfg.dtype)
     ab = dtype_bytes(compute_dtype_name(cfg.dtype))  # activations, embeddings, LM head
-    h, d, nq, b, p = model.hidden_size, model.head_dim, model.num_attention_heads, w.batch_size, w.prompt_len
+    h, d, nq, b, p = model.hidden_size, model.head_dim, model.num_attention_heads // n, w.batch_size, w.prompt_len
     act = lambda tokens: 4 * tokens * h * ab  # read + write of a few hidden-sized tensors
+    reduce = lambda part, tokens: allreduce_s(tokens * h * ab, n) if is_row_parallel(part) else 0.0
     out: dict[str, Any] = {"attention": {}, "ffn": {}}
     for att in atts:
-        params = attention_param_count(att, h, d, nq, model.attention_bias)
+        params = attention_param_count(att, h, d, model.num_attention_heads, model.attention_bias)
         kv = attention_kv_bytes(att, d, eb)
         rec = variant_record(params, kv)
         if att.kind != "no_op":
+            # one GPU's share: all of it at n == 1
+            rp, rkv = (params, kv) if n == 1 else (rank_attention_params(att, model, n),
+                                                   2 * rank_kv(att, model, n) * d * eb)
             attn_pf = 2 * b * nq * d * p * p if att.kind == "gqa" else 0  # causal QK^T + PV
-            rec["prefill_s"] = _roofline(2 * params * b * p + attn_pf, params * eb + act(b * p) + b * p * kv, cfg)
-            rec["decode_step_s"] = _roofline(2 * params * b + 4 * b * nq * d * ctx,
-                                             params * eb + act(b) + b * ctx * kv, cfg)
+            rec["prefill_s"] = _roofline(2 * rp * b * p + attn_pf, rp * eb + act(b * p) + b * p * rkv, cfg) \
+                + reduce(att, b * p)
+            rec["decode_step_s"] = _roofline(2 * rp * b + 4 * b * nq * d * ctx,
+                                             rp * eb + act(b) + b * ctx * rkv, cfg) + reduce(att, b)
         else:
             rec["prefill_s"] = rec["decode_step_s"] = 0.0
         out["attention"][att.name] = rec
@@ -75,8 +91,10 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
         spec = ffn_kind(ffn.kind)
         if spec.has_module:
             per_token = 2 * params if spec.flops_per_token is None else spec.flops_per_token(h, ffn.intermediate_size)
-            rec["prefill_s"] = _roofline(per_token * b * p, params * eb + act(b * p), cfg)
-            rec["decode_step_s"] = _roofline(per_token * b, params * eb + act(b), cfg)
+            rp = params if n == 1 else rank_ffn_params(ffn, model, n)
+            per_token = per_token / n if n > 1 and is_row_parallel(ffn) else per_token  # split kinds: 1/n of the work
+            rec["prefill_s"] = _roofline(per_token * b * p, rp * eb + act(b * p), cfg) + reduce(ffn, b * p)
+            rec["decode_step_s"] = _roofline(per_token * b, rp * eb + act(b), cfg) + reduce(ffn, b)
         else:
             rec["prefill_s"] = rec["decode_step_s"] = 0.0
         out["ffn"][ffn.name] = rec

@@ -55,14 +55,21 @@ def _time_model(config: ModelConfig, w: Workload, ctx: int, cfg: CostsConfig, de
     fp8 = cfg.dtype == FP8
     if fp8:
         quantize_fp8(model)
+    engine = Engine(model, w.batch_size, max(w.prompt_len, ctx) + 1, graphs=cfg.graphs, bucket=1,
+                    kv_dtype=E4M3 if fp8 else None)
+    return time_engine(engine, config.vocab_size, w, ctx, cfg, device, gen)
+
+
+def time_engine(engine: Engine, vocab_size: int, w: Workload, ctx: int, cfg: CostsConfig, device: torch.device,
+                gen: torch.Generator) -> tuple[list[float], list[float]]:
+    """Prefill and decode-step samples (seconds) of a built engine on random tokens drawn from `gen`."""
     b, p = w.batch_size, w.prompt_len
-    engine = Engine(model, b, max(p, ctx) + 1, graphs=cfg.graphs, bucket=1, kv_dtype=E4M3 if fp8 else None)
     prefill, decode = [], []
     for _ in range(cfg.input_sets):
-        ids = torch.randint(0, config.vocab_size, (b, p), generator=gen).to(device)
+        ids = torch.randint(0, vocab_size, (b, p), generator=gen).to(device)
         prefill += time_calls(lambda: engine.prefill(ids), device, cfg.repeats, cfg.warmup)  # noqa: B023
     for _ in range(cfg.input_sets):
-        tok = torch.randint(0, config.vocab_size, (b,), generator=gen).to(device)
+        tok = torch.randint(0, vocab_size, (b,), generator=gen).to(device)
         decode += time_calls(engine.decode_at(ctx, tok), device, cfg.repeats, cfg.warmup, inner=cfg.decode_inner)
     return prefill, decode
 

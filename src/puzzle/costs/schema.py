@@ -9,7 +9,7 @@ JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
     device_key      the <device> part of the file name
     device_memory_bytes   total device memory (estimate: null)
     dtype, torch, created, inputs_hash
-    workload        {name, batch_size, prompt_len, gen_len}
+    workload        {name, batch_size, prompt_len, gen_len (, tensor_parallel when > 1)}
     decode_context  cache slots a decode step reads, averaged over the generated tokens
     model           {hidden_size, num_attention_heads, head_dim, vocab_size, num_layers}
     fixed           {prefill_s, decode_step_s, sampling_s, params}: embedding, final norm, LM head, sampling
@@ -40,6 +40,12 @@ JSON schema (`"schema": "puzzle-costs/1"`; times in seconds, sizes in bytes):
                     prefill_scale, decode_scale, prefill_offset_s, decode_offset_s} or {method: "none", reason}
     roofline        {peak_flops, mem_bandwidth} (estimate only)
     parent_memory   memory model of the parent for this workload + {fits, max_batch_size}
+    tensor_parallel only when workload.tensor_parallel > 1 (`puzzle.costs.sharding`): {degree, per_gpu
+                    {attention|ffn: {name: {params, kv_bytes_per_token}}, fixed {params}}: what one GPU holds,
+                    parent_per_gpu {weights_bytes, kv_cache_bytes, activation_bytes, total_bytes (+ fits,
+                    max_batch_size when measured)}, measured: backend, timing; estimate: assumptions
+                    {interconnect_bandwidth, allreduce_latency_s, allreduce, source}}. The times are one GPU's
+                    (its shard with the all-reduces); the variant records keep the whole variant's params and KV
 A model's time for the workload is fixed + the sum of its layers' attention and FFN variants, corrected by
 the calibration against the whole parent timed the same way (`block_costs`, `fixed_costs`, `predict` in
 `puzzle.costs.table`); those read the per-layer times alike whichever `method` produced them.

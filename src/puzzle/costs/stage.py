@@ -1,7 +1,9 @@
 """The costs stage: `run_costs(run_dir, cfg, workloads, search_space_blocks)` writes one costs file per workload,
 `costs/<device>-<workload>.json` (the schema: `puzzle.costs.schema`), measured on the device
 (`puzzle.costs.measure`) or, without one, estimated (`puzzle.costs.estimate`); a file whose inputs are unchanged
-is kept (resumable). Reading the files back and predicting from them: `puzzle.costs.table`.
+is kept (resumable). Reading the files back and predicting from them: `puzzle.costs.table`. A workload with
+`tensor_parallel: n` is timed on n ranks the stage spawns (`puzzle.costs.tensor_parallel`) or estimated per GPU
+(`puzzle.costs.sharding`); its file adds a `tensor_parallel` section, and files of n = 1 are unchanged.
 """
 
 from __future__ import annotations
@@ -24,14 +26,21 @@ from puzzle.costs.consistency import make_consistent, parent_anchors
 from puzzle.costs.estimate import estimate_workload, split_variants
 from puzzle.costs.measure import TimeModel, measure_workload
 from puzzle.costs.schema import ESTIMATE_KEY, METHODS, SCHEMA, read_costs_file
+from puzzle.costs.sharding import (
+    ALLREDUCE_LATENCY_S,
+    NVLINK_BANDWIDTH,
+    check_shardable,
+    max_batch_per_gpu,
+    per_gpu_section,
+)
 from puzzle.costs.source import costs_source, roofline_gpu
+from puzzle.costs.tensor_parallel import check_ranks, measure_tensor_parallel, tp_graph_mode
 from puzzle.formats import load_model_config
-from puzzle.model.blocks import BlockConfig, ModelConfig
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.model.memory import max_batch_size, mean_decode_context, memory_model
 from puzzle.runtime.engine import GraphMode, resolve_graph_mode
 from puzzle.runtime.timing import device_key, device_name
 from puzzle.stages.library.store import Library
-
 
 BF16_PEAK, FP8_PEAK = 989e12, 1979e12  # H100/H200 SXM dense tensor-core FLOP/s (datasheet)
 
@@ -106,7 +115,10 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
         name = f"estimate (roofline of {roofline_gpu(cfg.peak_flops, cfg.mem_bandwidth, cfg.dtype)})"
         key, total = ESTIMATE_KEY, None
     else:
-        body = measure_workload(model, atts, ffns, w, cfg, ctx, device, timer)
+        if w.tensor_parallel > 1 and timer is None:  # spawned ranks (`puzzle.costs.tensor_parallel`)
+            body = measure_tensor_parallel(model, atts, ffns, w, cfg, ctx, device)
+        else:
+            body = measure_workload(model, atts, ffns, w, cfg, ctx, device, timer)
         name, key = device_name(device), device_key(device)
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     spread = body.pop("median_rel_spread", None)
@@ -114,10 +126,15 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
     if total is not None:
         mem["fits"] = mem["total_bytes"] <= total
         mem["max_batch_size"] = max_batch_size(model, w.prompt_len, w.gen_len, total, eb, cb)
+    graphs = resolve_graph_mode(cfg.graphs, device) if device is not None else None
+    tp: dict[str, Any] = {}  # a section only in TP files: TP=1 files stay as they were
+    if w.tensor_parallel > 1:
+        tp = {"tensor_parallel": _tp_section(model, atts, ffns, w, kind, device, total, eb, cb)}
+        graphs = tp_graph_mode(cfg.graphs, device) if device is not None else None
     return {
         "schema": SCHEMA, "kind": kind, "device": name, "device_key": key, "device_memory_bytes": total,
         "dtype": cfg.dtype, "torch": torch.__version__,
-        "graphs": resolve_graph_mode(cfg.graphs, device) if device is not None else None,
+        "graphs": graphs,
         "method": cfg.method if kind == "measured" else None,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "workload": w.to_dict(), "decode_context": ctx,
@@ -128,7 +145,27 @@ def costs_for_workload(model: ModelConfig, blocks: list[BlockConfig], w: Workloa
                    "median_rel_spread": spread},
         "roofline": {"peak_flops": cfg.peak_flops, "mem_bandwidth": cfg.mem_bandwidth} if kind == "estimate" else None,
         "parent_memory": mem,
+        **tp,
     }
+
+
+def _tp_section(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload, kind: str,
+                device: torch.device | None, total: int | None, eb: int, cb: int) -> dict[str, Any]:
+    """The `tensor_parallel` section (`puzzle.costs.schema`): per-GPU sizes, how the times were made."""
+    section = per_gpu_section(model, atts, ffns, w, eb, cb)
+    if total is not None:
+        section["parent_per_gpu"]["fits"] = section["parent_per_gpu"]["total_bytes"] <= total
+        section["parent_per_gpu"]["max_batch_size"] = max_batch_per_gpu(section, w, total)
+    if kind == "estimate":
+        section["assumptions"] = {
+            "interconnect_bandwidth": NVLINK_BANDWIDTH, "allreduce_latency_s": ALLREDUCE_LATENCY_S,
+            "allreduce": "one per split sub-block (row-parallel o_proj / down_proj / linear): latency + "
+                         "2 (n-1)/n x batch x tokens x hidden x bytes / bandwidth",
+            "source": "datasheet NVLink 4 (H100/H200 SXM): 900 GB/s per GPU, both directions; latency assumed"}
+    else:
+        section["backend"] = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        section["timing"] = "each rank times its shard with the all-reduces inside; a sample is the max over ranks"
+    return section
 
 
 def _default_blocks(run: RunDir, model: ModelConfig) -> list[BlockConfig]:
@@ -154,11 +191,12 @@ def run_costs(run_dir: Path, cfg: CostsConfig, workloads: list[Workload],
         raise PuzzleError("costs: the search space has no blocks; build the library first")
     if not workloads:
         raise PuzzleError("workloads is empty; name at least one workload")
-    for w in workloads:  # costing a TP workload as one GPU would be silently wrong
-        if w.tensor_parallel != 1:
-            raise PuzzleError(f"workload {w.name!r}: tensor_parallel={w.tensor_parallel} is not costed yet (per-block "
-                              "costs are measured on one GPU); remove it from the workloads the costs stage measures")
     kind, device = resolve_mode(cfg)
+    for w in workloads:  # before anything is timed: a TP workload this machine cannot measure fails now
+        if w.tensor_parallel > 1:
+            check_shardable(model_config, blocks, w)
+            if device is not None:
+                check_ranks(w, device)
     key = ESTIMATE_KEY if kind == "estimate" else device_key(device)
     written: dict[str, Path] = {}
     clear_warnings(run.root, "costs")  # kept files warn again below

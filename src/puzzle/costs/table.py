@@ -97,6 +97,8 @@ class CostTable:
     throughput = batch * gen_len / (fixed_total_s + sum of the chosen blocks' total_s).
     Memory = weights + KV cache for batch x (prompt + generated) tokens, plus the parent's activation
     estimate from `puzzle.model.memory` as a fixed margin (so "fits" agrees with the costs stage's memory model).
+    A tensor-parallel workload's memory is one GPU's: the per-GPU params and KV bytes the costs file states
+    (`gpu_params`, `gpu_kv_bytes_per_token`), with the embedding, LM head and norms whole on every GPU.
     """
 
     device: str
@@ -111,11 +113,15 @@ class CostTable:
     fixed_params: int  # embedding (+ untied LM head) + final norm
     fixed_memory_bytes: float = 0.0  # anything else the memory model counts (workspace, activations)
     estimate: bool = False  # analytic roofline estimate rather than a measurement
+    gpu_params: list[np.ndarray] | None = None  # TP: per layer [C_l], what one GPU holds
+    gpu_kv_bytes_per_token: list[np.ndarray] | None = None  # TP: per layer [C_l], what one GPU caches
 
     def memory_coeffs(self) -> list[np.ndarray]:
-        """Bytes per (layer, candidate): weights + KV cache for batch x (prompt + generated) tokens."""
+        """Bytes per (layer, candidate): weights + KV cache for batch x (prompt + generated) tokens (per GPU)."""
         tokens = self.workload.batch_size * self.workload.max_seq_len
-        return [p * self.dtype_bytes + kv * tokens for p, kv in zip(self.params, self.kv_bytes_per_token)]
+        params = self.gpu_params if self.gpu_params is not None else self.params
+        kvs = self.gpu_kv_bytes_per_token if self.gpu_kv_bytes_per_token is not None else self.kv_bytes_per_token
+        return [p * self.dtype_bytes + kv * tokens for p, kv in zip(params, kvs)]
 
     def fixed_memory(self) -> float:
         return self.fixed_params * self.dtype_bytes + self.fixed_memory_bytes
@@ -125,15 +131,17 @@ class CostTable:
             return float(sum(a[k] for a, k in zip(arrays, choice)))
 
         total = self.fixed_total_s + pick(self.total_s)
+        tp = self.workload.tensor_parallel
         return {
             "device": self.device,
             "workload": self.workload.name,
             "throughput_tok_s": self.workload.output_tokens / total,
             "latency_s": total,
             "ttft_s": self.fixed_prefill_s + pick(self.prefill_s),
-            "memory_bytes": self.fixed_memory() + pick(self.memory_coeffs()),
+            "memory_bytes": self.fixed_memory() + pick(self.memory_coeffs()),  # per GPU under TP
             "params": self.fixed_params + int(pick(self.params)),
             "estimate": self.estimate,
+            **({"tensor_parallel": tp} if tp > 1 else {}),  # absent at 1: solutions.json as it was
         }
 
 
@@ -145,21 +153,25 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
         if not isinstance(data.get(key), dict):
             raise PuzzleError(f"{path} has no '{key}' section; it is not a costs file: rerun `puzzle costs`")
     wl = data.get("workload")
-    workload = Workload(**{k: wl[k] for k in ("name", "batch_size", "prompt_len", "gen_len")}) \
+    workload = Workload(**{k: wl[k] for k in ("name", "batch_size", "prompt_len", "gen_len")},
+                        tensor_parallel=wl.get("tensor_parallel", 1)) \
         if isinstance(wl, dict) else workload_by_name(workload_name)
+    per_gpu = (data.get("tensor_parallel") or {}).get("per_gpu")  # TP files: what one GPU holds
     precision = data.get("dtype", "bfloat16")
     dtype_size = precision_bytes(precision, f"{path}: dtype")
     # fp8 keeps the embedding and LM head (the fixed params) in bf16: their extra bytes are a fixed cost
     fixed_extra = dtype_bytes(compute_dtype_name(precision)) - dtype_size
     # Times come from `block_costs` / `fixed_costs` (calibration included), as `predict` adds them up.
     fixed = fixed_costs(data, workload)
-    arrays: dict[str, list[np.ndarray]] = {"total": [], "prefill": [], "params": [], "kv": []}
+    arrays: dict[str, list[np.ndarray]] = {"total": [], "prefill": [], "params": [], "kv": [], "gpu_params": [],
+                                           "gpu_kv": []}
     for layer_cands in candidates:
         rows = []
         for block in layer_cands:
             c = block_costs(data, block, workload, source=path)
-            rows.append((c["total_s"], c["prefill_s"], c["params"], c["kv_bytes_per_token"]))
-        cols = np.array(rows, dtype=float).reshape(-1, 4)
+            gpu = _per_gpu(per_gpu, block, c, path)
+            rows.append((c["total_s"], c["prefill_s"], c["params"], c["kv_bytes_per_token"], *gpu))
+        cols = np.array(rows, dtype=float).reshape(-1, 6)
         for key, col in zip(arrays, cols.T):
             arrays[key].append(col)
     return CostTable(
@@ -170,7 +182,24 @@ def cost_table_from_json(data: dict[str, Any], candidates: list[list[BlockConfig
         fixed_memory_bytes=float((data.get("parent_memory") or {}).get("activation_bytes", 0.0))
         + fixed["params"] * fixed_extra,
         estimate=data.get("kind") == "estimate",
+        gpu_params=arrays["gpu_params"] if per_gpu else None,
+        gpu_kv_bytes_per_token=arrays["gpu_kv"] if per_gpu else None,
     )
+
+
+def _per_gpu(per_gpu: dict[str, Any] | None, block: BlockConfig, whole: dict[str, float], path: Path
+             ) -> tuple[float, float]:
+    """(params, KV bytes per token) one GPU holds of `block` (the whole block without a TP section)."""
+    if not per_gpu:
+        return whole["params"], whole["kv_bytes_per_token"]
+    parts = []
+    for part, name in (("attention", block.attention.name), ("ffn", block.ffn.name)):
+        rec = per_gpu[part].get(name)
+        if rec is None and name != "no_op":
+            raise PuzzleError(f"{path}: the tensor_parallel section has no {part} variant {name!r}; "
+                              "rerun `puzzle costs`")
+        parts.append(rec or {"params": 0, "kv_bytes_per_token": 0})
+    return (sum(r["params"] for r in parts), sum(r["kv_bytes_per_token"] for r in parts))
 
 
 def measured_workloads(costs_dir: Path, device: str) -> list[str]:

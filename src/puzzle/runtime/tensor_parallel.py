@@ -100,6 +100,11 @@ def _kv_heads(num_heads: int, num_kv_heads: int, rank: int, world: int) -> tuple
     return q_heads, kept if even else reads
 
 
+def rank_kv_heads(num_heads: int, num_kv_heads: int, world: int) -> int:
+    """The most KV heads any rank keeps (`_kv_heads`): Nkv / world when that splits evenly, more when replicated."""
+    return max(len(_kv_heads(num_heads, num_kv_heads, r, world)[1]) for r in range(world))
+
+
 def _shard_gqa(op: GQAAttention, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
     """In place: this rank's query heads and the KV heads they read (q/k/v column-parallel), o_proj
     row-parallel over those heads; the op stays a GQAAttention, so its forward and the runtime run it."""

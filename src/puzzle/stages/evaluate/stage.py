@@ -150,6 +150,10 @@ def measure_throughput(model: PuzzleModel, workloads: list[Workload], graphs: st
         return {"skipped": f"runtime unavailable ({e})"}
     out: dict[str, Any] = {}
     for w in workloads:
+        if w.tensor_parallel > 1:  # timing it on one GPU would be silently wrong
+            out[w.name] = {"error": f"tensor_parallel={w.tensor_parallel}: eval times a model on one GPU only; "
+                                    "its predicted throughput comes from the TP costs"}
+            continue
         try:
             out[w.name] = run_workload(model, w, graphs=graphs)  # records the mode it ran with
         except PuzzleError as e:  # e.g. the workload does not fit this model: record, do not abort the eval

@@ -25,7 +25,7 @@ from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.report import plots as report_plots
 from puzzle.stages.report.long_context import long_context_plot, long_context_section
-from puzzle.stages.report.summary import metric_label, task_score
+from puzzle.stages.report.summary import metric_label, task_score, workload_label
 from puzzle.stages.search.targets import parse_target
 
 COST_METRICS = ("workload", "decode_step_s", "prefill_s")  # what a layer's cost means in layer_costs plots
@@ -179,13 +179,15 @@ def solutions_section(sol: dict[str, Any], costs: dict[str, dict[str, Any]]) -> 
     workloads = sorted(sol.get("parent", {}))
     est = {w: bool(sol["parent"][w].get("estimate")) for w in workloads}
     header = ["method", "name", "target", "objective", "attention layers",
-              *[f"{w} {'ESTIMATED' if est[w] else 'pred.'} speedup" for w in workloads]]
+              *[f"{workload_label(w, sol['parent'][w])} {'ESTIMATED' if est[w] else 'pred.'} speedup"
+                for w in workloads]]
     rows = [["mip", s.get("name"), s.get("target"), s.get("objective"), s.get("attention_layers"),
              *[s.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]] for s in sol.get("solutions", [])]
     rows += [[b.get("method"), "", b.get("target"), b.get("objective"), b.get("attention_layers"),
               *[b.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]]
              for b in sol.get("baselines", []) if b.get("feasible", True)]
-    sources = "\n".join(f"- {w}: {costs_source(costs.get(w) or ({'kind': 'estimate'} if est[w] else None))}"
+    sources = "\n".join(f"- {workload_label(w, sol['parent'][w])}: "
+                        f"{costs_source(costs.get(w) or ({'kind': 'estimate'} if est[w] else None))}"
                         for w in workloads)
     return f"## Search solutions (predicted, not measured)\n\nSpeed-ups from the costs file of each workload:\n\n" \
            f"{sources}\n\n{table(header, rows)}\n"

@@ -29,6 +29,12 @@ def workload_costs(run: RunDir, workload: str | None) -> dict[str, Any] | None:
     return next((c for c in found if c.get("kind") == "measured"), found[0] if found else None)
 
 
+def workload_label(workload: str | None, predicted: dict[str, Any] | None) -> str:
+    """'chat (TP 2)' for a tensor-parallel workload's prediction, the bare name otherwise ('-' for none)."""
+    tp = (predicted or {}).get("tensor_parallel", 1)
+    return f"{workload or '-'}" + (f" (TP {tp})" if tp > 1 else "")
+
+
 def estimate_label(predicted: dict[str, Any]) -> str:
     """'est.' for a prediction from estimated costs, 'pred.' for one from measured costs."""
     return "est." if predicted.get("estimate") else "pred."
@@ -138,7 +144,7 @@ def print_summary(run_dir: Path | RunDir) -> None:
     quality = (f"; KL / top-1 / ppl on the {evaluation.get('split', 'valid')} split, "
                f"{evaluation.get('sequences', '?')} sequences of {evaluation.get('seq_len', '?')} tokens"
                if evaluation else "")
-    print(f"\nSummary of {run.root} (throughput: workload {workload or '-'}{quality})")
+    print(f"\nSummary of {run.root} (throughput: workload {workload_label(workload, parent)}{quality})")
     print(format_table(header, rows))
     print(source)
     for line in serving_lines(run):  # which engines serve each child (puzzle.formats.engines)

@@ -38,8 +38,9 @@ def describe_best(target: Target, best_row_value: float) -> str:
         what = "total latency" if s.kind == "latency" else "time to first token"
         return f"the quickest child's {what}{wl} is {fixed + best_row_value:.4g} s; asked for <= {s.target}"
     if s.kind == "memory":
+        per_gpu = f" per GPU of {t.workload.tensor_parallel}" if t.workload.tensor_parallel > 1 else ""
         return (f"the smallest child needs {_fmt_bytes(t.fixed_memory() + best_row_value)}{wl} "
-                f"(weights + KV cache); budget {s.target}")
+                f"(weights + KV cache{per_gpu}); budget {s.target}")
     if s.kind == "params":
         return f"the smallest child has {_fmt_count(target.row_offset + best_row_value)} parameters; budget {s.target}"
     return f"at most {best_row_value:.0f} layers can keep attention; asked for {s.target}"

@@ -2,7 +2,8 @@
 
     {kind: throughput, target: "2x", workload: text-generation}   2x the parent's tokens/s (or "1500" tok/s)
     {kind: latency, target: "1.5s", workload: chatbot}            whole-workload time (ttft: time to first token)
-    {kind: memory, target: "80GiB", workload: summarization}      weights + KV cache for that workload
+    {kind: memory, target: "80GiB", workload: summarization}      weights + KV cache for that workload (per
+                                                                  GPU when it is tensor-parallel)
     {kind: params, target: "7B"}                                  parameter budget
     {kind: min_attention_layers, target: 8}                       at least 8 layers keep GQA attention
 """

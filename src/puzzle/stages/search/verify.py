@@ -223,6 +223,10 @@ def _skip_reason(inputs: SearchInputs, cfg: SearchConfig, workloads: list[str]) 
         return "no throughput, latency or ttft target"
     if any(inputs.tables[w].estimate for w in workloads):
         return "the costs are an analytic estimate (no GPU measured them)"
+    tp = [f"{w} (TP {inputs.tables[w].workload.tensor_parallel})" for w in workloads
+          if inputs.tables[w].workload.tensor_parallel > 1]
+    if tp:
+        return f"{', '.join(tp)} is tensor-parallel and the check times children on one GPU"
     return None
 
 
