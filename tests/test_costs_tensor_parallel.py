@@ -163,3 +163,20 @@ def test_cost_table_of_a_tp_workload_prices_memory_per_gpu(tmp_path):
     layer1 = sum(float(c[0]) for c in tables[1].memory_coeffs())
     layer2 = sum(float(c[0]) for c in tables[2].memory_coeffs())
     assert 0.45 < layer2 / layer1 < 0.55  # 2 KV heads split in two, weights split in two
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_tp2_costs_measured_over_nccl(tmp_path):
+    """On 2 GPUs: the same stage over NCCL, CUDA graphs captured with the all-reduces inside."""
+    parent = tiny_llama_config(num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=256, intermediate_size=1024)
+    blocks = [*parent.blocks, BlockConfig(A.gqa(1), F.swiglu(512))]
+    cfg = CostsConfig(mode="measure", device="cuda", repeats=5, warmup=2, input_sets=1, neighbours=2)
+    path = run_costs(tmp_path, cfg, [replace(WL, batch_size=8, tensor_parallel=2)], blocks, model_config=parent)
+    data = json.loads(path["small"].read_text())
+    assert data["graphs"] == "manual" and data["tensor_parallel"]["backend"] == "nccl"
+    assert data["tensor_parallel"]["parent_per_gpu"]["fits"]
+    for part in ("attention", "ffn"):
+        for name, rec in data[part].items():
+            assert rec["decode_step_s"] >= 0 and not rec["oom"], (name, rec)
+    assert data["calibration"]["parent_measured"]["decode_step_s"] > 0
