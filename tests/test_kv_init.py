@@ -95,3 +95,10 @@ def test_pca_without_calibration_tokens_is_a_one_line_error() -> None:
     setup = Setup(num_heads=8, kv_heads=4, bias=False, seed=0)
     with pytest.raises(PuzzleError, match="library.init_batches"):
         setup.child(2, None, "pca")
+
+
+def test_an_unknown_kv_init_is_a_one_line_error() -> None:
+    from puzzle.stages.library import LibraryConfig
+
+    with pytest.raises(PuzzleError, match=r"library.kv_init 'svd' is not one of pca, mean"):
+        LibraryConfig(kv_init="svd")
