@@ -52,17 +52,20 @@ def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Ten
     new_bq = None if bq is None else bq.clone()
     new_bk = None if bk is None else bk.new_zeros(kc, d)
     new_bv = None if bv is None else bv.new_zeros(kc, d)
-    cz = c.to(torch.complex128)
+    keys_whitened = wk @ c_half  # [Nkv, D, H]: kappa C kappa^H = (kappa C^(1/2)) (kappa C^(1/2))^H, one product
     for j in range(kc):
         heads = (child_of_head == j).nonzero().flatten().tolist()
         groups = sorted({int(group_of_head[h]) for h in heads})
-        # values: the shared subspace that keeps most of every head's value path
-        maps = {h: wo[:, h, :] @ wv[group_of_head[h]] for h in heads}  # M_h [H, H]
-        scatter = sum((m @ c_half).T @ (m @ c_half) for m in maps.values())
+        # values: the shared subspace that keeps most of every head's value path. With M_h = O_h V_g and
+        # A_g = V_g C^(1/2) [D, H], sum_h C^(1/2) M_h^T M_h C^(1/2) = sum_g A_g^T (sum_{h in g} O_h^T O_h) A_g:
+        # D x D products per head instead of H x H maps (32x fewer FLOPs at Llama-8B's shape).
+        whitened = {g: wv[g] @ c_half for g in groups}  # A_g [D, H]
+        scatter = sum(whitened[g].T @ sum(wo[:, h, :].T @ wo[:, h, :] for h in heads if group_of_head[h] == g)
+                      @ whitened[g] for g in groups)  # [H, H]
         basis = torch.linalg.eigh(scatter).eigenvectors[:, -d:]  # U [H, D]
         new_v[j] = basis.T @ c_inv_half
         for h in heads:
-            new_o[:, h, :] = maps[h] @ c_half @ basis
+            new_o[:, h, :] = wo[:, h, :] @ (whitened[int(group_of_head[h])] @ basis)  # O_h V_g C^(1/2) U [H, D]
         if bv is not None:  # the constant each head adds (attention weights sum to 1), by least squares
             target = sum(wo[:, h, :] @ bv[group_of_head[h]] for h in heads)  # [H]
             stacked = sum(new_o[:, h, :] for h in heads)  # [H, D]
@@ -70,7 +73,8 @@ def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Ten
         # keys and queries, one RoPE pair at a time
         for i in range(half_d):
             kappa = torch.complex(wk[groups, i], wk[groups, i + half_d])  # [G, H]
-            covariance_of_keys = kappa @ cz @ kappa.conj().T  # [G, G] = E[k k^H], Hermitian
+            white = torch.complex(keys_whitened[groups, i], keys_whitened[groups, i + half_d])  # [G, H]
+            covariance_of_keys = white @ white.conj().T  # [G, G] = E[k k^H], Hermitian
             w = torch.linalg.eigh(covariance_of_keys).eigenvectors[:, -1]  # [G], unit: k_g ~ w_g k'
             key = (w.conj()[:, None] * kappa).sum(0)  # [H]
             new_k[j, i], new_k[j, i + half_d] = key.real, key.imag
