@@ -91,19 +91,26 @@ def _accumulate(sums: _Sums, logits: torch.Tensor, batch: EvalBatch, parent_logp
         mask = targets >= 0  # [B, T]: only these positions are scored (long-context rows are mostly context)
         row, pos = mask.nonzero().unbind(1)  # [N] each: where the scored positions are
         logp_sum, greedy = target_logprobs(logits, row, pos, targets[mask])
-        for r, key in enumerate(batch.task_rows):
-            sums.choice_logp[key] = float(logp_sum[r])
-            sums.choice_greedy[key] = bool(greedy[r])
+        # one copy to the host per batch, not one per row (each copy waits for the GPU)
+        for key, value, solved in zip(batch.task_rows, logp_sum.tolist(), greedy.tolist(), strict=True):
+            sums.choice_logp[key] = float(value)
+            sums.choice_greedy[key] = bool(solved)
         return
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     tokens = batch.tokens.to(logp.device)
-    if parent_logp is not None:
-        sums.kl += float(F.kl_div(logp, parent_logp, log_target=True, reduction="sum"))
-    sums.top1 += float((logp.argmax(-1) == parent_top1).sum())
     k = min(5, logp.shape[-1])
-    sums.top5 += float((logp.topk(k, dim=-1).indices == parent_top1[..., None]).any(-1).sum())
+    kl = F.kl_div(logp, parent_logp, log_target=True, reduction="sum") if parent_logp is not None else None
+    values = torch.stack([
+        kl if kl is not None else logp.new_zeros(()),
+        (logp.argmax(-1) == parent_top1).sum().float(),
+        (logp.topk(k, dim=-1).indices == parent_top1[..., None]).any(-1).sum().float(),
+        F.nll_loss(logp[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"),
+    ]).tolist()  # one copy to the host for the four sums
+    sums.kl += values[0]
+    sums.top1 += values[1]
+    sums.top5 += values[2]
     sums.positions += parent_top1.numel()
-    sums.nll += float(F.nll_loss(logp[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+    sums.nll += values[3]
     sums.nll_tokens += tokens[:, 1:].numel()
 
 
