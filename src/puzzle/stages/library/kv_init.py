@@ -6,8 +6,8 @@ whose attention output is about as far from the parent's as having no attention 
 more KV heads ("groups" g), is fitted to them, with C [H, H] the covariance of the normalised attention input:
 
 - Values. Query head h's value path is the map M_h = O_h V_g(h) (hidden -> hidden, rank D). One shared V' [D, H]
-  and per-head O'_h [H, D] minimise sum_h ||(O'_h V' - M_h) C^(1/2)||^2: in whitened coordinates V' spans the
-  top D eigenvectors U of sum_h C^(1/2) M_h^T M_h C^(1/2); V' = U^T C^(-1/2), O'_h = M_h C^(1/2) U.
+  and per-head O'_h [H, D] minimise sum_h ||(O'_h V' - M_h) L||^2 (L L^T = C): in whitened coordinates V'
+  spans the top D eigenvectors U of sum_h L^T M_h^T M_h L; V' = U^T L^(-1), O'_h = M_h L U.
 - Keys. RoPE rotates each key pair (i, i + D/2) as one complex number, so a child key may mix the groups' keys
   only pair by pair, with complex weights (a real mix across pairs would not commute with the rotation). Per
   pair the child key is the principal direction w of the groups' keys under C (top eigenvector of their Hermitian
@@ -22,13 +22,18 @@ import torch
 from puzzle.model.decoder import GQAAttention
 
 
-def _sqrt_and_inverse(c: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """C^(1/2) and C^(-1/2) of a covariance [H, H] made positive definite by a relative ridge (fp64)."""
+def _cholesky(c: torch.Tensor, ridge: float) -> torch.Tensor:
+    """L with L L^T = C + ridge (a relative ridge keeps C positive definite), fp64. Any square root of C serves
+    the fits below (||X L||_F = ||X C^(1/2)||_F), and Cholesky is far cheaper than an eigendecomposition."""
     n = c.shape[0]
     c = c + (ridge * float(c.diagonal().mean()) + 1e-12) * torch.eye(n, dtype=c.dtype, device=c.device)
-    eigval, eigvec = torch.linalg.eigh(c)
-    eigval = eigval.clamp_min(1e-12)
-    return (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec * eigval.rsqrt()) @ eigvec.T
+    return torch.linalg.cholesky(c)
+
+
+def _psd_sqrt(w: torch.Tensor) -> torch.Tensor:
+    """W^(1/2) of a small symmetric PSD matrix [D, D]."""
+    eigval, eigvec = torch.linalg.eigh(w)
+    return (eigvec * eigval.clamp_min(0).sqrt()) @ eigvec.T
 
 
 def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Tensor, ridge: float) -> None:
@@ -38,7 +43,7 @@ def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Ten
     kp, kc = parent.num_kv_heads, child.num_kv_heads
     dev = child.q_proj.weight.device
     c = covariance.to(dev, torch.float64)
-    c_half, c_inv_half = _sqrt_and_inverse(c, ridge)
+    root = _cholesky(c, ridge)  # L [H, H]
     group_of_head = torch.arange(nq) // (nq // kp)  # parent KV head serving each query head
     child_of_head = torch.arange(nq) // (nq // kc)
     wq = parent.q_proj.weight.detach().to(dev, torch.float64).view(nq, d, -1)  # [Nq, D, H]
@@ -52,20 +57,21 @@ def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Ten
     new_bq = None if bq is None else bq.clone()
     new_bk = None if bk is None else bk.new_zeros(kc, d)
     new_bv = None if bv is None else bv.new_zeros(kc, d)
-    keys_whitened = wk @ c_half  # [Nkv, D, H]: kappa C kappa^H = (kappa C^(1/2)) (kappa C^(1/2))^H, one product
+    keys_whitened = wk @ root  # [Nkv, D, H]: kappa C kappa^H = (kappa L) (kappa L)^H, one product
     for j in range(kc):
         heads = (child_of_head == j).nonzero().flatten().tolist()
         groups = sorted({int(group_of_head[h]) for h in heads})
         # values: the shared subspace that keeps most of every head's value path. With M_h = O_h V_g and
-        # A_g = V_g C^(1/2) [D, H], sum_h C^(1/2) M_h^T M_h C^(1/2) = sum_g A_g^T (sum_{h in g} O_h^T O_h) A_g:
-        # D x D products per head instead of H x H maps (32x fewer FLOPs at Llama-8B's shape).
-        whitened = {g: wv[g] @ c_half for g in groups}  # A_g [D, H]
-        scatter = sum(whitened[g].T @ sum(wo[:, h, :].T @ wo[:, h, :] for h in heads if group_of_head[h] == g)
-                      @ whitened[g] for g in groups)  # [H, H]
-        basis = torch.linalg.eigh(scatter).eigenvectors[:, -d:]  # U [H, D]
-        new_v[j] = basis.T @ c_inv_half
+        # A_g = V_g L [D, H], sum_h (M_h L)^T (M_h L) = B^T B for B the rows W_g^(1/2) A_g stacked over the groups
+        # (W_g = sum_{h in g} O_h^T O_h, [D, D]): its top D eigenvectors are B's top D right singular vectors,
+        # a thin SVD of a [G*D, H] matrix instead of anything H x H.
+        whitened = {g: wv[g] @ root for g in groups}  # A_g [D, H]
+        stacked = torch.cat([_psd_sqrt(sum(wo[:, h, :].T @ wo[:, h, :] for h in heads if group_of_head[h] == g))
+                             @ whitened[g] for g in groups])  # B [G*D, H]
+        basis = torch.linalg.svd(stacked, full_matrices=False).Vh[:d].T  # U [H, D]
+        new_v[j] = torch.linalg.solve_triangular(root.T, basis, upper=True).T  # U^T L^-1 [D, H]
         for h in heads:
-            new_o[:, h, :] = wo[:, h, :] @ (whitened[int(group_of_head[h])] @ basis)  # O_h V_g C^(1/2) U [H, D]
+            new_o[:, h, :] = wo[:, h, :] @ (whitened[int(group_of_head[h])] @ basis)  # O_h V_g L U [H, D]
         if bv is not None:  # the constant each head adds (attention weights sum to 1), by least squares
             target = sum(wo[:, h, :] @ bv[group_of_head[h]] for h in heads)  # [H]
             stacked = sum(new_o[:, h, :] for h in heads)  # [H, D]
