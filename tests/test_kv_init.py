@@ -102,3 +102,15 @@ def test_an_unknown_kv_init_is_a_one_line_error() -> None:
 
     with pytest.raises(PuzzleError, match=r"library.kv_init 'svd' is not one of pca, mean"):
         LibraryConfig(kv_init="svd")
+
+
+@pytest.mark.parametrize(("heads", "kv_parent", "kv_child", "hidden"), [(8, 4, 1, 64), (9, 3, 1, 72)])
+def test_the_fit_keeps_parent_like_weight_scales(heads: int, kv_parent: int, kv_child: int, hidden: int) -> None:
+    """Only the products q.k and O'V' are fitted; left as the whitening leaves them, V' came out ~20x smaller than
+    the parent's values and O' as much larger, and BLD's first AdamW steps blew the variant up (nMSE 0.5 -> 20)."""
+    setup = Setup(num_heads=heads, kv_heads=kv_parent, bias=False, seed=3, hidden=hidden)
+    setup.mixing.mul_(torch.logspace(0, -2, hidden)[:, None])  # an ill-conditioned input covariance
+    child = setup.child(kv_child, setup.stats(setup.inputs(32)), "pca")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        ours, theirs = (getattr(m.op, name).weight.detach().pow(2).mean().sqrt() for m in (child, setup.parent))
+        assert 1 / 3 < float(ours / theirs) < 3, (name, float(ours), float(theirs))

@@ -72,6 +72,14 @@ def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Ten
         new_v[j] = torch.linalg.solve_triangular(root.T, basis, upper=True).T  # U^T L^-1 [D, H]
         for h in heads:
             new_o[:, h, :] = wo[:, h, :] @ (whitened[int(group_of_head[h])] @ basis)  # O_h V_g L U [H, D]
+        # The fit fixes only the products O'_h V'; as it comes, V' = U^T L^-1 is ~20x smaller than the parent's
+        # values and O' as much larger, and AdamW's steps (about lr per element, whatever the scale) would then
+        # wreck V' at the first step. Each value dimension is rescaled to the parent's value-row norm, O'
+        # inversely: the same products, parent-like magnitudes.
+        rescale = wv[groups].norm(dim=2).mean() / new_v[j].norm(dim=1).clamp_min(1e-30)  # [D]
+        new_v[j] *= rescale[:, None]
+        for h in heads:
+            new_o[:, h, :] /= rescale[None, :]
         if bv is not None:  # the constant each head adds (attention weights sum to 1), by least squares
             target = sum(wo[:, h, :] @ bv[group_of_head[h]] for h in heads)  # [H]
             stacked = sum(new_o[:, h, :] for h in heads)  # [H, D]
@@ -83,12 +91,15 @@ def pca_kv_init(parent: GQAAttention, child: GQAAttention, covariance: torch.Ten
             covariance_of_keys = white @ white.conj().T  # [G, G] = E[k k^H], Hermitian
             w = torch.linalg.eigh(covariance_of_keys).eigenvectors[:, -1]  # [G], unit: k_g ~ w_g k'
             key = (w.conj()[:, None] * kappa).sum(0)  # [H]
+            # the parent's key scale for this pair (k' -> t k', queries / t: the same scores)
+            t = kappa.abs().pow(2).sum(1).sqrt().mean() / key.abs().pow(2).sum().sqrt().clamp_min(1e-30)
+            key = key * t
             new_k[j, i], new_k[j, i + half_d] = key.real, key.imag
             if bk is not None:
-                kb = (w.conj() * torch.complex(bk[groups, i], bk[groups, i + half_d])).sum()
+                kb = t * (w.conj() * torch.complex(bk[groups, i], bk[groups, i + half_d])).sum()
                 new_bk[j, i], new_bk[j, i + half_d] = kb.real, kb.imag
             for h in heads:
-                turn = w[groups.index(int(group_of_head[h]))].conj()
+                turn = w[groups.index(int(group_of_head[h]))].conj() / t
                 q = torch.complex(wq[h, i], wq[h, i + half_d]) * turn
                 new_q[h, i], new_q[h, i + half_d] = q.real, q.imag
                 if bq is not None:
