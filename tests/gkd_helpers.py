@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from puzzle.core.distributed import DistInfo
 from puzzle.model.decoder import PuzzleModel, build_model
 from puzzle.model.presets import tiny_llama_config
 
@@ -23,7 +24,22 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 SEQ = 16
+CPU1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))  # one process, no group
+
+
+class Killed(Exception):
+    """Stands for the process being killed: raised from train_gkd's on_step by `kill_after`."""
+
+
+def kill_after(step: int) -> Callable[[int, dict], None]:
+    """An on_step callback that ends the run (raises Killed) once `step` is done."""
+    def on_step(done: int, record: dict) -> None:
+        if done == step:
+            raise Killed
+    return on_step
 
 
 def tiny_parent(seed: int = 0, vocab: int = VOCAB) -> PuzzleModel:
@@ -74,9 +90,9 @@ CORPUS = "".join(f"{line} ({i})\n" for i in range(40) for line in _LINES)
 
 def make_run_dir(root: Path, vocab: int = 300) -> tuple[Path, PuzzleModel]:
     """A run directory with a tiny parent (trained BPE tokenizer), packed data and one damaged child."""
+    from puzzle.demo.tokenizer import train_tokenizer
     from puzzle.formats import export_hf, save_model
     from puzzle.stages.data import DataConfig, run_data
-    from puzzle.demo.tokenizer import train_tokenizer
 
     corpus = root / "corpus"
     corpus.mkdir(parents=True)

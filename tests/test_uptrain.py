@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from gkd_helpers import (
+    CPU1,
+    Killed,
     damaged_child,
+    kill_after,
     one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
     tiny_parent,
     token_arrays,
 )
 from puzzle.core.config import from_dict
-from puzzle.core.distributed import DistInfo
 from puzzle.core.errors import PuzzleError
 from puzzle.stages.uptrain.stage import UptrainConfig, batch_indices, lr_lambda, train_gkd
-
-CPU1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def small_cfg(**kw: object) -> UptrainConfig:
@@ -54,15 +54,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
 
     full = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg, tmp_path / "a", CPU1)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step: int, record: dict) -> None:
-        if step == 5:
-            raise Killed  # dies after step 5; the last checkpoint is step 4
-
-    with pytest.raises(Killed):
-        train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg, tmp_path / "b", CPU1, on_step=kill_at_5)
+    with pytest.raises(Killed):  # dies after step 5; the last checkpoint is step 4
+        train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg, tmp_path / "b", CPU1, on_step=kill_after(5))
     assert (tmp_path / "b" / "checkpoint" / "state.json").exists()
     resumed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg, tmp_path / "b", CPU1)
     assert resumed.resumed_from == 4

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from gkd_helpers import (
+    CPU1,
+    Killed,
     damaged_child,
+    kill_after,
     one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
     tiny_parent,
     token_arrays,
@@ -27,8 +30,6 @@ from puzzle.stages.uptrain import metrics as metrics_module
 from puzzle.stages.uptrain.graphed import GraphedStep
 from puzzle.stages.uptrain.stage import UptrainConfig, host_batch, lr_lambda, train_gkd
 from puzzle.stages.uptrain.step import WIDTH, train_step
-
-CPU1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def cfg_of(**kw: object) -> UptrainConfig:
@@ -98,16 +99,9 @@ def test_resume_with_deferred_metrics_matches_an_uninterrupted_run(tmp_path: Pat
     train, valid = token_arrays()
     full = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(log_every=1), tmp_path / "a", CPU1)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_7(step: int, record: dict) -> None:
-        if step == 7:
-            raise Killed
-
     with pytest.raises(Killed):
         train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(log_every=4), tmp_path / "b", CPU1,
-                  on_step=kill_at_7)
+                  on_step=kill_after(7))
     # log_every and cuda_graphs do not change the trajectory: the checkpoint (step 6) is resumed under others
     resumed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(log_every=2, cuda_graphs="off"),
                         tmp_path / "b", CPU1)
@@ -233,15 +227,9 @@ def test_training_through_the_graph_runner_logs_and_resumes_like_eager(tmp_path:
     assert graphed.extra["cuda_graphs"] is True
     assert graphed.log == eager.log
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_8(step: int, record: dict) -> None:
-        if step == 8:
-            raise Killed
-
     with pytest.raises(Killed):
-        train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "r", CPU1, on_step=kill_at_8)
+        train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "r", CPU1,
+                  on_step=kill_after(8))
     resumed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "r", CPU1)
     assert resumed.resumed_from == 6 and resumed.log == eager.log
     for (name, p), q in zip(eager.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
@@ -307,16 +295,9 @@ def test_graphed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     cfg = cfg_of(steps=12, device="cuda", checkpoint_every=6, val_every=0, log_every=4, cuda_graphs="on")
     full = train_gkd(copy.deepcopy(child), copy.deepcopy(parent), train, valid, cfg, tmp_path / "a", _gpu())
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_8(step: int, record: dict) -> None:
-        if step == 8:
-            raise Killed
-
     with pytest.raises(Killed):
         train_gkd(copy.deepcopy(child), copy.deepcopy(parent), train, valid, cfg, tmp_path / "b", _gpu(),
-                  on_step=kill_at_8)
+                  on_step=kill_after(8))
     resumed = train_gkd(copy.deepcopy(child), copy.deepcopy(parent), train, valid, cfg, tmp_path / "b", _gpu())
     assert resumed.resumed_from == 6 and resumed.extra["cuda_graphs"] is True
     a = [r["loss"] for r in full.log["train"]]
