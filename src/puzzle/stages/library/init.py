@@ -36,10 +36,15 @@ class CalibrationStats:
 
     def add_linear(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # x, y [B, T, H] -> flattened [N, H]
+        self.add_covariance(x)
         x2 = x.reshape(-1, x.shape[-1]).double()
         y2 = y.reshape(-1, y.shape[-1]).double()
-        self.xtx = x2.T @ x2 if self.xtx is None else self.xtx + x2.T @ x2
         self.xty = x2.T @ y2 if self.xty is None else self.xty + x2.T @ y2
+
+    def add_covariance(self, x: torch.Tensor) -> None:
+        """x^T x alone (x [B, T, H]): what the fewer-KV-head fit reads."""
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        self.xtx = x2.T @ x2 if self.xtx is None else self.xtx + x2.T @ x2
 
     def add_activations(self, act: torch.Tensor) -> None:
         # act [B, T, I]

@@ -161,6 +161,8 @@ def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, 
     if not need:
         return need
     linear_ffn = {it.layer for it in items if it.ffn is not None and it.ffn.kind == "linear"}
+    # x^T y only for the ridge fits of linear attention; fewer KV heads (kv_init=pca) read x^T x alone
+    linear_attention = {it.layer for it in items if it.attention is not None and it.attention.kind == "linear"}
     for b in range(n_batches):
         ids = batches(b, device)
         acts, _, _ = parent_activations(parent, ids, {layer for layer, _ in need})
@@ -168,7 +170,11 @@ def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, 
             a, block = acts[layer], parent.layers[layer]
             stats.tokens += ids.numel()
             if kind == "attention":
-                stats.add_linear(block.attention.norm(a.h_in), a.att_out)
+                x = block.attention.norm(a.h_in)
+                if layer in linear_attention:
+                    stats.add_linear(x, a.att_out)
+                else:
+                    stats.add_covariance(x)
                 continue
             if block.ffn.config.kind == "swiglu":
                 stats.add_activations(swiglu_activations(block.ffn, a.h_mid))
