@@ -287,8 +287,8 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
     figures: list[tuple[str, Path]] = []
     if inp.eval:
         parts.append(eval_section(inp.eval))
-        if long_context_section(inp.eval):
-            parts.append(long_context_section(inp.eval))
+        if section := long_context_section(inp.eval):
+            parts.append(section)
             drawn = long_context_plot(inp.eval.get("models", {}), plots_dir / "long_context.png") if plots else None
             if drawn:
                 figures.append(("Long-context accuracy by context length", drawn))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def objective_from_scores(scores: dict[str, Any], metric: str, weights: dict[str
     layers = scores.get("layers") or []
     if [entry["layer"] for entry in layers] != list(range(len(layers))) or not layers:
         raise PuzzleError("scores/scores.json does not cover every layer; rerun `puzzle score`")
-    terms = {metric: 1.0, **(weights or {})} if metric not in (weights or {}) else dict(weights or {})
+    terms = {metric: 1.0, **(weights or {})}  # a weight given for `metric` itself replaces its 1.0
     candidates, objective = [], []
     for entry in layers:
         rows = entry["candidates"]
@@ -143,7 +143,7 @@ def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig) -> SearchInputs:
     tables = {w: load_cost_table(costs_dir, cfg.device, w, candidates) for w in workloads}
     parent_tables = {w: load_cost_table(costs_dir, cfg.device, w, [[b] for b in parent_blocks]) for w in workloads}
     metric_values = {}
-    for m in ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy", "long_context"):
+    for m in get_args(Metric):
         rows = [[r.get(m) for r in e["candidates"]] for e in scores["layers"]]
         if all(v is not None for row in rows for v in row):
             values = [np.array(r, dtype=float) for r in rows]
