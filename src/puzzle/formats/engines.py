@@ -144,11 +144,6 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(out)
 
 
-def servable_by(config: ModelConfig) -> list[str]:
-    """The engines of the table that can serve `config`."""
-    return [name for name, entry in servability(config).items() if entry["ok"]]
-
-
 def require_servable(config: ModelConfig, engines: list[str], fix: str, homogeneous_as_llama: bool = True) -> None:
     """PuzzleError naming the layers when one of `engines` cannot serve `config`; `fix` says what to do instead.
     homogeneous_as_llama=False: judge the Nemotron-NAS export even of a homogeneous model."""
