@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 
+from puzzle.core.artifacts import write_json
 from puzzle.core.config import from_dict
 from puzzle.core.distributed import DistInfo
 from puzzle.formats import load_model
@@ -105,8 +105,7 @@ def main() -> None:
     if "graphed" in results:
         out["graphed_speedup_over_eager_sync"] = results["graphed"]["steps_per_s"] / results["eager_sync"]["steps_per_s"]
         out["graphed_speedup_over_eager"] = results["graphed"]["steps_per_s"] / results["eager"]["steps_per_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(Path(args.out), out)
     print(f"wrote {args.out}")
 
 

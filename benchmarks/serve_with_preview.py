@@ -22,16 +22,10 @@ from _meta import metadata
 
 from puzzle.core.artifacts import write_json
 from puzzle.core.errors import PuzzleError
-from puzzle.stages.library.search_space import parse_attention, parse_ffn
-from puzzle.model.blocks import BlockConfig
+from puzzle.stages.library.search_space import parse_pair
 from puzzle.stages.search.stage import ConstraintSpec, SearchConfig, load_inputs, search
 
 ENGINE_SETS = ([], ["vllm"], ["trtllm"], ["llama.cpp"])
-
-
-def _block(name: str) -> BlockConfig:
-    att, ffn = name.split("+")
-    return BlockConfig(parse_attention(att), parse_ffn(ffn))
 
 
 def scores_json(csv_path: Path) -> dict:
@@ -41,7 +35,7 @@ def scores_json(csv_path: Path) -> dict:
     for r in rows:
         if r["layer"] == "parent":
             continue
-        entry = {"block": _block(r["candidate"]).to_dict(), "name": r["candidate"]}
+        entry = {"block": parse_pair(r["candidate"]).to_dict(), "name": r["candidate"]}
         for m in ("kl", "lm_loss", "lm_loss_delta", "top1", "top5", "task_accuracy"):
             entry[m] = float(r[m]) if r.get(m) else None
         layers.setdefault(int(r["layer"]), []).append(entry)

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 
+from puzzle.core.artifacts import write_json
 from puzzle.core.workloads import Workload
 from puzzle.costs.stage import CostsConfig, costs_for_workload
 from puzzle.model.blocks import AttentionConfig as A
@@ -99,13 +100,13 @@ def main() -> None:
         print(f"== TP {n}", flush=True)
         out["measured"][str(n)] = per_degree(costs_for_workload(parent, blocks, w, measure))
         out["estimate"][str(n)] = per_degree(costs_for_workload(parent, blocks, w, CostsConfig(mode="estimate")))
-        Path(args.out).write_text(json.dumps(out, indent=1))  # partial results survive a later degree's failure
+        write_json(Path(args.out), out)  # partial results survive a later degree's failure
     done = sorted(out["measured"], key=int)
     one = out["measured"][done[0]]["parent_decode_step_s"]
     out[f"parent_step_speedup_vs_tp{done[0]}"] = {
         n: (one / step if one and step else None)
         for n in done if (step := out["measured"][n]["parent_decode_step_s"]) is not None}
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(Path(args.out), out)
     for n in done:
         m = out["measured"][n]
         print(f"TP {n}: parent decode step {m['parent_decode_step_s']}, per-block sum {m['parent_decode_sum_s']} "
