@@ -16,7 +16,7 @@ from puzzle.runtime import SamplingConfig, generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory (native or Hugging Face) or llama2.c .bin file")
+    parser.add_argument("model", help="model directory (native or Hugging Face), llama2.c .bin or llama.cpp .gguf file")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)

@@ -4,7 +4,7 @@
     load_model_config(path) -> ModelConfig
     save_model(model, dir, tokenizer_source=None) -> Path
     export_hf(model, dir, tokenizer_source=None, extra_sidecar=None, format="nemotron-nas", ...) -> Path
-    detect_format(path) -> "native" | "hf" | "nemotron-nas" | "llama2c" | "config"
+    detect_format(path) -> "native" | "hf" | "nemotron-nas" | "llama2c" | "gguf" | "config"
 """
 
 from puzzle.formats.export import export_hf

@@ -60,7 +60,8 @@ _FUSED_BUFFERS = ("qkv_weight", "qkv_bias", "gate_up_weight")
 
 
 def fuse_projections(model: PuzzleModel, fuse: bool = True) -> PuzzleModel:
-    """Give every GQA op a `qkv_weight` (+ `qkv_bias`) and every SwiGLU a `gate_up_weight`; idempotent.
+    """Give every GQA op a `qkv_weight` (+ `qkv_bias`) and every SwiGLU a `gate_up_weight` (those with FP8
+    projections excepted: they fuse their own way); idempotent.
 
     fuse=False fuses nothing new but drops fused buffers that are no longer current, so the runtime (which
     uses a fused buffer whenever one exists) can never read stale weights.

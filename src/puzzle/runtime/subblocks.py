@@ -107,7 +107,8 @@ class FusedRegions:
         """(h + update) -> norm -> q/k/v -> RoPE -> cache write -> attention -> o_proj; returns (h, its update).
 
         mask None means a fresh causal prefill (nothing cached before, no padding): attention over the new
-        keys only. Otherwise mask [B, 1, T, L] (bool or additive) over the first L = cache.owner.attend_len slots.
+        keys only. Otherwise mask [B, 1, T, L] (bool or additive) over the first L = cache.owner.attend_len slots;
+        with the decode kernel a one-token step ignores it (the kernel reads each row's valid slots itself).
         """
         if mask is None:
             h, q, k, v = attention.qkv_rope(block, h, update, cos, sin)

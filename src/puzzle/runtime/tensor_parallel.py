@@ -5,8 +5,8 @@ of the weights; each rank runs the same `forward` on the same tokens and, after 
 full logits. Sharding rules per sub-block (Nq/Nkv heads, D head_dim, H hidden, I intermediate):
   - GQA attention: query heads split evenly (Nq % world == 0 is required), rank r owns heads
     [r*Nq/world, (r+1)*Nq/world). KV heads: when Nkv % world == 0, rank r owns KV heads
-    [r*Nkv/world, (r+1)*Nkv/world), exactly those its query heads read; otherwise each rank keeps (a copy
-    of) every KV head its query heads read, so some KV heads are replicated (`_kv_heads`). q/k/v are
+    [r*Nkv/world, (r+1)*Nkv/world), exactly those its query heads read; otherwise, when the local grouping is
+    uneven, each local query head gets its own copy of its KV head (`_kv_heads`). q/k/v are
     column-parallel; o_proj is row-parallel over this rank's heads, then all-reduce (sum).
   - SwiGLU FFN: gate/up column-parallel, down row-parallel (I % world == 0), then all-reduce.
   - Linear attention / linear FFN (one H x H matrix): row-parallel over input features (H % world == 0),
