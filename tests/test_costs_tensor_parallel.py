@@ -136,6 +136,14 @@ def test_more_ranks_than_allowed_is_one_line_naming_workload_and_degree(tmp_path
     assert "\n" not in str(e.value) and not (tmp_path / "costs").exists()
 
 
+def test_fp8_with_tensor_parallelism_is_refused_before_any_workload_is_timed(tmp_path):
+    """A TP workload after a one-GPU one: the refusal comes first, so nothing is timed and nothing is written."""
+    with pytest.raises(PuzzleError, match=r"workload 'small': costs.dtype=fp8 is not measured with tensor para") as e:
+        run_costs(tmp_path, replace(CPU, dtype="fp8"), [replace(WL, name="first"), TP2], list(PARENT.blocks),
+                  model_config=PARENT)
+    assert "\n" not in str(e.value) and not (tmp_path / "costs").exists()
+
+
 def test_more_ranks_than_gpus_names_the_gpus_found(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")

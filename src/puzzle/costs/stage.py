@@ -196,7 +196,7 @@ def run_costs(run_dir: Path, cfg: CostsConfig, workloads: list[Workload],
         if w.tensor_parallel > 1:
             check_shardable(model_config, blocks, w)
             if device is not None:
-                check_ranks(w, device)
+                check_ranks(w, device, cfg.dtype)  # FP8 is refused here too, before the first timing
     key = ESTIMATE_KEY if kind == "estimate" else device_key(device)
     written: dict[str, Path] = {}
     clear_warnings(run.root, "costs")  # kept files warn again below

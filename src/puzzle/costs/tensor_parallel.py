@@ -46,8 +46,12 @@ def available_ranks(device: torch.device) -> int:
     return torch.cuda.device_count() if device.type == "cuda" else MAX_CPU_RANKS
 
 
-def check_ranks(w: Workload, device: torch.device) -> None:
-    """One line naming the workload, its degree and what was found when there are not enough devices."""
+def check_ranks(w: Workload, device: torch.device, dtype: str = "bfloat16") -> None:
+    """One line naming the workload and what stops its measurement: FP8 (not measured with TP yet), or not
+    enough devices for its degree (with what was found)."""
+    if dtype == FP8:
+        raise PuzzleError(f"workload {w.name!r}: costs.dtype=fp8 is not measured with tensor parallelism yet; "
+                          "use costs.dtype=bfloat16 for TP workloads")
     have, n = available_ranks(device), w.tensor_parallel
     if n <= have:
         return
@@ -128,10 +132,7 @@ def _worker(rank: int, world: int, tmp: str, args: tuple[Any, ...]) -> None:
 def measure_tensor_parallel(model: ModelConfig, atts: list[AttentionConfig], ffns: list[FFNConfig], w: Workload,
                             cfg: CostsConfig, ctx: int, device: torch.device) -> dict[str, Any]:
     """`measure_workload`'s body for a TP workload, timed on `w.tensor_parallel` spawned ranks (module doc)."""
-    if cfg.dtype == FP8:
-        raise PuzzleError(f"workload {w.name!r}: costs.dtype=fp8 is not measured with tensor parallelism yet; "
-                          "use costs.dtype=bfloat16 for TP workloads")
-    check_ranks(w, device)
+    check_ranks(w, device, cfg.dtype)
     with tempfile.TemporaryDirectory(prefix="puzzle-tp-costs-") as tmp:
         try:
             mp.spawn(_worker, args=(w.tensor_parallel, tmp, (model, atts, ffns, w, cfg, ctx, device.type)),
