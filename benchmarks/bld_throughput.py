@@ -28,11 +28,11 @@ import torch
 from _meta import metadata
 
 from puzzle.core.artifacts import write_json
-from puzzle.model.blocks import ModelConfig, uniform_blocks
 from puzzle.core.distributed import all_gather_objects, barrier, distributed
-from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, build_library
+from puzzle.model.blocks import ModelConfig, uniform_blocks
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
+from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, build_library
 
 
 def small16_config() -> ModelConfig:
@@ -63,7 +63,8 @@ def measure(model: ModelConfig, layers: list[int], round_to: int, seq_len: int, 
         start = time.perf_counter()
         build_library(out, load, train, valid, cfg)
         wall = time.perf_counter() - start
-        entries = json.loads((out / "library.json").read_text())["entries"] if out.exists() else []
+        index = json.loads((out / "library.json").read_text()) if (out / "library.json").exists() else {}
+        entries = index.get("entries", [])
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
         barrier()  # keep rank 0's directory until everyone is done
     trained = sum(1 for e in entries if e["metrics"]["tokens"] > 0)
@@ -71,7 +72,19 @@ def measure(model: ModelConfig, layers: list[int], round_to: int, seq_len: int, 
             "trained_variants": trained, "steps": steps, "batch": batch, "seq_len": seq_len,
             "wall_s": round(wall, 3), "parent_tokens_per_s": round(steps * batch * seq_len / wall, 1),
             "variant_tokens_per_s": round(trained * steps * batch * seq_len / wall, 1),
-            "peak_gib_rank0": peak}
+            "peak_gib_rank0": peak, "ranks": index.get("ranks"),
+            "val_nmse_after": {f"{e['layer']}/{e['kind']}/{json.dumps(e['attention'])}/{json.dumps(e['ffn'])}":
+                               e["metrics"]["val_nmse_after"] for e in entries}}
+
+
+def compare_entries(mine: dict[str, float], reference: dict[str, float]) -> dict:
+    """How far this run's entries are from another world size's (validation NMSE after BLD)."""
+    same = sorted(set(mine) & set(reference))
+    diffs = [abs(mine[k] - reference[k]) for k in same]
+    return {"same_entries": set(mine) == set(reference), "compared": len(same),
+            "val_nmse_after_max_abs_diff": max(diffs, default=None),
+            "val_nmse_after_max_rel_diff": max((d / max(abs(reference[k]), 1e-12) for d, k in zip(diffs, same)),
+                                               default=None)}
 
 
 def main() -> int:
@@ -84,6 +97,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time baseline")
     p.add_argument("--tiny", action="store_true", help="a 2-layer toy on CPU, for testing the script")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="another world size's results: compare entries and report the speed-up against it")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     with distributed(device) as info:
@@ -110,6 +125,12 @@ def main() -> int:
                 base = measure(model, layers, round_to, args.seq_len, args.batch, args.steps, True, device)
                 row["one_at_a_time"] = base
                 row["speedup_vs_one_at_a_time"] = round(base["wall_s"] / fused["wall_s"], 3)
+            if args.reference is not None:
+                ref = {r["model"]: r for r in json.loads(args.reference.read_text())["results"]}.get(name)
+                if ref is not None:
+                    row["vs_reference"] = {**compare_entries(fused["val_nmse_after"], ref["fused"]["val_nmse_after"]),
+                                           "reference_world_size": ref["world_size"],
+                                           "speedup": round(ref["fused"]["wall_s"] / fused["wall_s"], 3)}
             results.append(row)
             if info.is_main:
                 print(json.dumps(row), flush=True)

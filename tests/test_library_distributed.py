@@ -33,3 +33,10 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     assert ranks  # sidecars exist for every entry
     sums = {json.loads(p.read_text())["metrics"]["wave_items"] for p in (tmp_path / "one").rglob("layer*/*.json")}
     assert max(ranks) < max(sums)  # each rank trained only part of the items
+    # library.json records what each rank did: the split covers every item once, and each rank trained tokens
+    per_rank = json.loads((tmp_path / "two" / "library.json").read_text())["ranks"]
+    assert [r["rank"] for r in per_rank] == [0, 1]
+    assert sum(r["items"] for r in per_rank) == len(two)
+    assert all(r["trained_tokens"] > 0 and r["wall_s"] > 0 and r["peak_memory_gib"] is None for r in per_rank)
+    solo = json.loads((tmp_path / "one" / "library.json").read_text())["ranks"]
+    assert len(solo) == 1 and solo[0]["trained_tokens"] == sum(r["trained_tokens"] for r in per_rank)

@@ -40,6 +40,7 @@ def test_two_process_gkd_matches_single_process(tmp_path: Path, single: dict, mo
     multi = _torchrun(tmp_path, mode)
     assert multi["world_size"] == 2 and multi["mode"] == mode
     assert single["world_size"] == 1 and single["mode"] == "none"
+    assert [r["rank"] for r in multi["ranks"]] == [0, 1] and all(r["steps"] == 4 for r in multi["ranks"])
     for key in ("loss", "kl", "cosine"):
         a = [r[key] for r in single["train"]]
         b = [r[key] for r in multi["train"]]

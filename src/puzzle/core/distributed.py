@@ -104,3 +104,18 @@ def finish_process(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a stage's peak-memory record on this rank (no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def rank_resources(info: DistInfo, wall_s: float, **extra: object) -> list[dict[str, object]]:
+    """Collective: every rank's wall time and CUDA peak memory since `reset_peak_memory` (GiB; None off CUDA),
+    in rank order, so rank 0 can record what each GPU of a multi-GPU stage used."""
+    peak = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else None
+    mine = {"rank": info.rank, "device": str(info.device), "wall_s": round(wall_s, 3),
+            "peak_memory_gib": None if peak is None else round(peak, 3), **extra}
+    return [dict(r) for r in all_gather_objects(mine)]  # type: ignore[call-overload]

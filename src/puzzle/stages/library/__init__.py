@@ -9,6 +9,7 @@ only when every item is done.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,13 @@ from puzzle.core.artifacts import (
     stage_is_current,
 )
 from puzzle.core.config import check_device, to_dict
-from puzzle.core.distributed import all_gather_objects, barrier, distributed
+from puzzle.core.distributed import (
+    all_gather_objects,
+    barrier,
+    distributed,
+    rank_resources,
+    reset_peak_memory,
+)
 from puzzle.core.dtypes import DTYPE_BYTES, torch_dtype
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
@@ -113,6 +120,8 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         raise PuzzleError("BLD needs non-empty train and valid token arrays [N, seq_len]; rerun `puzzle data`")
     with distributed(_device(cfg)) as info:
         device = info.device
+        started = time.perf_counter()
+        reset_peak_memory(device)
         dtype = torch_dtype(cfg.dtype) if cfg.dtype != "auto" else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         settings = {k: v for k, v in to_dict(cfg).items()
@@ -146,12 +155,17 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         my_costs = [item_cost(it, parent.config, is_trained(it, blocks[it.layer])) for it in mine]
         groups = waves(mine, my_costs, cfg.max_params_per_wave, cfg.max_items_per_wave)
         failed: list[str] = []
+        trained_tokens = 0
         for w, group in enumerate(groups):
             desc = f"rank {info.rank} wave {w + 1}/{len(groups)}"
             result = train_wave(parent, group, train, valid, cfg, device, dtype, train_hash, desc, info.rank)
             for entry, tensors in result.done:
                 write_entry(library_dir, entry, tensors)
+                trained_tokens += int(entry.metrics.get("tokens") or 0)
             failed += result.failed
+        # What each GPU did and held (rank 0 records it in library.json): the work split and peak memory per rank.
+        ranks = rank_resources(info, time.perf_counter() - started, items=len(mine), waves=len(groups),
+                               trained_tokens=trained_tokens)
         failed = sorted(f for rank_failed in all_gather_objects(failed) for f in rank_failed)
         barrier()
         if failed:
@@ -165,11 +179,14 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
             if missing:
                 raise PuzzleError(f"library entries missing after training: {missing}; rerun `puzzle library`")
             info_dict = {"mode": cfg.search_space.mode, "parent": parent.config.to_dict(),
-                         "train_hash": train_hash, "config": to_dict(cfg)}
+                         "train_hash": train_hash, "config": to_dict(cfg), "ranks": ranks}
             write_index(library_dir, done, info_dict)
             summary = write_summary(library_dir, done)
             mark_stage_done(library_dir, "library", stage_hash, entries=len(done))
             print(summary)
+            for r in ranks if info.world_size > 1 else []:
+                print(f"library rank {r['rank']}: {r['items']} items in {r['waves']} waves, {r['wall_s']:.1f} s, "
+                      f"peak {r['peak_memory_gib']} GiB")
         barrier()
     return library_dir
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from puzzle.core.artifacts import (
     write_json,
 )
 from puzzle.core.config import check_device, to_dict
-from puzzle.core.distributed import DistInfo, barrier, distributed
+from puzzle.core.distributed import DistInfo, barrier, distributed, rank_resources, reset_peak_memory
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
 from puzzle.formats import load_model
@@ -213,6 +214,8 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
     check_inputs(child, parent, train, valid)
     steps = total_steps(cfg, train.shape[1], info.world_size)
     device = info.device
+    started = time.perf_counter()
+    reset_peak_memory(device)
     autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
     child.float().requires_grad_(True).train()
@@ -272,6 +275,8 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
         for record in records if on_step is not None else []:
             on_step(record["step"], record)
     bar.close()
+    # Per-rank wall time and peak memory of this invocation (a resumed run counts only its own steps).
+    log["ranks"] = rank_resources(info, time.perf_counter() - started, steps=steps - start)
     if info.is_main and log["train"]:
         valid_kl = f", valid KL {log['valid'][-1]['kl']:.4f}" if log["valid"] else ""
         print(f"uptrain {name}: {steps} steps, train loss {log['train'][-1]['loss']:.4f}{valid_kl}")

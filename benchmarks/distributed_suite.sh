@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Issue 20's multi-GPU measurements on one host (nvidia-h200-x2 or -x4), each 1 GPU vs N GPUs in the same call:
+#   prepare          SmolLM2 run directory with import + data done (/root/runs/dist-base; the GGUF already joined
+#                    under /root/smollm2 by benchmarks/reference_smollm2.sh)
+#   library-smollm2  `puzzle library` on 1 GPU and under torchrun on N, entries compared, then one rank killed
+#                    mid-stage and the restart checked (benchmarks/library_ranks.py)
+#   library-8b       BLD of 4 Llama-3.1-8B-shape layers, 1 vs N GPUs (benchmarks/bld_throughput.py)
+#   gkd-smollm2      GKD of a SmolLM2 child: 1 GPU, N-GPU DDP, N-GPU FSDP2, same global batch (gkd_ranks.py)
+#   gkd-8b           the same on 8 layers of the Llama-3.1-8B shape (random weights)
+#   tp-costs         per-variant decode costs of the 8B shape at TP 1 and N (benchmarks/tp_costs.py)
+# Everything lands in $OUT/distributed.tar.gz (the device returns at most 8 files) and $OUT/distributed_suite.log.
+#   python benchmarks/_meta.py > .carry/git_state.json      # here, before the call (provenance of the copy)
+#   bash benchmarks/distributed_suite.sh prepare library-smollm2 library-8b gkd-smollm2 gkd-8b tp-costs
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RES=${RES:-/root/dist_results}; mkdir -p "$RES"
+[ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 PUZZLE_GIT_STATE_FILE=$PWD/.carry/git_state.json TOKENIZERS_PARALLELISM=false
+N=${NGPU:-$(nvidia-smi -L | wc -l)}
+BASE=/root/runs/dist-base
+GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+log="$RES/distributed_suite.log"
+trun() { python3 -m torch.distributed.run --standalone --nproc-per-node "$N" "$@"; }
+one() { CUDA_VISIBLE_DEVICES=0 python3 "$@"; }
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  local start; start=$(date +%s)
+  echo "== $name" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -E 'it/s\]$|^\s*$' | tail -60 >> "$log"
+  echo "== $name: rc=${PIPESTATUS[0]} wall_s=$(( $(date +%s) - start ))" | tee -a "$log"
+}
+gkd_modes() {  # gkd_modes NAME PARENT ARGS...: one GPU, then DDP and FSDP2 on N
+  local name=$1 parent=$2; shift 2
+  step 150 "$name-1gpu" one benchmarks/gkd_ranks.py --parent "$parent" "$@" --out "$RES/${name}_1gpu.json"
+  for mode in ddp fsdp; do
+    step 150 "$name-$mode$N" trun benchmarks/gkd_ranks.py --parent "$parent" --parallel $mode "$@" \
+      --reference "$RES/${name}_1gpu.json" --out "$RES/${name}_${mode}${N}.json"
+  done
+}
+run_step() {
+  case $1 in
+    prepare) step 200 prepare python3 -m puzzle.cli run configs/smollm2-135m-h200.yaml parent="$GGUF" \
+               run_dir="$BASE" --until data ;;
+    library-smollm2) step 330 library-smollm2 python3 benchmarks/library_ranks.py --base "$BASE" --ranks "$N" \
+                       --out "$RES/library_ranks_smollm2.json" progress=false ;;
+    library-8b)
+      step 150 library-8b-1gpu one benchmarks/bld_throughput.py --models llama8b --layers-8b 4 --no-baseline \
+        --out "$RES/bld_8b_1gpu.json"
+      step 150 "library-8b-${N}gpu" trun benchmarks/bld_throughput.py --models llama8b --layers-8b 4 --no-baseline \
+        --reference "$RES/bld_8b_1gpu.json" --out "$RES/bld_8b_${N}gpu.json" ;;
+    gkd-smollm2) gkd_modes gkd_smollm2 "$BASE/parent" --global-batch 32 --micro 16 --seq 512 --steps 60 ;;
+    gkd-8b) gkd_modes gkd_8b llama8b:8 --global-batch 8 --micro 2 --seq 1024 --steps 25 --log-every 5 ;;
+    tp-costs) step 240 tp-costs python3 benchmarks/tp_costs.py --degrees "1,$N" --repeats 5 \
+                --out "$RES/tp_costs_h200x$N.json" ;;
+  esac
+}
+steps=${*:-prepare library-smollm2 library-8b gkd-smollm2 gkd-8b tp-costs}
+for s in $steps; do  # every name is checked before anything runs
+  case $s in prepare|library-smollm2|library-8b|gkd-smollm2|gkd-8b|tp-costs) ;;
+    *) echo "unknown step $s; steps: prepare library-smollm2 library-8b gkd-smollm2 gkd-8b tp-costs" >&2; exit 2 ;;
+  esac
+done
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__, "nccl", torch.cuda.nccl.version())'; } >> "$log" 2>&1
+for s in $steps; do run_step "$s"; done
+cp .carry/git_state.json "$RES/" 2>/dev/null
+( cd "$RES" && tar czf "$OUT/distributed.tar.gz" --exclude='*.safetensors' . )
+cp "$log" "$OUT/"
