@@ -62,7 +62,9 @@ for s in $steps; do  # every name is checked before anything runs
 done
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch; print("torch", torch.__version__, "nccl", torch.cuda.nccl.version())'; } >> "$log" 2>&1
-for s in $steps; do run_step "$s"; done
 cp .carry/git_state.json "$RES/" 2>/dev/null
-( cd "$RES" && tar czf "$OUT/distributed.tar.gz" --exclude='*.safetensors' . )
-cp "$log" "$OUT/"
+for s in $steps; do  # packed after every step: a call cut short still returns what finished
+  run_step "$s"
+  ( cd "$RES" && tar czf "$OUT/distributed.tar.gz" --exclude='*.safetensors' . )
+  cp "$log" "$OUT/"
+done
