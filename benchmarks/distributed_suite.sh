@@ -20,8 +20,8 @@ N=${NGPU:-$(nvidia-smi -L | wc -l)}
 BASE=/root/runs/dist-base
 GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 log="$RES/distributed_suite.log"
-trun() { python3 -m torch.distributed.run --standalone --nproc-per-node "$N" "$@"; }
-one() { CUDA_VISIBLE_DEVICES=0 python3 "$@"; }
+TRUN=(python3 -m torch.distributed.run --standalone --nproc-per-node "$N")  # arrays, not functions: `timeout`
+ONE=(env CUDA_VISIBLE_DEVICES=0 python3)                                    # runs programs only
 step() {  # step SECONDS NAME COMMAND...
   local limit=$1 name=$2; shift 2
   local start; start=$(date +%s)
@@ -31,9 +31,9 @@ step() {  # step SECONDS NAME COMMAND...
 }
 gkd_modes() {  # gkd_modes NAME PARENT ARGS...: one GPU, then DDP and FSDP2 on N
   local name=$1 parent=$2; shift 2
-  step 150 "$name-1gpu" one benchmarks/gkd_ranks.py --parent "$parent" "$@" --out "$RES/${name}_1gpu.json"
+  step 150 "$name-1gpu" "${ONE[@]}" benchmarks/gkd_ranks.py --parent "$parent" "$@" --out "$RES/${name}_1gpu.json"
   for mode in ddp fsdp; do
-    step 150 "$name-$mode$N" trun benchmarks/gkd_ranks.py --parent "$parent" --parallel $mode "$@" \
+    step 150 "$name-$mode$N" "${TRUN[@]}" benchmarks/gkd_ranks.py --parent "$parent" --parallel $mode "$@" \
       --reference "$RES/${name}_1gpu.json" --out "$RES/${name}_${mode}${N}.json"
   done
 }
@@ -44,9 +44,9 @@ run_step() {
     library-smollm2) step 330 library-smollm2 python3 benchmarks/library_ranks.py --base "$BASE" --ranks "$N" \
                        --out "$RES/library_ranks_smollm2.json" progress=false ;;
     library-8b)
-      step 150 library-8b-1gpu one benchmarks/bld_throughput.py --models llama8b --layers-8b 4 --no-baseline \
+      step 150 library-8b-1gpu "${ONE[@]}" benchmarks/bld_throughput.py --models llama8b --layers-8b 4 --no-baseline \
         --out "$RES/bld_8b_1gpu.json"
-      step 150 "library-8b-${N}gpu" trun benchmarks/bld_throughput.py --models llama8b --layers-8b 4 --no-baseline \
+      step 150 "library-8b-${N}gpu" "${TRUN[@]}" benchmarks/bld_throughput.py --models llama8b --layers-8b 4 --no-baseline \
         --reference "$RES/bld_8b_1gpu.json" --out "$RES/bld_8b_${N}gpu.json" ;;
     gkd-smollm2) gkd_modes gkd_smollm2 "$BASE/parent" --global-batch 32 --micro 16 --seq 512 --steps 60 ;;
     gkd-8b) gkd_modes gkd_8b llama8b:8 --global-batch 8 --micro 2 --seq 1024 --steps 25 --log-every 5 ;;

@@ -119,7 +119,7 @@ def main() -> int:
             "global_batch": args.global_batch, "micro": args.micro, "grad_accum": cfg.grad_accum,
             "seq_len": args.seq, "steps": args.steps, "timed_steps": timed, "steps_per_s": round(rate, 3),
             "tokens_per_s": round(tokens, 1), "tokens_per_s_per_gpu": round(tokens / info.world_size, 1),
-            "wall_s": round(wall, 2), "ranks": result.log["ranks"],
+            "wall_s": round(wall, 2), "ranks": result.extra["ranks"],
             "train": [{k: r[k] for k in ("step", *TRAJECTORY_KEYS)} for r in result.log["train"]]}
         if args.reference is not None:
             ref = json.loads(args.reference.read_text())

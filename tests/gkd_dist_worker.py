@@ -28,7 +28,8 @@ def main() -> None:
         train, valid = token_arrays()
         result = train_gkd(child, parent, train, valid, cfg, work, info)
         if info.is_main:
-            Path(out).write_text(json.dumps({**result.log, "resumed_from": result.resumed_from}))
+            Path(out).write_text(json.dumps({**result.log, "resumed_from": result.resumed_from,
+                                                   "ranks": result.extra["ranks"]}))
 
 
 if __name__ == "__main__":

@@ -276,12 +276,12 @@ def train_gkd(child: PuzzleModel, parent: PuzzleModel, train: np.ndarray, valid:
             on_step(record["step"], record)
     bar.close()
     # Per-rank wall time and peak memory of this invocation (a resumed run counts only its own steps).
-    log["ranks"] = rank_resources(info, time.perf_counter() - started, steps=steps - start)
+    ranks = rank_resources(info, time.perf_counter() - started, steps=steps - start)
     if info.is_main and log["train"]:
         valid_kl = f", valid KL {log['valid'][-1]['kl']:.4f}" if log["valid"] else ""
         print(f"uptrain {name}: {steps} steps, train loss {log['train'][-1]['loss']:.4f}{valid_kl}")
     return GKDResult(log=log, model=child, mode=mode, resumed_from=start,
-                     extra={"cuda_graphs": graphed is not None and graphed.graph is not None})
+                     extra={"cuda_graphs": graphed is not None and graphed.graph is not None, "ranks": ranks})
 
 
 def _cuda_graphs(cfg: UptrainConfig, mode: str, info: DistInfo) -> bool:
@@ -346,7 +346,8 @@ def run_uptrain(run_dir: Path | RunDir, child_dir: Path, cfg: UptrainConfig) -> 
                            "final_valid": result.log["valid"][-1] if result.log["valid"] else None}
                 # The parent's native dir: loading a tokenizer from the child's remote-code dir can prompt for trust.
                 export_model_dir(plain, tmp, tokenizer_source=parent_dir, extra_sidecar=sidecar)
-                write_json(tmp / RunDir.TRAINING_LOG, {"config": to_dict(cfg), **result.log})
+                write_json(tmp / RunDir.TRAINING_LOG, {"config": to_dict(cfg), **result.log,
+                                                       "ranks": result.extra["ranks"]})
                 mark_stage_done(tmp, "uptrain", inputs_hash)
             if not cfg.keep_checkpoint:
                 shutil.rmtree(work, ignore_errors=True)
