@@ -26,13 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 
-from puzzle.runtime.bench import decode_step_bytes
+from puzzle.core.workloads import Workload
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime import subblocks
+from puzzle.runtime.bench import decode_step_bytes, roofline
+from puzzle.runtime.datasheet import datasheet
 from puzzle.runtime.engine import Engine
 from puzzle.runtime.timing import measure_bandwidth, sync
-from puzzle.core.workloads import Workload
 
 PROMPT, GEN = 128, 128
 
@@ -81,13 +82,15 @@ def inter_token_s(model: torch.nn.Module, batch: int, kwargs: dict[str, Any], re
 
 
 @torch.inference_mode()
-def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], steps: int = 5) -> list[dict[str, Any]]:
-    """GPU microseconds per decode step of each kernel (eager calls of the step: regions compiled, no graph)."""
+def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], batch: int = 1, context: int = PROMPT,
+                   steps: int = 5) -> list[dict[str, Any]]:
+    """GPU microseconds per decode step of each kernel at `batch` streams of `context` cached tokens (eager calls
+    of the step: regions compiled, no graph)."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = model.embed_tokens.weight.device
-    engine = Engine(model, 1, PROMPT + GEN, **kwargs)
-    engine.prefill(torch.randint(0, model.config.vocab_size, (1, PROMPT), device=dev))
+    engine = Engine(model, batch, context + GEN, **kwargs)
+    engine.prefill(torch.randint(0, model.config.vocab_size, (batch, context), device=dev))
     n = engine.attend_len(engine.length)
     engine.slot.fill_(engine.length)
     engine.cache.set_slots(engine.slot, attend_len=n)
@@ -112,6 +115,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="unfused,fused")
     ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--profile", default="1x128",
+                    help="per-kernel profiles, BATCHxCONTEXT comma list (e.g. 1x128,64x2048,256x2048)")
     ap.add_argument("--label", default="", help="e.g. the code's commit, when profiling older code")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip variants once this much time has passed")
     ap.add_argument("--tiny", action="store_true", help="tiny model on this machine's device (smoke test)")
@@ -140,11 +145,22 @@ def main() -> None:
                 print(name, "batch", b, f"{res['itl_s'][b] * 1e3:.3f} ms", flush=True)
             if 1 in res["itl_s"]:
                 res["floor_ratio_batch1"] = res["itl_s"][1] / floor
-            res["kernels"] = kernel_profile(model, kwargs)
-            res["kernel_sum_us"] = sum(r["us_per_step"] for r in res["kernels"])
-            for r in res["kernels"][:25]:
-                print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel'][:100]}")
-            print(name, "floor ratio", res.get("floor_ratio_batch1"), "kernel sum us", res["kernel_sum_us"])
+            res["profiles"] = {}
+            for shape in args.profile.split(","):
+                b, ctx = (int(x) for x in shape.split("x"))
+                kernels = kernel_profile(model, kwargs, b, ctx)
+                total = sum(r["us_per_step"] for r in kernels)
+                spec = datasheet(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+                floors = roofline(cfg, Workload("p", b, ctx, GEN), total / 1e6, bw, dtype.itemsize, spec=spec)
+                res["profiles"][shape] = {"kernels": kernels, "kernel_sum_us": total, "roofline": floors}
+                print(f"{name} profile batch {b} context {ctx}: kernel sum {total:.0f} us, memory floor "
+                      f"{floors['floor_s'] * 1e6:.0f} us at the measured bandwidth, compute floor "
+                      f"{(floors['compute_floor_s'] or 0) * 1e6:.0f} us, binds {floors['binds']}")
+                for r in kernels[:15]:
+                    print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel'][:100]}")
+            if "1x128" in res["profiles"]:  # the earlier files' keys
+                res["kernels"] = res["profiles"]["1x128"]["kernels"]
+                res["kernel_sum_us"] = res["profiles"]["1x128"]["kernel_sum_us"]
         except Exception as e:  # noqa: BLE001  record the failure and go on with the other variants
             res = {"error": f"{type(e).__name__}: {e}"[:800]}
             print(name, res, flush=True)
