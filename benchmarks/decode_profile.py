@@ -47,8 +47,11 @@ def set_variant(name: str) -> dict[str, Any]:
     ic.coordinate_descent_tuning = "cdt" in name
     ic.max_autotune = "autotune" in name
     kwargs: dict[str, Any] = {}
-    if "fuse" in inspect.signature(Engine.__init__).parameters:
+    params = inspect.signature(Engine.__init__).parameters
+    if "fuse" in params:
         kwargs["fuse"] = name.startswith("fused")
+    if "decode_attention" in params:  # "-triton": the Triton decode kernel over the cache, else the default
+        kwargs["decode_attention"] = "triton" if "-triton" in name else "auto"
     return kwargs
 
 
@@ -81,6 +84,39 @@ def inter_token_s(model: torch.nn.Module, batch: int, kwargs: dict[str, Any], re
     return best
 
 
+def engine_at_context(model: torch.nn.Module, batch: int, context: int, kwargs: dict[str, Any]) -> Engine:
+    """An engine whose next decode step reads `context` cache slots, without a prefill of batch x context tokens
+    (whose activations would not fit at 256 x 2k): a 16-token prefill, then every slot marked valid, as the
+    costs stage times a workload's mean context (`Engine.decode_at`). The cache values do not change the time."""
+    dev = model.embed_tokens.weight.device
+    engine = Engine(model, batch, context + 8, **kwargs)
+    engine.prefill(torch.randint(0, model.config.vocab_size, (batch, 16), device=dev))
+    engine.valid.fill_(True)
+    engine.cache.start.zero_()
+    engine.length = context - 1
+    return engine
+
+
+@torch.inference_mode()
+def inter_token_at_context_s(model: torch.nn.Module, batch: int, context: int, kwargs: dict[str, Any],
+                             steps: int = 20, repeats: int = 3) -> float:
+    """Best-of-`repeats` mean wall time of a decode step (graph replay) reading `context` cached tokens."""
+    engine = engine_at_context(model, batch, context, kwargs)
+    tok = torch.zeros(batch, dtype=torch.long, device=engine.device)
+    step = engine.decode_at(context, tok)
+    for _ in range(3):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(engine.device)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
 @torch.inference_mode()
 def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], batch: int = 1, context: int = PROMPT,
                    steps: int = 5) -> list[dict[str, Any]]:
@@ -89,8 +125,7 @@ def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], batch: int = 
     from torch.profiler import ProfilerActivity, profile
 
     dev = model.embed_tokens.weight.device
-    engine = Engine(model, batch, context + GEN, **kwargs)
-    engine.prefill(torch.randint(0, model.config.vocab_size, (batch, context), device=dev))
+    engine = engine_at_context(model, batch, context, kwargs)
     n = engine.attend_len(engine.length)
     engine.slot.fill_(engine.length)
     engine.cache.set_slots(engine.slot, attend_len=n)
@@ -117,6 +152,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--profile", default="1x128",
                     help="per-kernel profiles, BATCHxCONTEXT comma list (e.g. 1x128,64x2048,256x2048)")
+    ap.add_argument("--itl", default="", help="decode steps at a cached context, BATCHxCONTEXT comma list, each "
+                    "against its roofline (e.g. 64x2048,256x2048,64x8192)")
     ap.add_argument("--label", default="", help="e.g. the code's commit, when profiling older code")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip variants once this much time has passed")
     ap.add_argument("--tiny", action="store_true", help="tiny model on this machine's device (smoke test)")
@@ -145,13 +182,27 @@ def main() -> None:
                 print(name, "batch", b, f"{res['itl_s'][b] * 1e3:.3f} ms", flush=True)
             if 1 in res["itl_s"]:
                 res["floor_ratio_batch1"] = res["itl_s"][1] / floor
+            spec = datasheet(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+            res["at_context"] = {}
+            for shape in filter(None, args.itl.split(",")):
+                b, ctx = (int(x) for x in shape.split("x"))
+                try:
+                    step_s = inter_token_at_context_s(model, b, ctx, kwargs)
+                except torch.OutOfMemoryError as e:
+                    res["at_context"][shape] = {"error": f"out of memory: {str(e)[:120]}"}
+                    torch.cuda.empty_cache()
+                    continue
+                floors = roofline(cfg, Workload("c", b, ctx, 1), step_s, bw, dtype.itemsize, spec=spec)
+                res["at_context"][shape] = {"step_s": step_s, "roofline": floors}
+                print(f"{name} batch {b} context {ctx}: step {step_s * 1e3:.3f} ms, {floors['ratio_to_floor']:.2f}x "
+                      f"the memory floor at the measured bandwidth", flush=True)
+                torch.cuda.empty_cache() if dev.type == "cuda" else None
             res["profiles"] = {}
-            for shape in args.profile.split(","):
+            for shape in filter(None, args.profile.split(",")):
                 b, ctx = (int(x) for x in shape.split("x"))
                 kernels = kernel_profile(model, kwargs, b, ctx)
                 total = sum(r["us_per_step"] for r in kernels)
-                spec = datasheet(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
-                floors = roofline(cfg, Workload("p", b, ctx, GEN), total / 1e6, bw, dtype.itemsize, spec=spec)
+                floors = roofline(cfg, Workload("p", b, ctx, 1), total / 1e6, bw, dtype.itemsize, spec=spec)
                 res["profiles"][shape] = {"kernels": kernels, "kernel_sum_us": total, "roofline": floors}
                 print(f"{name} profile batch {b} context {ctx}: kernel sum {total:.0f} us, memory floor "
                       f"{floors['floor_s'] * 1e6:.0f} us at the measured bandwidth, compute floor "
