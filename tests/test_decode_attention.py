@@ -135,6 +135,11 @@ def test_resolve_the_engine_option() -> None:
     cpu = torch.device("cpu")
     assert da.resolve("sdpa", cpu, fp8_cache=True) is False
     assert da.resolve("auto", cpu, fp8_cache=True) is False  # the interpreter is for tests, never a default
+    assert da.resolve("auto", cpu, fp8_cache=False, batch_size=256) is False
+    if torch.cuda.is_available() and da.available(torch.device("cuda")):  # bf16: the kernel from AUTO_BATCH up
+        gpu = torch.device("cuda")
+        assert da.resolve("auto", gpu, fp8_cache=False, batch_size=da.AUTO_BATCH) is True
+        assert da.resolve("auto", gpu, fp8_cache=False, batch_size=da.AUTO_BATCH // 2) is False
     with pytest.raises(PuzzleError, match="unknown decode attention"):
         da.resolve("flash", cpu, fp8_cache=False)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -43,7 +43,9 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if want_cuda:
         torch.cuda.set_device(dev)
     if launched_by_torchrun() and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if want_cuda else "gloo"))
+        # device_id binds NCCL's communicator to this rank's GPU up front: without it every barrier() guesses
+        # the device (and warns so), and a rank whose current device was never set would use GPU 0.
+        dist.init_process_group(backend or ("nccl" if want_cuda else "gloo"), device_id=dev if want_cuda else None)
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     return DistInfo(0, 1, 0, dev)

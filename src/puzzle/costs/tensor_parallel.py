@@ -117,7 +117,7 @@ def _worker(rank: int, world: int, tmp: str, args: tuple[Any, ...]) -> None:
     else:  # the ranks share the cores: oversubscribed threads would time the scheduler, not the model
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/store", rank=rank,
-                            world_size=world)
+                            world_size=world, device_id=device if cuda else None)
     try:
         body = measure_workload(model, atts, ffns, w, cfg, ctx, device, tp_timer(rank, world))
         if rank == 0:

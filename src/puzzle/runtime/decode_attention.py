@@ -36,6 +36,7 @@ except ImportError:  # CPU-only installs: decode attention stays on SDPA
 
 DecodeAttention = Literal["auto", "triton", "sdpa"]
 DECODE_ATTENTION: tuple[str, ...] = ("auto", "triton", "sdpa")  # what Engine and the benchmarks accept
+AUTO_BATCH = 128  # "auto" uses the kernel for a bf16 cache from this batch up (between 64: behind, 256: ahead)
 # Stage-1 programs to aim for: ~8 per SM of a 132-SM H200, so the last wave's raggedness costs little.
 TARGET_PROGRAMS = 1024
 MAX_SPLITS = 64
@@ -51,12 +52,15 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or _INTERPRET
 
 
-def resolve(mode: str, device: torch.device, fp8_cache: bool) -> bool:
+def resolve(mode: str, device: torch.device, fp8_cache: bool, batch_size: int = 1) -> bool:
     """Whether decode steps use the Triton kernel (True) or SDPA (False), for an engine's option.
 
-    "auto": the kernel for an FP8 cache on a GPU that converts e4m3 in hardware (compute capability >= 8.9),
-    where SDPA would first dequantize the whole cache every step; SDPA for a bf16/fp16 cache until a GPU
-    benchmark (benchmarks/decode_attention.py) shows the kernel ahead there too.
+    "auto" picks the kernel on a CUDA GPU where it was measured ahead (benchmarks/decode_attention.py and
+    decode_profile.py, H200, Llama-3.1-8B shape):
+    - an FP8 cache on a GPU that converts e4m3 in hardware (compute capability >= 8.9): SDPA would first
+      dequantize the whole cache every step (15-17x slower attention);
+    - a bf16/fp16 cache from AUTO_BATCH streams up: at batch 256 the kernel's attention is 1.30-1.34x faster and
+      the whole 2k-context step 1.19x (24.5 vs 29.2 ms); at batch 64 SDPA is ahead by 2-4%, so it stays below.
     """
     if mode not in DECODE_ATTENTION:
         raise PuzzleError(f"unknown decode attention {mode!r}; use {', '.join(DECODE_ATTENTION)}")
@@ -67,8 +71,11 @@ def resolve(mode: str, device: torch.device, fp8_cache: bool) -> bool:
             raise PuzzleError(f"decode_attention='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1), "
                               f"got device {device}; use 'sdpa' or 'auto'")
         return True
-    return (fp8_cache and device.type == "cuda" and available(device)
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+    if device.type != "cuda" or not available(device):
+        return False
+    if fp8_cache:
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return batch_size >= AUTO_BATCH
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ class Engine:
         `puzzle.runtime.kv_cache`). FP8 linears come with the model (`puzzle.runtime.fp8.quantize_fp8`).
         decode_attention: "triton" (the flash-decoding kernel, `puzzle.runtime.decode_attention`: reads only the
         filled slots; one CUDA graph for every step), "sdpa" (SDPA over the bucketed prefix under a mask) or
-        "auto" (triton for an FP8 cache on CUDA, sdpa otherwise: `decode_attention.resolve`). Prefill: SDPA."""
+        "auto" (triton on CUDA for an FP8 cache or from batch 128 up, sdpa otherwise: `decode_attention.resolve`).
+        Prefill: SDPA."""
         config = model.config
         if max_seq_len > config.max_position_embeddings:
             raise PuzzleError(
@@ -97,7 +98,8 @@ class Engine:
         self.graph_mode = resolve_graph_mode(graphs, self.device)
         fuse_projections(model, self.device.type == "cuda" if fuse is None else fuse)
         self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype, kv_dtype)
-        self.decode_kernel = resolve_decode_attention(decode_attention, self.device, self.cache.quantized)
+        self.decode_kernel = resolve_decode_attention(decode_attention, self.device, self.cache.quantized,
+                                                       batch_size)
         b, s, dev = batch_size, max_seq_len, self.device
         self.valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # [B, S] slots holding real tokens
         self.pad = torch.zeros(b, dtype=torch.long, device=dev)  # [B] left-padding per row
