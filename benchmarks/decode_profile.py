@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import inspect
 import json
 import sys
@@ -82,6 +83,14 @@ def inter_token_s(model: torch.nn.Module, batch: int, kwargs: dict[str, Any], re
         sync(dev)
         best = min(best, (time.perf_counter() - t0) / (GEN - 1))
     return best
+
+
+def release(dev: torch.device) -> None:
+    """Free the last engine's cache and graph pool before the next one: an engine's captured graphs refer back to
+    it (a reference cycle), so without a collection two large caches would be held at once."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def engine_at_context(model: torch.nn.Module, batch: int, context: int, kwargs: dict[str, Any]) -> Engine:
@@ -173,10 +182,11 @@ def main() -> None:
             out["variants"][name] = {"skipped": "time budget"}
             continue
         t0 = time.perf_counter()
+        res: dict[str, Any] = {}
         try:
             kwargs = set_variant(name)
             stack.enter_context(sdpa_backend(name))
-            res: dict[str, Any] = {"itl_s": {}}
+            res = {"itl_s": {}}
             for b in (int(x) for x in args.batches.split(",")):
                 res["itl_s"][b] = inter_token_s(model, b, kwargs)
                 print(name, "batch", b, f"{res['itl_s'][b] * 1e3:.3f} ms", flush=True)
@@ -190,17 +200,18 @@ def main() -> None:
                     step_s = inter_token_at_context_s(model, b, ctx, kwargs)
                 except torch.OutOfMemoryError as e:
                     res["at_context"][shape] = {"error": f"out of memory: {str(e)[:120]}"}
-                    torch.cuda.empty_cache()
+                    release(dev)
                     continue
                 floors = roofline(cfg, Workload("c", b, ctx, 1), step_s, bw, dtype.itemsize, spec=spec)
                 res["at_context"][shape] = {"step_s": step_s, "roofline": floors}
                 print(f"{name} batch {b} context {ctx}: step {step_s * 1e3:.3f} ms, {floors['ratio_to_floor']:.2f}x "
                       f"the memory floor at the measured bandwidth", flush=True)
-                torch.cuda.empty_cache() if dev.type == "cuda" else None
+                release(dev)
             res["profiles"] = {}
             for shape in filter(None, args.profile.split(",")):
                 b, ctx = (int(x) for x in shape.split("x"))
                 kernels = kernel_profile(model, kwargs, b, ctx)
+                release(dev)
                 total = sum(r["us_per_step"] for r in kernels)
                 floors = roofline(cfg, Workload("p", b, ctx, 1), total / 1e6, bw, dtype.itemsize, spec=spec)
                 res["profiles"][shape] = {"kernels": kernels, "kernel_sum_us": total, "roofline": floors}
@@ -213,7 +224,7 @@ def main() -> None:
                 res["kernels"] = res["profiles"]["1x128"]["kernels"]
                 res["kernel_sum_us"] = res["profiles"]["1x128"]["kernel_sum_us"]
         except Exception as e:  # noqa: BLE001  record the failure and go on with the other variants
-            res = {"error": f"{type(e).__name__}: {e}"[:800]}
+            res = {**res, "error": f"{type(e).__name__}: {e}"[:800]}  # keep what finished
             print(name, res, flush=True)
         stack.close()
         res["wall_s"] = time.perf_counter() - t0
