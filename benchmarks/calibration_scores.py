@@ -91,8 +91,8 @@ def additivity_files(results: Path) -> tuple[str, dict[str, Any]]:
 
 def width_consistent(costs: dict[str, Any], parent: Any) -> dict[str, Any]:
     """The costs with the width-order fit applied and the calibration fitted again on the parent's measurement."""
-    from puzzle.costs.consistency import check, parent_anchors
     from puzzle.costs.calibration import fit_calibration
+    from puzzle.costs.consistency import check, parent_anchors
 
     fitted, section = check(costs, parent_anchors(parent.blocks))
     cal = costs.get("calibration") or {}
@@ -104,8 +104,8 @@ def width_consistent(costs: dict[str, Any], parent: Any) -> dict[str, Any]:
 
 def reference_run(run: Path) -> tuple[str, dict[str, Any]]:
     """The reference run's children: measured (eval) vs predicted from its costs, three ways."""
-    from puzzle.model.blocks import BlockConfig
     from puzzle.costs.table import predict
+    from puzzle.model.blocks import BlockConfig
 
     evaluation = json.loads((run / "eval.json").read_text())["models"]
     solutions = json.loads((run / "solutions.json").read_text())["solutions"]
@@ -144,8 +144,8 @@ def reference_run(run: Path) -> tuple[str, dict[str, Any]]:
 def _parent_blocks(costs: dict[str, Any]) -> list[Any]:
     """The parent's blocks: the widest attention and FFN of the costs in every layer (ref-s is uniform, and the
     search space is its own layers narrowed); checked against the parent's sum stored in the calibration."""
-    from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
     from puzzle.costs.consistency import chains
+    from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 
     names = chains(costs)
     att, ffn = names["attention"][-1], names["ffn"][-1]

@@ -34,16 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 from runtime_throughput import children
 
-from puzzle.runtime.bench import DEFAULT_BUCKET
+from puzzle.core.workloads import Workload
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.model.memory import mean_decode_context
 from puzzle.model.decoder import build_model
+from puzzle.model.memory import mean_decode_context
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
+from puzzle.runtime.bench import DEFAULT_BUCKET
 from puzzle.runtime.engine import Engine
 from puzzle.runtime.timing import summarize, sync, time_calls
-from puzzle.core.workloads import Workload
 
 
 def validation_children(parent: ModelConfig) -> dict[str, ModelConfig]:

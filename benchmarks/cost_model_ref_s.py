@@ -29,16 +29,16 @@ from _meta import metadata
 from calibration_scores import FITTED_ON, held_out_errors
 from runtime_throughput import with_method
 
-from puzzle.runtime.bench import run_workload
+from puzzle.core.workloads import Workload
+from puzzle.costs.schema import load_costs
+from puzzle.costs.stage import CostsConfig, run_costs
+from puzzle.costs.table import cost_table_from_json, predict
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig, uniform_blocks
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.schema import load_costs
-from puzzle.costs.stage import CostsConfig, run_costs
-from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
 from puzzle.model.decoder import build_model
-from puzzle.costs.table import cost_table_from_json, predict
-from puzzle.core.workloads import Workload
+from puzzle.runtime.bench import run_workload
+from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
 
 WORKLOADS = [Workload("text-generation-1k", 256, 128, 896), Workload("batch1", 1, 128, 128)]
 

@@ -22,12 +22,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 
+from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload, workload_by_name
+from puzzle.costs.stage import CostsConfig, costs_for_workload
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.stage import CostsConfig, costs_for_workload
 from puzzle.model.presets import llama31_8b_config
-from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload, workload_by_name
 
 # The default workloads whose prompts are short enough to time every variant in a minute or two, and
 # batch 64 with the same prompt and generated lengths as "chatbot" (batch 256).

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _meta import metadata  # noqa: E402
+from _meta import metadata
 
-from puzzle.formats import load_model  # noqa: E402
-from puzzle.formats.tokenizers import load_tokenizer  # noqa: E402
-from puzzle.stages.evaluate.tasks import TaskSpec, evaluate_task, load_task, task_names  # noqa: E402
+from puzzle.formats import load_model
+from puzzle.formats.tokenizers import load_tokenizer
+from puzzle.stages.evaluate.tasks import TaskSpec, evaluate_task, load_task, task_names
 
 
 def stock_model(gguf: Path, device: torch.device) -> tuple[Any, Any]:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = load_model(args.gguf, device=device, dtype=torch.float32).eval()
     max_len = ours.config.max_position_embeddings
     with torch.no_grad():
-        result = {"puzzle": score(lambda ids: ours(ids).logits, tasks, tokenizer, device, max_len,
+        result = {"puzzle": score(lambda ids, model=ours: model(ids).logits, tasks, tokenizer, device, max_len,
                                   args.batch_tokens)}
         del ours
         stock, stock_tokenizer = stock_model(args.gguf, device)

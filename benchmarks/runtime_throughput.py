@@ -30,15 +30,15 @@ from _meta import metadata
 from calibration_scores import FITTED_ON, held_out_errors
 from costs_table import print_table, variant_blocks, write_table
 
-from puzzle.runtime.bench import bench, format_table, hf_generate_baseline, hf_llama_like, run_workload
+from puzzle.core.workloads import Workload
+from puzzle.costs.stage import CostsConfig, costs_for_workload
+from puzzle.costs.table import predict
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig, ModelConfig
 from puzzle.model.blocks import FFNConfig as F
-from puzzle.costs.stage import CostsConfig, costs_for_workload
-from puzzle.costs.table import predict
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
-from puzzle.core.workloads import Workload
+from puzzle.runtime.bench import bench, format_table, hf_generate_baseline, hf_llama_like
 
 TARGETS = {"hf_speedup_batch1": 3.0, "floor_ratio_batch1": 1.3, "prediction_rel_error": 0.05}
 

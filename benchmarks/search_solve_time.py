@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from puzzle.stages.search import mip
 from puzzle.core.artifacts import write_json
+from puzzle.stages.search import mip
 
 
 def instance(layers: int, n_att: int, n_ffn: int, seed: int) -> mip.Problem:

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
 from cost_additivity import measure, stack
 
+from puzzle.core.workloads import Workload
 from puzzle.model.blocks import AttentionConfig as A
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.blocks import FFNConfig as F
 from puzzle.model.presets import llama31_8b_config, tiny_llama_config
 from puzzle.runtime import subblocks
-from puzzle.core.workloads import Workload
 
 SETTINGS: dict[str, dict[str, Any]] = {  # inductor settings on top of the runtime's own
     "runtime": {},  # the runtime as it is (since the Triton GEMVs: no inductor tuning at all)

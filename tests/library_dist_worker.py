@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from puzzle.core.distributed import finish_process
-from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, build_library
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, build_library
 
 
 def main() -> None:

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import yaml
 
-from puzzle.formats import export_hf
 from puzzle.demo.tokenizer import train_tokenizer
+from puzzle.formats import export_hf
+from puzzle.formats.tokenizers import load_tokenizer
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
-from puzzle.formats.tokenizers import load_tokenizer
 
 NUM_LAYERS = 2
 WORKLOAD = "tg"

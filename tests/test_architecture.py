@@ -8,6 +8,7 @@ run and are left out; imports inside functions are the lazy ones that keep the C
 from __future__ import annotations
 
 import ast
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_no_import_cycle_between_packages():
 
     for start in sorted(edges):
         if start not in state and (cycle := visit(start)):
-            sites = [f"{a} -> {b} ({', '.join(edges[a][b][:2])})" for a, b in zip(cycle, cycle[1:])]
+            sites = [f"{a} -> {b} ({', '.join(edges[a][b][:2])})" for a, b in itertools.pairwise(cycle)]
             pytest.fail("import cycle between packages: " + "; ".join(sites))
 
 

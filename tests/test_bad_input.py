@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.formats import export_hf
 from puzzle.cli import main
+from puzzle.formats import export_hf
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
 

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.core.errors import PuzzleError
 from puzzle.formats.nemotron_nas import (
     block_from_nemotron,
     block_to_nemotron,
     ffn_mult_to_intermediate_size,
     intermediate_size_to_ffn_mult,
 )
-from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import llama31_70b_config, tiny_llama_config
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.formats import detect_format, export_hf, load_model, load_model_config, save_model
 from puzzle.formats.hf import config_from_hf
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import LLAMA3_ROPE_SCALING, tiny_llama_config
 

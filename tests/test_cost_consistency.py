@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload
 from puzzle.costs.consistency import PHASES, chains, check, isotonic_fit, main, violations
 from puzzle.costs.stage import CostsConfig, costs_for_workload
 from puzzle.costs.table import block_costs, predict
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.presets import tiny_llama_config
-from puzzle.core.workloads import DEFAULT_WORKLOADS, Workload
 
 A, F = AttentionConfig, FFNConfig
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reference_ref_s"

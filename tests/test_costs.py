@@ -9,18 +9,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.config import load_config
+from puzzle.core.errors import PuzzleError
+from puzzle.core.workloads import Workload
 from puzzle.costs.measure import parent_halves
 from puzzle.costs.schema import load_costs
 from puzzle.costs.stage import CostsConfig, costs_for_workload, run_costs
 from puzzle.costs.table import predict
-from puzzle.core.errors import PuzzleError
-from puzzle.model.memory import fits, max_batch_size, memory_model
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model
+from puzzle.model.memory import fits, max_batch_size, memory_model
 from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime import Engine
-from puzzle.core.workloads import Workload
 
 A, F = AttentionConfig, FFNConfig
 PARENT = tiny_llama_config(num_layers=3, num_kv_heads=4)

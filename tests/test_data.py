@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from puzzle.stages.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
 from puzzle.core.errors import PuzzleError
+from puzzle.stages.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 

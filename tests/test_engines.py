@@ -43,7 +43,7 @@ def _export(tmp_path: Path, blocks: list[BlockConfig]) -> tuple[Path, torch.nn.M
 def _weights(out: Path, layer: int) -> dict[str, tuple[int, ...]]:
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         prefix = f"model.layers.{layer}."
-        return {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
+        return {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (safe_open has no __contains__)
 
 
 def _ffn_mult_size(mult: float, hidden: int) -> int:

@@ -47,7 +47,8 @@ def test_export_and_native_model_dirs_follow_the_umask(tmp_path: Path, umask) ->
 
 
 def test_a_killed_writers_temporary_dir_is_swept_by_the_next_write(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     pid = int(dead.stdout)  # a process that has exited
     prefix = tmp_prefix("data").replace(f"-{os.getpid()}.", f"-{pid}.")
     stale = tmp_path / f"{prefix}abc123.tmp"

@@ -15,8 +15,8 @@ from torch import nn
 from puzzle.core.dtypes import precision_bytes
 from puzzle.core.errors import PuzzleError
 from puzzle.core.workloads import Workload
-from puzzle.costs.stage import FP8_PEAK, CostsConfig, costs_for_workload, run_costs
 from puzzle.costs.source import costs_source
+from puzzle.costs.stage import FP8_PEAK, CostsConfig, costs_for_workload, run_costs
 from puzzle.costs.table import cost_table_from_json
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model

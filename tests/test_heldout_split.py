@@ -17,11 +17,11 @@ import torch
 
 from gkd_helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from puzzle.formats import save_model
+from puzzle.model.decoder import build_model
+from puzzle.model.presets import tiny_llama_config
 from puzzle.stages.data import SPLITS, DataConfig, document_split, load_tokens, run_data, text_key
 from puzzle.stages.evaluate.stage import EvalConfig, run_eval
 from puzzle.stages.library import LibraryConfig, SearchSpaceConfig, run_library
-from puzzle.model.decoder import build_model
-from puzzle.model.presets import tiny_llama_config
 from puzzle.stages.scoring.stage import ScoreConfig, run_score
 
 MARK = "QXZ"

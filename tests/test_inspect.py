@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.formats import export_hf, load_model
 from puzzle.cli import main
+from puzzle.formats import export_hf, load_model
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
 

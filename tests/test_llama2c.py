@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from puzzle.formats import detect_format, load_model, load_model_config
-from puzzle.formats.tokenizers import Llama2cTokenizer
-from puzzle.formats.tokenizers import load_tokenizer
+from puzzle.formats.tokenizers import Llama2cTokenizer, load_tokenizer
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"
 needs_stories = pytest.mark.skipif(not (STORIES / "stories260K.bin").exists(),

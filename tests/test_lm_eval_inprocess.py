@@ -70,7 +70,7 @@ def test_lm_eval_scores_our_model_object_offline(tmp_path: Path, capsys: pytest.
     model_dir = tmp_path / "model"
     shutil.copytree(run / "parent", model_dir)
     model, hf_tok = load_model(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
-    encode = lambda s: hf_tok.encode(s, add_special_tokens=False)  # noqa: E731  (lm-eval adds no BOS here)
+    encode = lambda s: hf_tok.encode(s, add_special_tokens=False)
     docs = []
     for context in CONTEXTS:
         reqs = [split_request(encode, context, " " + c, None) for c in CHOICES]

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from puzzle.core.artifacts import write_json
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.formats import load_model, save_model
 from puzzle.core.errors import PuzzleError
-from puzzle.stages.library.store import LibraryEntry, write_entry, write_index
+from puzzle.formats import load_model, save_model
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_attention_block, build_ffn_block, build_model
 from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.library.store import LibraryEntry, write_entry, write_index
 from puzzle.stages.realize import run_realize
 
 ATTS = [AttentionConfig.gqa(2), AttentionConfig.gqa(1), AttentionConfig.linear(), AttentionConfig.no_op()]

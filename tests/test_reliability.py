@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.core.artifacts import fingerprint_files
 from puzzle.cli import main
+from puzzle.core.artifacts import fingerprint_files
 from puzzle.core.config import from_dict
-from puzzle.stages.data import DataConfig, run_data
-from puzzle.demo.pretrain import cosine_lr
 from puzzle.core.errors import PuzzleError
+from puzzle.demo.pretrain import cosine_lr
+from puzzle.stages.data import DataConfig, run_data
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library.train import _schedule
 from puzzle.stages.uptrain.lr_schedule import warmup_cosine

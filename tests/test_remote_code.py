@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.formats import export_hf
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
 

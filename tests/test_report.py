@@ -9,10 +9,10 @@ from gkd_helpers import (
     make_run_dir,
     one_torch_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
 )
-from puzzle.stages.report import plots as report_plots
 from puzzle.core.artifacts import write_json
 from puzzle.core.errors import PuzzleError
 from puzzle.stages.evaluate.stage import EvalConfig, run_eval
+from puzzle.stages.report import plots as report_plots
 from puzzle.stages.report.stage import ReportConfig, run_report
 from puzzle.stages.uptrain.stage import UptrainConfig, run_uptrain
 

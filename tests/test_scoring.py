@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_attention_block, build_ffn_block, build_model
 from puzzle.model.presets import tiny_llama_config
 from puzzle.stages.scoring.batches import EvalBatch, TaskItem, lm_batches, load_task_file, task_batches
@@ -171,10 +171,10 @@ class _ByteTokenizer:
 
 
 def test_run_score_writes_scores_and_resumes_per_layer(tmp_path, monkeypatch):
-    from puzzle.stages.scoring import score
-    from puzzle.stages.scoring import stage as scoring
     from puzzle.stages.data import DataConfig, run_data
     from puzzle.stages.library.store import Library
+    from puzzle.stages.scoring import score
+    from puzzle.stages.scoring import stage as scoring
     from test_realize import _make_run
 
     _make_run(tmp_path)

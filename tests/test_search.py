@@ -8,17 +8,24 @@ import json
 import numpy as np
 import pytest
 
-from puzzle.stages.search import mip
 from puzzle.core.artifacts import write_json
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.core.errors import PuzzleError
+from puzzle.core.workloads import Workload
 from puzzle.costs.estimate import estimate_workload
 from puzzle.costs.schema import SCHEMA
 from puzzle.costs.stage import CostsConfig
-from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.memory import memory_model
 from puzzle.model.presets import tiny_llama_config
-from puzzle.stages.search.stage import ConstraintSpec, SearchConfig, load_inputs, parse_target, run_search, search
-from puzzle.core.workloads import Workload
+from puzzle.stages.search import mip
+from puzzle.stages.search.stage import (
+    ConstraintSpec,
+    SearchConfig,
+    load_inputs,
+    parse_target,
+    run_search,
+    search,
+)
 
 # ---- the solver on random instances -------------------------------------------------------------------------
 

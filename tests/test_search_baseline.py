@@ -39,12 +39,11 @@ def test_a_time_limited_solve_says_so_and_prints_nothing(capfd) -> None:
 
 
 def test_a_time_limited_baseline_is_reported_in_solutions_and_warnings(tmp_path, monkeypatch) -> None:
-    from test_search import _write_run
-
     from puzzle.core.artifacts import read_json
     from puzzle.core.notices import read_warnings
     from puzzle.stages.search.stage import SearchConfig, run_search
     from puzzle.stages.search.targets import ConstraintSpec
+    from test_search import _write_run
 
     _write_run(tmp_path)
     real = mip.max_params_baseline

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from puzzle.model.blocks import BlockConfig
-from puzzle.formats import save_model
 from puzzle.cli import main
 from puzzle.core.errors import PuzzleError
-from puzzle.stages.importer import run_import
-from puzzle.model.decoder import build_model
 from puzzle.core.notices import read_warnings
+from puzzle.formats import save_model
+from puzzle.model.blocks import BlockConfig
+from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.importer import run_import
 from puzzle.stages.realize import run_realize
 from test_realize import ATTS, FFNS, _make_run, _write_solution
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from puzzle.formats import export_hf
 from puzzle.demo.tokenizer import train_tokenizer
+from puzzle.formats import export_hf
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from gkd_helpers import make_run_dir, one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-
 from puzzle.cli import main
 
 

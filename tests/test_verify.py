@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 
 from puzzle.core.artifacts import read_json, write_json
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.stages.search.correction import Equation, corrected_table, fit_factors, part_costs
+from puzzle.core.notices import read_warnings
+from puzzle.core.workloads import Workload
 from puzzle.costs.estimate import estimate_workload
 from puzzle.costs.schema import SCHEMA
 from puzzle.costs.stage import CostsConfig
 from puzzle.costs.table import predict
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.memory import memory_model
-from puzzle.core.notices import read_warnings
 from puzzle.model.presets import tiny_llama_config
+from puzzle.stages.search.correction import Equation, corrected_table, fit_factors, part_costs
 from puzzle.stages.search.stage import ConstraintSpec, SearchConfig, load_inputs, run_search
-from puzzle.core.workloads import Workload
 
 LAYERS = 6
 PARENT = BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(128))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from puzzle.formats import export_hf
-from puzzle.formats.tokenizers import load_tokenizer
-from puzzle.model.blocks import ModelConfig, uniform_blocks
-from puzzle.stages.data import DataConfig, load_tokens, run_data
 from puzzle.demo.corpus import write_stdlib_corpus
 from puzzle.demo.pretrain import PretrainConfig, pretrain
 from puzzle.demo.tokenizer import train_tokenizer
+from puzzle.formats import export_hf
+from puzzle.formats.tokenizers import load_tokenizer
+from puzzle.model.blocks import ModelConfig, uniform_blocks
 from puzzle.model.decoder import build_model
+from puzzle.stages.data import DataConfig, load_tokens, run_data
 
 
 def demo_parent_config(vocab_size: int) -> ModelConfig:

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from puzzle.core.artifacts import atomic_path
 from puzzle.core.errors import PuzzleError
-from puzzle.stages.uptrain.lr_schedule import warmup_cosine
 from puzzle.model.decoder import PuzzleModel
+from puzzle.stages.uptrain.lr_schedule import warmup_cosine
 
 
 @dataclass

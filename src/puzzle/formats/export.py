@@ -23,11 +23,11 @@ from puzzle.core.artifacts import atomic_dir
 from puzzle.core.errors import PuzzleError
 from puzzle.core.tmpfiles import match_umask
 from puzzle.formats import hf
-from puzzle.formats.loading import SIDECAR
 from puzzle.formats.llama2c_hf import write_hf_tokenizer
+from puzzle.formats.loading import SIDECAR
 from puzzle.formats.native import copy_tokenizer_files, make_readable, save_model
-from puzzle.formats.tokenizers import Llama2cTokenizer
 from puzzle.formats.nemotron_nas import nemotron_ffn_missing
+from puzzle.formats.tokenizers import Llama2cTokenizer
 from puzzle.model.decoder import PuzzleModel
 
 EXPORT_FORMATS = ("nemotron-nas", "llama")

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from puzzle.model.blocks import BlockConfig, ModelConfig, uniform_blocks
-from puzzle.formats.nemotron_nas import block_from_nemotron, block_to_nemotron, json_value
 from puzzle.core.errors import PuzzleError
+from puzzle.formats.nemotron_nas import block_from_nemotron, block_to_nemotron, json_value
+from puzzle.model.blocks import BlockConfig, ModelConfig, uniform_blocks
 
 NEMOTRON_FFN_MULT = "nemotron_ffn_mult"  # ModelConfig.extra key: an imported Nemotron-NAS config's ffn_mult per layer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "DeciLMForCausalLM")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puzzle.model.blocks import ModelConfig, uniform_blocks
-from puzzle.formats.weights import model_from_state_dict
 from puzzle.core.errors import PuzzleError
+from puzzle.formats.weights import model_from_state_dict
+from puzzle.model.blocks import ModelConfig, uniform_blocks
 from puzzle.model.decoder import PuzzleModel
 
 HEADER = struct.Struct("<7i")

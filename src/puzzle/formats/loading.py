@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from puzzle.model.blocks import ModelConfig
+from puzzle.core.errors import PuzzleError
 from puzzle.formats import gguf, hf, llama2c, native
 from puzzle.formats.weights import model_from_state_dict
-from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import ModelConfig
 from puzzle.model.decoder import PuzzleModel, build_model
 
 FORMATS = ("native", "hf", "nemotron-nas", "llama2c", "gguf", "config")

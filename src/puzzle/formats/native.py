@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from puzzle.core.artifacts import atomic_dir, load_tensors, save_tensors
+from puzzle.core.errors import PuzzleError
 from puzzle.core.tmpfiles import match_umask
-from puzzle.model.blocks import ModelConfig
 from puzzle.formats.hf import read_json_file
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 from puzzle.formats.weights import model_from_state_dict
-from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import ModelConfig
 from puzzle.model.decoder import PuzzleModel
 
 FORMAT_KEY = "puzzle_format"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from puzzle.model.blocks import ModelConfig
 from puzzle.core.errors import PuzzleError
+from puzzle.model.blocks import ModelConfig
 from puzzle.model.decoder import PuzzleModel, RotaryEmbedding, build_model
 
 

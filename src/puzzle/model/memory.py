@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import statistics
 
-from puzzle.model.blocks import ModelConfig
 from puzzle.core.workloads import Workload
+from puzzle.model.blocks import ModelConfig
 
 
 def weights_bytes(config: ModelConfig, dtype_bytes: int = 2, fixed_bytes: int | None = None) -> int:

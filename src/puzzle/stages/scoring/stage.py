@@ -40,7 +40,6 @@ from puzzle.stages.scoring.batches import TaskItem, lm_batches, load_task_file, 
 from puzzle.stages.scoring.score import LOWER_IS_BETTER, METRICS, score_model
 
 
-
 @dataclass
 class ScoreConfig:
     num_sequences: int = 64  # held-out sequences from data/valid (all of them if fewer)

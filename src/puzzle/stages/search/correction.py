@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import lsq_linear
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.costs.table import CostTable, block_costs, fixed_costs
 from puzzle.core.workloads import Workload
+from puzzle.costs.table import CostTable, block_costs, fixed_costs
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 
 PHASES = ("prefill", "decode")
 Factors = dict[str, dict[str, float]]  # phase -> variant key -> multiplicative factor (absent: 1)

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-from puzzle.core.artifacts import hash_json, hash_paths, mark_stage_done, stage_is_current, write_json, write_text
+from puzzle.core.artifacts import (
+    hash_json,
+    hash_paths,
+    mark_stage_done,
+    stage_is_current,
+    write_json,
+    write_text,
+)
 from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.core.notices import clear_warnings, warn
