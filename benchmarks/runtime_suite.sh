@@ -6,6 +6,9 @@
 #   python benchmarks/_meta.py > .carry/git_state.json      # here, before the calls (provenance of the copy)
 #   bash benchmarks/runtime_suite.sh gpu-tests decode-attention gkd-step-rate
 #   bash benchmarks/runtime_suite.sh fp8-costs decode-profile
+# Issue 18's remaining measurements (about 10 and 10 minutes):
+#   bash benchmarks/runtime_suite.sh decode-context decode-sweep fp8-costs-compiled
+#   bash benchmarks/runtime_suite.sh additivity
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
@@ -26,12 +29,23 @@ run_step() {
     fp8-costs) step 200 fp8-costs python3 benchmarks/fp8_costs.py --out "$OUT/fp8_costs.json" ;;
     decode-profile) step 150 decode-profile python3 benchmarks/decode_profile.py --variants fused --batches 64,256 \
                       --out "$OUT/decode_profile_large_batch.json" ;;
+    decode-context) step 240 decode-context python3 benchmarks/decode_profile.py --variants fused,fused-triton \
+                      --batches 1,64,256 --itl 64x2048,256x2048,64x8192 --profile 64x2048,256x2048 \
+                      --out "$OUT/decode_profile_context.json" ;;
+    decode-sweep) step 200 decode-sweep python3 benchmarks/decode_attention.py --skip-engine --sweep \
+                    --out "$OUT/decode_attention_sweep.json" ;;
+    fp8-costs-compiled) step 300 fp8-costs-compiled python3 benchmarks/fp8_costs.py --graphs auto \
+                          --out "$OUT/fp8_costs_compiled.json" ;;
+    additivity) for b in 1 64 256; do
+                  step 200 "additivity-b$b" python3 benchmarks/cost_additivity.py --batch $b --out "$OUT/cost_additivity_b$b.json"
+                done ;;
   esac
 }
+ALL="gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile decode-context decode-sweep fp8-costs-compiled additivity"
 steps=${*:-gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile}
 for one in $steps; do  # every name is checked before anything runs
-  case $one in gpu-tests|decode-attention|gkd-step-rate|fp8-costs|decode-profile) ;;
-    *) echo "unknown step $one; steps: gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile" >&2; exit 2 ;;
+  case " $ALL " in *" $one "*) ;;
+    *) echo "unknown step $one; steps: $ALL" >&2; exit 2 ;;
   esac
 done
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } >> "$log" 2>&1
