@@ -46,6 +46,19 @@ def test_export_and_native_model_dirs_follow_the_umask(tmp_path: Path, umask) ->
         assert {f.stat().st_mode & 0o777 for f in Path(out).iterdir() if f.is_file()} == {0o640}
 
 
+@pytest.mark.parametrize("mask", [0o027, 0o002])
+def test_gguf_export_follows_the_umask(tmp_path: Path, umask, mask: int) -> None:
+    pytest.importorskip("gguf")
+    from puzzle.formats.gguf_export import export_gguf
+    from puzzle.model.decoder import build_model
+    from puzzle.model.presets import tiny_llama_config
+
+    umask(mask)  # 0o027 and 0o002 both differ from a fixed 0o644
+    out = tmp_path / "m.gguf"
+    export_gguf(build_model(tiny_llama_config(num_layers=1)), out)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_a_killed_writers_temporary_dir_is_swept_by_the_next_write(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)

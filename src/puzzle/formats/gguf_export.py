@@ -135,7 +135,7 @@ def gguf_tensors(model: PuzzleModel) -> dict[str, torch.Tensor]:
 
 def export_gguf(model: PuzzleModel, out_path: str | Path, tokenizer_source: Any = None, gguf_type: str = "f16",
                 name: str = "puzzle-child") -> dict[str, Any]:
-    """Write `model` to out_path (atomically); returns {architecture, type, tokenizer}."""
+    """Write `model` to out_path (atomically, mode as the umask asks); returns {architecture, type, tokenizer}."""
     gguf = _gguf()
     if gguf_type not in GGUF_TYPES:
         raise PuzzleError(f"unknown GGUF type {gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
@@ -162,5 +162,4 @@ def export_gguf(model: PuzzleModel, out_path: str | Path, tokenizer_source: Any 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    out_path.chmod(0o644)
     return {"architecture": "deci" if deci else "llama", "type": gguf_type, "tokenizer": tokenizer}
