@@ -118,6 +118,13 @@ def test_bad_config_is_one_line() -> None:
     assert resolve_lengths(LongContextConfig(), 256) == [256]
 
 
+def test_haystack_split_defaults_to_test_for_eval_and_valid_for_score() -> None:
+    assert LongContextConfig().haystack_split("eval") == "test"
+    assert LongContextConfig().haystack_split("score") == "valid"  # scoring never reads the test split
+    assert LongContextConfig(split="train").haystack_split("eval") == "train"
+    assert LongContextConfig(split="train").haystack_split("score") == "train"
+
+
 def test_run_eval_reports_long_context_per_model(tmp_path: Path) -> None:
     run, _ = make_run_dir(tmp_path)
     # default lengths: the tiny parent's whole context (256 tokens, below the usual 1k start)
@@ -125,6 +132,7 @@ def test_run_eval_reports_long_context_per_model(tmp_path: Path) -> None:
     result = run_eval(run, cfg)
     on_disk = json.loads((run / "eval" / "eval.json").read_text())
     assert on_disk["long_context"]["lengths"] == [256] and on_disk["long_context"]["tasks"] == ["frequent_words"]
+    assert on_disk["long_context"]["haystack_split"] == "test"
     for name in ("parent", "noattn12"):
         lc = on_disk["models"][name]["long_context"]
         assert set(lc["accuracy"]["frequent_words"]) == {"256"} and lc["answer_nll"]["frequent_words"]["256"] > 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from puzzle.stages.evaluate.tasks import split_request
 
 TASKS = ("niah_single", "niah_multikey", "variable_tracking", "frequent_words")
 SPLITS = ("train", "valid", "test")
+# The haystack's data split when `split` is unset: test for eval, valid for score (scoring must not read the test
+# split, which only eval sees).
+DEFAULT_HAYSTACK_SPLIT = {"eval": "test", "score": "valid"}
 MIN_DEFAULT_LENGTH = 1024  # default lengths: powers of two from here to the parent's context
 Encoder = Callable[[str], list[int]]
 
@@ -33,9 +37,7 @@ class LongContextConfig:
     items: int = 20  # items per (task, length)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     seed: int = 0
-    # The data split whose token file is the haystack; default: test for eval, valid for score (scoring must not
-    # read the test split, which only eval sees).
-    split: str | None = None
+    split: str | None = None  # the data split whose token file is the haystack; None: DEFAULT_HAYSTACK_SPLIT
     max_batch_tokens: int = 32768  # rows per forward pass = max(1, max_batch_tokens // length)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,10 @@ class LongContextConfig:
                 raise PuzzleError(f"long_context.{name} must be positive, got {getattr(self, name)}")
         if self.split is not None and self.split not in SPLITS:
             raise PuzzleError(f"long_context.split {self.split!r} is not one of {list(SPLITS)}")
+
+    def haystack_split(self, stage: Literal["eval", "score"]) -> str:
+        """The data split `stage` reads haystacks from: `split` when set, else that stage's default."""
+        return self.split or DEFAULT_HAYSTACK_SPLIT[stage]
 
 
 def resolve_lengths(cfg: LongContextConfig, max_len: int, where: str = "eval.long_context") -> list[int]:

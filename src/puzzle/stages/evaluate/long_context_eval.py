@@ -145,5 +145,5 @@ def prepare_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, ma
 def summary(cfg: LongContextConfig, items: dict[str, dict[int, list[LongContextItem]]]) -> dict[str, Any]:
     """eval.json's top-level `long_context`: what was asked and how it was scored."""
     return {"tasks": list(items), "lengths": sorted({n for per in items.values() for n in per}),
-            "items": cfg.items, "seed": cfg.seed, "haystack_split": cfg.split or "test",
+            "items": cfg.items, "seed": cfg.seed, "haystack_split": cfg.haystack_split("eval"),
             "scoring": "teacher-forced greedy match: solved when every answer token is the argmax"}

@@ -294,7 +294,7 @@ def run_eval(run_dir: Path | RunDir, cfg: EvalConfig, workloads: list[Workload] 
         loaders[name] = lambda path=path: load_model(path, device=device, dtype=dtype)
     long_items = None
     if cfg.long_context is not None:  # haystack: the run's own text; lengths up to the parent's context
-        haystack = load_tokens(run.data, cfg.long_context.split or HELDOUT_SPLIT)
+        haystack = load_tokens(run.data, cfg.long_context.haystack_split("eval"))
         long_items = long_context_eval.prepare_items(cfg.long_context, haystack, tokenizer,
                                                      parent.config.max_position_embeddings)
     models = evaluate_models(loaders, parent, heldout, tasks, tokenizer, cfg, device, throughput_workloads,

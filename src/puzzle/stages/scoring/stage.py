@@ -111,7 +111,7 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
     if cfg.task_file:
         items += load_task_file(cfg.task_file, tok.encode, tok.bos_id, cfg.max_task_items)
     if cfg.long_context is not None:
-        haystack = load_tokens(run.data, cfg.long_context.split or "valid")  # the test split stays unseen
+        haystack = load_tokens(run.data, cfg.long_context.haystack_split("score"))  # the test split stays unseen
         items += long_context_task_items(cfg.long_context, haystack, tok, parent.config.max_position_embeddings)
     if items:
         batches += task_batches(items, cfg.batch_size, parent.config.max_position_embeddings)
