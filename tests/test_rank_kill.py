@@ -16,20 +16,10 @@ import pytest
 from pipeline_helpers import NUM_LAYERS, make_parent, run_config, snapshot, write_yaml
 from puzzle.pipeline import load_run_config, run_pipeline
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from library_ranks import workers_of  # torchrun's workers, read from /proc
+
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (torchrun's workers)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _entries(library: Path) -> dict[str, Path]:
@@ -57,7 +47,7 @@ def test_a_rank_killed_mid_library_then_a_restart_loses_no_finished_entry(tmp_pa
             deadline = time.monotonic() + 90
             while not _entries(library) and agent.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            workers = _children(agent.pid)
+            workers = workers_of(agent.pid)
             if workers and agent.poll() is None:
                 victim = max(workers)  # one rank only: the agent must notice and stop the job itself
                 os.kill(victim, signal.SIGKILL)
