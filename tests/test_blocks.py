@@ -92,6 +92,17 @@ def test_model_config_round_trip_and_param_count():
     assert not [n for n, _ in model.named_parameters() if n.startswith("layers.4.")]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fixed_param_count_is_what_the_model_holds_outside_its_layers(tied: bool) -> None:
+    config = tiny_llama_config(tie_word_embeddings=tied).with_blocks(EVERY_KIND)
+    model = build_model(config)
+    outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
+    assert config.fixed_param_count() == outside
+    assert config.embedding_param_count() == model.embed_tokens.weight.numel()
+    assert config.fixed_param_count() == (1 if tied else 2) * config.vocab_size * config.hidden_size \
+        + config.hidden_size  # embeddings (+ untied LM head) + final norm
+
+
 def test_kv_cache_bytes_count_only_gqa_layers():
     config = tiny_llama_config().with_blocks(EVERY_KIND)
     # head_dim 16: layer 0 has 4 KV heads, layer 1 has 1; K and V; bf16.

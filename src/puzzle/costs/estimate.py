@@ -98,10 +98,10 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
         else:
             rec["prefill_s"] = rec["decode_step_s"] = 0.0
         out["ffn"][ffn.name] = rec
-    head = model.vocab_size * h
+    head = model.embedding_param_count()  # the LM head's weights
     out["fixed"] = {
         "prefill_s": _roofline(2 * head * b, head * ab + act(b * p), cfg),  # LM head on the last token only
         "decode_step_s": _roofline(2 * head * b, head * ab + b * model.vocab_size * 4, cfg),
-        "sampling_s": 0.0, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
+        "sampling_s": 0.0, "params": model.fixed_param_count(),
     }
     return out

@@ -171,7 +171,7 @@ def measure_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: list
     sampling = statistics.median(time_calls(lambda: logits.argmax(-1), device, cfg.repeats, cfg.warmup))
     out["fixed"] = {
         "prefill_s": statistics.median(fixed_pf), "decode_step_s": statistics.median(fixed_dec) + sampling,
-        "sampling_s": sampling, "params": model.param_count() - sum(model.block_param_count(x) for x in model.blocks),
+        "sampling_s": sampling, "params": model.fixed_param_count(),
     }
     out["median_rel_spread"] = statistics.median(spreads) if spreads else 0.0
     if cfg.calibrate != "none":

@@ -95,7 +95,7 @@ def per_gpu_section(model: ModelConfig, atts: list[AttentionConfig], ffns: list[
     per_att = {a.name: {"params": rank_attention_params(a, model, n),
                         "kv_bytes_per_token": 2 * rank_kv(a, model, n) * d * weight_bytes} for a in atts}
     per_ffn = {f.name: {"params": rank_ffn_params(f, model, n), "kv_bytes_per_token": 0} for f in ffns}
-    fixed = model.param_count() - sum(model.block_param_count(b) for b in model.blocks)
+    fixed = model.fixed_param_count()
     layers = sum(rank_attention_params(b.attention, model, n) + rank_ffn_params(b.ffn, model, n)
                  for b in model.blocks)
     kv = sum(2 * rank_kv(b.attention, model, n) * d * weight_bytes for b in model.blocks)

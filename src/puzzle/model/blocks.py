@@ -215,10 +215,17 @@ class ModelConfig:
             block.ffn, h
         )
 
+    def embedding_param_count(self) -> int:
+        """vocab x hidden: the embedding table; the LM head has as many (its own matrix only when untied)."""
+        return self.vocab_size * self.hidden_size
+
+    def fixed_param_count(self) -> int:
+        """Parameters outside the layers: the embedding table, the final norm and, when untied, the LM head."""
+        embed = self.embedding_param_count()
+        return embed + (0 if self.tie_word_embeddings else embed) + self.hidden_size
+
     def param_count(self) -> int:
-        embed = self.vocab_size * self.hidden_size
-        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        return embed + head + self.hidden_size + sum(self.block_param_count(b) for b in self.blocks)
+        return self.fixed_param_count() + sum(self.block_param_count(b) for b in self.blocks)
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """K and V bytes one token adds to the cache, summed over layers."""

@@ -20,7 +20,7 @@ def weights_bytes(config: ModelConfig, dtype_bytes: int = 2, fixed_bytes: int | 
     if fixed_bytes is None:
         return config.param_count() * dtype_bytes
     layers = sum(config.block_param_count(b) for b in config.blocks)
-    return layers * dtype_bytes + (config.param_count() - layers) * fixed_bytes
+    return layers * dtype_bytes + config.fixed_param_count() * fixed_bytes
 
 
 def kv_cache_bytes(config: ModelConfig, batch_size: int, seq_len: int, dtype_bytes: int = 2) -> int:

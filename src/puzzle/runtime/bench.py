@@ -106,9 +106,8 @@ def run_workload(model: PuzzleModel, w: Workload, graphs: GraphMode = "auto", re
 def decode_step_bytes(config: ModelConfig, w: Workload, dtype_bytes: int, bucket: int = DEFAULT_BUCKET) -> int:
     """Bytes one decode step must read: every weight but the embedding table (B rows of it) + the KV cache."""
     weights = config.param_count() * dtype_bytes
-    embed = config.vocab_size * config.hidden_size * dtype_bytes
     if not config.tie_word_embeddings:
-        weights -= embed  # only B rows of the embedding are read
+        weights -= config.embedding_param_count() * dtype_bytes  # only B rows of the embedding are read
     ctx = mean_decode_context(w, bucket)
     return weights + w.batch_size * config.hidden_size * dtype_bytes + kv_cache_bytes(config, w.batch_size, ctx,
                                                                                        dtype_bytes)
@@ -118,7 +117,7 @@ def decode_step_flops(config: ModelConfig, w: Workload, bucket: int = DEFAULT_BU
     """FLOPs of one decode step: 2 per weight of every matrix product (blocks + LM head) per sequence, plus
     QK^T and PV over the mean cached context in every GQA layer."""
     ctx = mean_decode_context(w, bucket)
-    matmul = sum(config.block_param_count(b) for b in config.blocks) + config.vocab_size * config.hidden_size
+    matmul = sum(config.block_param_count(b) for b in config.blocks) + config.embedding_param_count()  # + LM head
     gqa = sum(b.attention.kind == "gqa" for b in config.blocks)
     return 2.0 * w.batch_size * matmul + 4.0 * w.batch_size * config.num_attention_heads * config.head_dim * ctx * gqa
 
@@ -131,7 +130,7 @@ def prefill_flops(config: ModelConfig, w: Workload) -> float:
     blocks = sum(config.block_param_count(b) for b in config.blocks) - norms  # matrices only
     gqa = sum(b.attention.kind == "gqa" for b in config.blocks)
     attention = 2.0 * w.batch_size * config.num_attention_heads * config.head_dim * w.prompt_len ** 2 * gqa
-    return 2.0 * tokens * blocks + 2.0 * w.batch_size * config.vocab_size * config.hidden_size + attention
+    return 2.0 * tokens * blocks + 2.0 * w.batch_size * config.embedding_param_count() + attention  # + LM head
 
 
 def roofline(config: ModelConfig, w: Workload, measured_step_s: float, bandwidth: float | None, dtype_bytes: int,
