@@ -80,9 +80,9 @@ def test_kv_mean_pool_with_parent_heads_is_exact_and_pools_groups(parent: torch.
     block = parent.layers[0].attention
     h = torch.randn(2, 7, CONFIG.hidden_size)
     cos, sin = parent.rope(parent.default_positions(torch.zeros(2, 7, dtype=torch.long)), h.dtype)
-    same = init_attention(block, AttentionConfig.gqa(2), CONFIG, None, 1e-3)
+    same = init_attention(block, AttentionConfig.gqa(2), CONFIG, None, 1e-3, "mean")
     assert torch.equal(same(h, cos, sin), block(h, cos, sin))
-    one = init_attention(block, AttentionConfig.gqa(1), CONFIG, None, 1e-3)
+    one = init_attention(block, AttentionConfig.gqa(1), CONFIG, None, 1e-3, "mean")
     k = block.op.k_proj.weight.view(2, CONFIG.head_dim, -1)
     assert torch.allclose(one.op.k_proj.weight, (k[0] + k[1]) / 2)
 
@@ -222,7 +222,7 @@ def test_kv_init_for_counts_that_do_not_divide_the_parents(heads: int, kv: int, 
             w.copy_(w[:1].expand_as(w))
     h = torch.randn(2, 5, cfg.hidden_size)
     cos, sin = model.rope(model.default_positions(torch.zeros(2, 5, dtype=torch.long)), h.dtype)
-    fewer = init_attention(block, AttentionConfig.gqa(child), cfg, None, 1e-3)
+    fewer = init_attention(block, AttentionConfig.gqa(child), cfg, None, 1e-3, "mean")
     assert fewer.op.num_kv_heads == child
     assert torch.allclose(fewer(h, cos, sin), block(h, cos, sin), atol=1e-5)
 
@@ -247,11 +247,23 @@ def test_parent_items_reuse_the_parents_modules(parent: torch.nn.Module) -> None
     from puzzle.stages.library.train import build_candidate
 
     own = CONFIG.blocks[1]
-    att = build_candidate(parent, LibraryEntry(1, "attention", own.attention, None, None), {}, 1e-3)
-    ffn = build_candidate(parent, LibraryEntry(1, "ffn", None, own.ffn, None), {}, 1e-3)
+    att = build_candidate(parent, LibraryEntry(1, "attention", own.attention, None, None), {}, 1e-3, "mean")
+    ffn = build_candidate(parent, LibraryEntry(1, "ffn", None, own.ffn, None), {}, 1e-3, "mean")
     assert att.attention is parent.layers[1].attention and att.ffn is None
     assert ffn.ffn is parent.layers[1].ffn and ffn.attention is None
     saved = ffn.weights(torch.float32)  # the entry's keys are sub-block-relative, as for trained variants
     assert set(saved) == set(parent.layers[1].ffn.state_dict())
-    other = build_candidate(parent, LibraryEntry(1, "attention", AttentionConfig.gqa(1), None, None), {}, 1e-3)
+    other = build_candidate(parent, LibraryEntry(1, "attention", AttentionConfig.gqa(1), None, None), {}, 1e-3, "mean")
     assert other.attention is not parent.layers[1].attention  # a variant to train: its own fp32 copy
+
+
+def test_kv_init_has_no_default_below_the_config() -> None:
+    """Only `LibraryConfig.kv_init` has a default: a caller that leaves it out gets an error, not another init."""
+    import inspect
+
+    from puzzle.stages.library import LibraryConfig
+    from puzzle.stages.library.train import build_candidate, calibrate
+
+    for fn in (init_attention, calibrate, build_candidate):
+        assert inspect.signature(fn).parameters["kv_init"].default is inspect.Parameter.empty, fn.__name__
+    assert LibraryConfig().kv_init == "pca"

@@ -89,9 +89,10 @@ def kv_head_mixing(num_heads: int, parent_kv: int, child_kv: int) -> torch.Tenso
 
 
 def init_attention(parent: AttentionBlock, variant: AttentionConfig, model: ModelConfig,
-                   stats: CalibrationStats | None, ridge: float, kv_init: str = "mean") -> AttentionBlock | None:
+                   stats: CalibrationStats | None, ridge: float, kv_init: str) -> AttentionBlock | None:
     """A new attention sub-block initialised from the parent's (fp32, on the parent's device); fewer KV heads by
-    `kv_init`: "mean" pools the merged heads, "pca" fits them (`kv_init.py`; needs the input covariance)."""
+    `kv_init`: "mean" pools the merged heads, "pca" fits them (`kv_init.py`; needs the input covariance); no
+    default, so that every caller passes `library.kv_init` rather than a different init by omission."""
     if variant.kind == "no_op":
         return None
     device = parent.norm.weight.device

@@ -148,7 +148,7 @@ def _init_names(item: LibraryEntry, parent: BlockConfig, kv_init: str) -> str:
 
 @torch.no_grad()
 def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, n_batches: int,
-              device: torch.device, kv_init: str = "mean") -> dict[tuple[int, str], CalibrationStats]:
+              device: torch.device, kv_init: str) -> dict[tuple[int, str], CalibrationStats]:
     """Streaming statistics for the inits that need data: keys (layer, 'attention'|'ffn')."""
     need: dict[tuple[int, str], CalibrationStats] = {}
     for it in items:
@@ -184,7 +184,7 @@ def calibrate(parent: PuzzleModel, items: list[LibraryEntry], batches: Batches, 
 
 
 def build_candidate(parent: PuzzleModel, item: LibraryEntry, stats: dict[tuple[int, str], CalibrationStats],
-                    ridge: float, kv_init: str = "mean") -> Candidate:
+                    ridge: float, kv_init: str) -> Candidate:
     layer, model = parent.layers[item.layer], parent.config
     if is_parent_item(item, model.blocks[item.layer]):
         # Nothing to train: the parent's own modules, not an fp32 copy (0.9 GB per Llama-8B layer in a wave).
