@@ -15,8 +15,15 @@ from gguf_helpers import write_tiny_llama
 from puzzle.cli import main
 from puzzle.core.errors import PuzzleError
 from puzzle.formats import load_model, save_model
-from puzzle.formats.gguf import GGUFTokenizer, _halves_from_interleaved, load_gguf
-from puzzle.formats.gguf_export import export_gguf, interleave_rope_rows
+from puzzle.formats.gguf import (
+    LAYER_NAMES,
+    TOP_NAMES,
+    GGUFTokenizer,
+    _halves_from_interleaved,
+    _our_key,
+    load_gguf,
+)
+from puzzle.formats.gguf_export import export_gguf, gguf_name, gguf_tensors, interleave_rope_rows
 from puzzle.formats.gguf_tokenizer import bpe_pre_tokenizer
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model
@@ -31,6 +38,20 @@ def test_rope_row_interleave_is_the_inverse_of_the_import() -> None:
     w = torch.randn(4 * 16, 8)
     assert torch.equal(_halves_from_interleaved(interleave_rope_rows(w, 4), 4), w)
     assert not torch.equal(interleave_rope_rows(w, 4), w)
+
+
+def test_every_name_the_import_knows_exports_back_to_itself() -> None:
+    stems = [*TOP_NAMES, *(f"blk.7.{stem}" for stem in LAYER_NAMES)]
+    for name in (f"{stem}.{suffix}" for stem in stems for suffix in ("weight", "bias")):
+        assert gguf_name(_our_key(name)) == name
+    # Every weight of an untied model with q/k/v biases has a name, and it imports back to its key.
+    model = build_model(tiny_llama_config(num_layers=2, tie_word_embeddings=False, attention_bias=True))
+    keys = list(model.state_dict())
+    assert any(k.endswith("q_proj.bias") for k in keys) and "lm_head.weight" in keys
+    assert sorted(_our_key(name) for name in gguf_tensors(model)) == sorted(keys)
+    # deci: linear attention is read as attn_output; a linear FFN has no place in llama.cpp.
+    assert gguf_name("layers.1.attention.op.linear_attn.weight") == "blk.1.attn_output.weight"
+    assert gguf_name("layers.1.ffn.op.linear_mlp.weight") is None
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0"])

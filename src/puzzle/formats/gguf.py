@@ -28,8 +28,9 @@ from puzzle.model.decoder import PuzzleModel
 MAGIC = b"GGUF"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-_TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
-_LAYER = {
+# The one table of tensor names, GGUF stem -> ours (`.weight` / `.bias` carried over); the export inverts it.
+TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+LAYER_NAMES = {
     "attn_norm": "attention.norm", "attn_q": "attention.op.q_proj", "attn_k": "attention.op.k_proj",
     "attn_v": "attention.op.v_proj", "attn_output": "attention.op.o_proj", "ffn_norm": "ffn.norm",
     "ffn_gate": "ffn.op.gate_proj", "ffn_down": "ffn.op.down_proj", "ffn_up": "ffn.op.up_proj",
@@ -170,11 +171,11 @@ def _dequantize(gguf: Any, t: Any, path: Path) -> torch.Tensor:
 def _our_key(name: str) -> str:
     """GGUF tensor name -> our key; names we do not know pass through (the loader then reports them)."""
     stem, _, suffix = name.rpartition(".")
-    if stem in _TOP:
-        return f"{_TOP[stem]}.{suffix}"
+    if stem in TOP_NAMES:
+        return f"{TOP_NAMES[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER:
-        return f"layers.{parts[1]}.{_LAYER[parts[2]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
     return name
 
 

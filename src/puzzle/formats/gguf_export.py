@@ -24,7 +24,7 @@ import torch
 from puzzle.core.artifacts import atomic_path
 from puzzle.core.errors import PuzzleError
 from puzzle.formats.engines import require_servable
-from puzzle.formats.gguf import _gguf
+from puzzle.formats.gguf import LAYER_NAMES, TOP_NAMES, _gguf
 from puzzle.formats.gguf_tokenizer import add_tokenizer
 from puzzle.formats.hf import is_homogeneous_llama
 from puzzle.model.blocks import ModelConfig
@@ -101,15 +101,32 @@ def _metadata(writer: Any, config: ModelConfig, deci: bool) -> None:
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
 
 
-_LAYER_NAMES = {"attention.norm.weight": "attn_norm.weight", "attention.op.v_proj.weight": "attn_v.weight",
-                "attention.op.v_proj.bias": "attn_v.bias", "attention.op.o_proj.weight": "attn_output.weight",
-                "attention.op.linear_attn.weight": "attn_output.weight", "ffn.norm.weight": "ffn_norm.weight",
-                "ffn.op.gate_proj.weight": "ffn_gate.weight", "ffn.op.up_proj.weight": "ffn_up.weight",
-                "ffn.op.down_proj.weight": "ffn_down.weight"}
-_ROPE_ROWS = {"attention.op.q_proj.weight": "attn_q.weight", "attention.op.q_proj.bias": "attn_q.bias",
-              "attention.op.k_proj.weight": "attn_k.weight", "attention.op.k_proj.bias": "attn_k.bias"}
-_TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+def _inverted(table: dict[str, str]) -> dict[str, str]:
+    """GGUF stem -> ours, turned into ours -> GGUF stem; two GGUF stems for one of ours would be ambiguous."""
+    out = {ours: theirs for theirs, ours in table.items()}
+    if len(out) != len(table):
+        raise AssertionError(f"the GGUF name table is not one-to-one: {table}")
+    return out
+
+
+# The import's tables inverted, so the two directions cannot drift apart. `deci` adds linear attention, whose
+# map llama.cpp reads as `attn_output` (the import reads only `llama` files, which have none).
+_TOP_NAMES = _inverted(TOP_NAMES)
+_LAYER_NAMES = _inverted(LAYER_NAMES)
+_LAYER_NAMES["attention.op.linear_attn"] = _LAYER_NAMES["attention.op.o_proj"]
+_ROPE_STEMS = (".attn_q", ".attn_k")  # rows llama.cpp's RoPE reads interleaved
+
+
+def gguf_name(key: str) -> str | None:
+    """Our state-dict key -> its GGUF tensor name, e.g. layers.3.ffn.op.up_proj.weight -> blk.3.ffn_up.weight;
+    None where llama.cpp has no place for the weight."""
+    stem, _, suffix = key.rpartition(".")
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    parts = stem.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in _LAYER_NAMES:
+        return f"blk.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    return None
 
 
 def gguf_tensors(model: PuzzleModel) -> dict[str, torch.Tensor]:
@@ -117,19 +134,17 @@ def gguf_tensors(model: PuzzleModel) -> dict[str, torch.Tensor]:
     config = model.config
     out = {}
     for key, w in model.state_dict().items():
-        if key in _TOP_NAMES:
-            if key == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # llama.cpp falls back on token_embd when `output` is absent
-            out[_TOP_NAMES[key]] = w
-            continue
-        _, layer, rest = key.split(".", 2)
-        if rest in _ROPE_ROWS:
-            heads = config.num_attention_heads if ".q_proj." in rest else config.blocks[int(layer)].attention.num_kv_heads
-            out[f"blk.{layer}.{_ROPE_ROWS[rest]}"] = interleave_rope_rows(w, heads)
-        elif rest in _LAYER_NAMES:
-            out[f"blk.{layer}.{_LAYER_NAMES[rest]}"] = w
-        else:
-            raise PuzzleError(f"weight {key} has no GGUF name; llama.cpp cannot take this model's layer {layer}")
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp falls back on token_embd when `output` is absent
+        name = gguf_name(key)
+        if name is None:
+            raise PuzzleError(f"weight {key} has no GGUF name (llama.cpp has no place for it); {GGUF_FIX}")
+        stem = name.rpartition(".")[0]
+        if stem.endswith(_ROPE_STEMS):
+            block = config.blocks[int(stem.split(".")[1])]
+            heads = config.num_attention_heads if stem.endswith(".attn_q") else block.attention.num_kv_heads
+            w = interleave_rope_rows(w, heads)
+        out[name] = w
     return out
 
 
