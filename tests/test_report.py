@@ -108,3 +108,11 @@ def test_report_shows_long_context_retention(tmp_path: Path) -> None:
     assert "| child | 40.0 (50%) | 0.0 (0%) |" in text
     if report_plots.available():
         assert (tmp_path / "report" / "long_context.png").stat().st_size > 0
+    # eval drew the figure: the report copies that file instead of drawing it again
+    (tmp_path / "eval" / "long_context.png").write_bytes(b"the figure eval drew")
+    write_json(tmp_path / "eval" / "eval.json", {**ev, "long_context": {**ev["long_context"], "plot": "long_context.png"}})
+    text = run_report(tmp_path, ReportConfig()).read_text()
+    if report_plots.available():
+        assert (tmp_path / "report" / "long_context.png").read_bytes() == b"the figure eval drew"
+        assert "long_context.png" in text
+    assert "| child | 40.0 (50%) | 0.0 (0%) |" in text

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+from puzzle.core.artifacts import atomic_path
 from puzzle.stages.report import plots
 
 
@@ -43,3 +45,14 @@ def long_context_plot(models: dict[str, Any], path: Path) -> Path | None:
         return None
     return plots.curves(series, "context length (tokens)", "accuracy % (mean over probe tasks)",
                         "Long-context accuracy by context length", path)
+
+
+def long_context_figure(ev: dict[str, Any], eval_dir: Path, path: Path) -> Path | None:
+    """The long-context figure at `path`: a copy of the one eval drew (eval.json's `long_context.plot` in
+    `eval_dir`), drawn here only for an eval.json without one; None when nothing was scored."""
+    name = (ev.get("long_context") or {}).get("plot")
+    if not name or not (eval_dir / name).is_file():
+        return long_context_plot(ev.get("models", {}), path)
+    with atomic_path(path) as tmp:
+        shutil.copyfile(eval_dir / name, tmp)
+    return path

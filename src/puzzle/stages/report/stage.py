@@ -24,7 +24,7 @@ from puzzle.costs.source import costs_source, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.report import plots as report_plots
-from puzzle.stages.report.long_context import long_context_plot, long_context_section
+from puzzle.stages.report.long_context import long_context_figure, long_context_section
 from puzzle.stages.report.summary import metric_label, task_score, workload_label
 from puzzle.stages.search.targets import parse_target
 
@@ -289,7 +289,7 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
         parts.append(eval_section(inp.eval))
         if section := long_context_section(inp.eval):
             parts.append(section)
-            drawn = long_context_plot(inp.eval.get("models", {}), plots_dir / "long_context.png") if plots else None
+            drawn = long_context_figure(inp.eval, run.eval, plots_dir / "long_context.png") if plots else None
             if drawn:
                 figures.append(("Long-context accuracy by context length", drawn))
         if plots and inp.eval.get("models"):
