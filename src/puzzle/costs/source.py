@@ -19,20 +19,43 @@ def roofline_gpu(peak_flops: float, bandwidth: float, dtype: str = "bfloat16") -
 
 
 def is_estimate(costs: dict[str, Any] | None) -> bool:
+    """Whether a costs file holds an analytic estimate (anything not measured counts as one)."""
     return bool(costs) and costs.get("kind") != "measured"
+
+
+def is_estimated(predicted: dict[str, Any] | None) -> bool:
+    """Whether a prediction in solutions.json (`parent[workload]`, a solution's `predicted[workload]`) was made
+    from estimated costs: the search records it, so it holds whatever costs file is on disk now."""
+    return bool((predicted or {}).get("estimate"))
+
+
+def prediction_costs(costs: dict[str, Any] | None, predicted: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The costs to name as a prediction's source: `costs`, or a bare estimate where the prediction is estimated
+    but `costs` is absent or measured (solutions.json decides what its numbers are)."""
+    return {"kind": "estimate"} if is_estimated(predicted) and not is_estimate(costs) else costs
+
+
+def prediction_label(predicted: dict[str, Any] | None, estimated: str = "est.", measured: str = "pred.") -> str:
+    """The word for a predicted number: `estimated` ('est.') from estimated costs, else `measured` ('pred.')."""
+    return estimated if is_estimated(predicted) else measured
+
+
+def _roofline(costs: dict[str, Any]) -> tuple[float, float, str] | None:
+    """An estimate's (peak FLOP/s, bandwidth, dtype); None for files written before the roofline was recorded."""
+    roof = costs.get("roofline") or {}
+    if not (roof.get("peak_flops") and roof.get("mem_bandwidth")):
+        return None
+    return roof["peak_flops"], roof["mem_bandwidth"], costs.get("dtype", "bfloat16")
 
 
 def costs_source(costs: dict[str, Any] | None) -> str:
     """One phrase for a costs file's contents: an ESTIMATE of which GPU, or measured on which device."""
     if not costs:
         return "no costs file (run `puzzle costs`)"
-    if costs.get("kind") == "measured":
+    if not is_estimate(costs):
         return f"per-block costs measured on {costs.get('device', '?')}"
-    roof = costs.get("roofline") or {}
-    if roof.get("peak_flops") and roof.get("mem_bandwidth"):
-        gpu = roofline_gpu(roof["peak_flops"], roof["mem_bandwidth"], costs.get("dtype", "bfloat16"))
-    else:  # files written before the roofline was recorded
-        gpu = "a datasheet GPU"
+    roof = _roofline(costs)
+    gpu = roofline_gpu(*roof) if roof else "a datasheet GPU"
     return f"ESTIMATE from an analytic roofline of {gpu}; not measured"
 
 
@@ -40,9 +63,8 @@ def short_source(costs: dict[str, Any] | None) -> str:
     """A few words for titles and column headers: 'ESTIMATE, datasheet H200 SXM roofline' or 'measured, <device>'."""
     if not costs:
         return "no costs"
-    if costs.get("kind") == "measured":
+    if not is_estimate(costs):
         return f"measured, {costs.get('device', '?')}"
-    roof = costs.get("roofline") or {}
-    spec = datasheet_of_roofline(roof["peak_flops"], roof["mem_bandwidth"], costs.get("dtype", "bfloat16")) \
-        if roof.get("peak_flops") and roof.get("mem_bandwidth") else None
+    roof = _roofline(costs)
+    spec = datasheet_of_roofline(*roof) if roof else None
     return f"ESTIMATE, {f'datasheet {spec.name}' if spec else 'analytic'} roofline"

@@ -20,7 +20,7 @@ from puzzle.core.config import to_dict
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
 from puzzle.costs.consistency import adjustment_rows
-from puzzle.costs.source import costs_source, short_source
+from puzzle.costs.source import costs_source, prediction_costs, prediction_label, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.stages.report import plots as report_plots
@@ -177,9 +177,8 @@ def eval_section(ev: dict[str, Any]) -> str:
 
 def solutions_section(sol: dict[str, Any], costs: dict[str, dict[str, Any]]) -> str:
     workloads = sorted(sol.get("parent", {}))
-    est = {w: bool(sol["parent"][w].get("estimate")) for w in workloads}
     header = ["method", "name", "target", "objective", "attention layers",
-              *[f"{workload_label(w, sol['parent'][w])} {'ESTIMATED' if est[w] else 'pred.'} speedup"
+              *[f"{workload_label(w, sol['parent'][w])} {prediction_label(sol['parent'][w], 'ESTIMATED')} speedup"
                 for w in workloads]]
     rows = [["mip", s.get("name"), s.get("target"), s.get("objective"), s.get("attention_layers"),
              *[s.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]] for s in sol.get("solutions", [])]
@@ -187,7 +186,7 @@ def solutions_section(sol: dict[str, Any], costs: dict[str, dict[str, Any]]) -> 
               *[b.get("predicted", {}).get(w, {}).get("speedup") for w in workloads]]
              for b in sol.get("baselines", []) if b.get("feasible", True)]
     sources = "\n".join(f"- {workload_label(w, sol['parent'][w])}: "
-                        f"{costs_source(costs.get(w) or ({'kind': 'estimate'} if est[w] else None))}"
+                        f"{costs_source(prediction_costs(costs.get(w), sol['parent'][w]))}"
                         for w in workloads)
     return f"## Search solutions (predicted, not measured)\n\nSpeed-ups from the costs file of each workload:\n\n" \
            f"{sources}\n\n{table(header, rows)}\n"
@@ -304,11 +303,11 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
         parts.append(solutions_section(inp.solutions, inp.costs))
         if plots and workload:
             points, parent_x, targets = _fig5_points(inp, workload)
-            estimated = bool((inp.solutions.get("parent", {}).get(workload) or {}).get("estimate"))
-            source = costs_source(inp.costs.get(workload) or ({"kind": "estimate"} if estimated else None))
+            predicted = inp.solutions.get("parent", {}).get(workload)
+            source = costs_source(prediction_costs(inp.costs.get(workload), predicted))
             figures.append(("Quality vs throughput (Fig. 5)", report_plots.pareto(
                 points, parent_x, targets,
-                f"{'ESTIMATED' if estimated else 'predicted'} output throughput ({workload})", source,
+                f"{prediction_label(predicted, 'ESTIMATED', 'predicted')} output throughput ({workload})", source,
                 f"summed replace-1-block {inp.solutions.get('metric', 'score')} (lower is better)",
                 "Solutions, baselines and parent", plots_dir / "quality_vs_throughput.png")))
     if inp.children:

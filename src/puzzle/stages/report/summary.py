@@ -14,7 +14,7 @@ from typing import Any
 from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
 from puzzle.core.rundir import RunDir
-from puzzle.costs.source import costs_source, is_estimate
+from puzzle.costs.source import costs_source, prediction_costs, prediction_label
 from puzzle.stages.report.serving import serving_lines
 
 
@@ -33,11 +33,6 @@ def workload_label(workload: str | None, predicted: dict[str, Any] | None) -> st
     """'chat (TP 2)' for a tensor-parallel workload's prediction, the bare name otherwise ('-' for none)."""
     tp = (predicted or {}).get("tensor_parallel", 1)
     return f"{workload or '-'}" + (f" (TP {tp})" if tp > 1 else "")
-
-
-def estimate_label(predicted: dict[str, Any]) -> str:
-    """'est.' for a prediction from estimated costs, 'pred.' for one from measured costs."""
-    return "est." if predicted.get("estimate") else "pred."
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -61,7 +56,7 @@ def summary_rows(run_dir: Path | RunDir) -> tuple[list[str], list[list[str]], st
     rounds = solutions.get("verify", {}).get("rounds")
     tasks = list(dict.fromkeys(t for res in evaluation.values() for t in res.get("retention_pct", {})))
     split = _load(run.eval_file).get("split", "valid")  # eval.json before test splits: valid
-    pred = estimate_label(predicted_parent.get(workload or "", {}))  # an estimate never reads as measured
+    pred = prediction_label(predicted_parent.get(workload or ""))  # an estimate never reads as measured
     header = ["model", "params (M)", f"{pred} tok/s", f"{pred} speed-up", "search meas. x", "rounds", "meas. tok/s",
               "meas. speed-up",
               f"{split} KL", f"{split} top-1", f"{split} ppl",
@@ -136,10 +131,8 @@ def print_summary(run_dir: Path | RunDir) -> None:
     if not parent:
         source = "no predictions: the search has not run"
     else:
-        costs = workload_costs(run, workload)
-        if parent.get("estimate") and not is_estimate(costs):  # solutions.json decides what the numbers are
-            costs = {"kind": "estimate"}
-        source = f"{estimate_label(parent)} tok/s and speed-up: {costs_source(costs)}"
+        costs = prediction_costs(workload_costs(run, workload), parent)
+        source = f"{prediction_label(parent)} tok/s and speed-up: {costs_source(costs)}"
     evaluation = _load(run.eval_file)
     quality = (f"; KL / top-1 / ppl on the {evaluation.get('split', 'valid')} split, "
                f"{evaluation.get('sequences', '?')} sequences of {evaluation.get('seq_len', '?')} tokens"

@@ -6,6 +6,7 @@ import csv
 import io
 from typing import TYPE_CHECKING, Any
 
+from puzzle.costs.source import prediction_label
 from puzzle.stages.search.targets import parse_target
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def pareto_csv(result: dict[str, Any]) -> str:
     `<workload>_est_tok_s` / `_est_speedup` when the costs are an estimate, not a measurement)."""
     workloads = sorted(result["parent"])
     # a prediction from an analytic roofline is named so in its column: `<workload>_est_tok_s`
-    tag = {x: "_est" if result["parent"][x].get("estimate") else "" for x in workloads}
+    tag = {x: prediction_label(result["parent"][x], "_est", "") for x in workloads}
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "name", "target", "objective", *[f"{x}{tag[x]}_tok_s" for x in workloads],
