@@ -9,13 +9,18 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from gkd_helpers import make_run_dir, one_torch_thread  # noqa: F401  (autouse fixture)
 from puzzle.core.errors import PuzzleError
-from puzzle.stages.evaluate.lm_harness import LmEvalConfig, offline, run_lm_eval
+from puzzle.stages.evaluate.lm_harness import LmEvalConfig, as_task_metrics, offline, run_lm_eval, summarize
+from puzzle.stages.evaluate.stage import add_retention
+from puzzle.stages.evaluate.tables import task_table
+from puzzle.stages.evaluate.tasks import TaskSpec, primary_metric
+from puzzle.stages.report.summary import metric_label
 
 CPU = torch.device("cpu")
 CONTEXTS = ["The cat sat on the", "Once upon a time there was", "The dog ran to the", "A bird sang in the"]
@@ -54,6 +59,28 @@ def test_offline_sets_and_restores_the_switches(monkeypatch: pytest.MonkeyPatch)
     with offline():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_lm_eval_rows_report_acc_norm_like_the_tasks_of_their_own() -> None:
+    """lm-eval multiple-choice rows carry metric/score (acc_norm), so retention reads the same number for them as
+    for a task file; a row without acc_norm (exact_match, acc only) reports accuracy. Needs no lm-eval."""
+    def lm_rows(acc: float, acc_norm: float) -> dict[str, Any]:
+        summary = summarize({"results": {"mc": {"alias": "mc", "acc,none": acc, "acc_stderr,none": 0.1,
+                                                "acc_norm,none": acc_norm}, "gen": {"exact_match,none": acc}},
+                             "n-samples": {"mc": {"original": 8, "effective": 4}}})
+        return as_task_metrics(summary)
+
+    parent, child = lm_rows(0.5, 0.40), lm_rows(0.5, 0.20)
+    assert parent["lm-eval:mc"] == {"accuracy": 0.5, "acc_norm": 0.40, "n": 4, "metric": "acc_norm", "score": 0.40}
+    assert parent["lm-eval:gen"]["metric"] == "accuracy" and parent["lm-eval:gen"]["score"] == 0.5
+    own = {"accuracy": 0.5, "acc_norm": 0.40, "n": 4}
+    assert parent["lm-eval:mc"]["metric"] == primary_metric(TaskSpec("own.jsonl"), own)
+    results = {"parent": {"tasks": parent}, "child": {"tasks": child}}
+    add_retention(results)
+    assert results["child"]["retention_pct"]["lm-eval:mc"] == pytest.approx(50.0)  # acc_norm, not accuracy's 100%
+    assert results["child"]["retention_pct"]["lm-eval:gen"] == pytest.approx(100.0)
+    assert metric_label(results, "lm-eval:mc") == "acc_norm"
+    assert "50.0/40.0" in task_table(results)
 
 
 def test_lm_eval_scores_our_model_object_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -96,4 +123,5 @@ def test_lm_eval_scores_our_model_object_offline(tmp_path: Path, capsys: pytest.
     assert parent["lm_eval"]["my_mc"]["acc"] == 1.0 and parent["lm_eval"]["my_mc"]["n"] == len(CONTEXTS)
     assert parent["lm_eval"]["my_gen"]["exact_match"] == 1.0
     assert parent["tasks"]["lm-eval:my_mc"]["accuracy"] == 1.0  # in the task table and retention
+    assert parent["tasks"]["lm-eval:my_mc"]["metric"] == "acc_norm"  # as for a multiple-choice task file
     assert "lm-eval:my_mc" in capsys.readouterr().out

@@ -24,6 +24,7 @@ import torch
 
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import PuzzleModel
+from puzzle.stages.evaluate.tasks import choose_metric
 
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -144,14 +145,18 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def as_task_metrics(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The tasks with an accuracy (acc, else exact_match), named `lm-eval:TASK`, in `puzzle eval`'s task form."""
-    out = {}
+def as_task_metrics(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """The tasks with an accuracy (acc, else exact_match), named `lm-eval:TASK`, in `puzzle eval`'s task form:
+    `metric` and `score` chosen as for a task of its own with metric "auto" (acc_norm where lm-eval gave it)."""
+    out: dict[str, dict[str, Any]] = {}
     for task, row in summary.items():
         acc = row.get("acc", row.get("exact_match"))
         if acc is not None:
-            out[f"lm-eval:{task}"] = {"accuracy": acc, **({"acc_norm": row["acc_norm"]} if "acc_norm" in row else {}),
-                                      "n": row.get("n", 0)}
+            res: dict[str, Any] = {"accuracy": acc, **({"acc_norm": row["acc_norm"]} if "acc_norm" in row else {}),
+                                   "n": row.get("n", 0)}
+            res["metric"] = choose_metric("auto", res, f"lm-eval:{task}")
+            res["score"] = res[res["metric"]]
+            out[f"lm-eval:{task}"] = res
     return out
 
 

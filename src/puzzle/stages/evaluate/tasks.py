@@ -11,7 +11,7 @@ the context; `acc_norm` divides by the ending's length in bytes, as lm-eval does
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -29,8 +29,9 @@ from puzzle.stages.evaluate.task_formats import (
     read_lines,
 )
 
-__all__ = ["LastWordItem", "MultipleChoiceItem", "TaskFormat", "TaskSpec", "detect_format", "evaluate_task",
-           "load_task", "read_hellaswag", "read_lambada", "score_requests", "split_request", "task_names"]
+__all__ = ["LastWordItem", "MultipleChoiceItem", "TaskFormat", "TaskSpec", "choose_metric", "detect_format",
+           "evaluate_task", "load_task", "metrics_of", "primary_metric", "read_hellaswag", "read_lambada",
+           "score_requests", "split_request", "task_names"]
 
 
 @dataclass
@@ -146,6 +147,9 @@ def load_task(spec: TaskSpec) -> list[MultipleChoiceItem] | list[LastWordItem]:
         raise PuzzleError(f"task file {path} holds no items; check its format ({fmt})")
     if spec.separator is not None:
         items = [replace(it, separator=spec.separator) for it in items]  # type: ignore[type-var]
+    # checked here, not after scoring: a metric the task lacks would otherwise fail after every model ran
+    kind = "last-word" if isinstance(items[0], LastWordItem) else "multiple-choice"
+    choose_metric(spec.metric, metrics_of(items), f"file {path} ({kind})")
     return items
 
 
@@ -240,12 +244,23 @@ def evaluate_task(items: list[MultipleChoiceItem] | list[LastWordItem], logits_f
     return {"accuracy": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
 
 
+def metrics_of(items: list[MultipleChoiceItem] | list[LastWordItem]) -> tuple[str, ...]:
+    """The metrics `evaluate_task` gives for these items: a last-word task has no choices to length-normalize."""
+    return ("accuracy",) if isinstance(items[0], LastWordItem) else ("accuracy", "acc_norm")
+
+
+def choose_metric(metric: str, available: Collection[str], task: str) -> str:
+    """The one rule for which metric retention and the summary report (see TaskSpec.metric): "auto" is acc_norm
+    where the task has it, else accuracy; a named metric must be among `available`."""
+    if metric == "auto":
+        return "acc_norm" if "acc_norm" in available else "accuracy"
+    if metric not in available:
+        raise PuzzleError(f"task {task}: metric {metric!r} does not apply to it (it has "
+                          f"{sorted(k for k in available if k.startswith('acc'))}); set metric: accuracy")
+    return metric
+
+
 def primary_metric(spec: TaskSpec, result: dict[str, float]) -> str:
     """Which of a task's results retention and the summary report (see TaskSpec.metric)."""
-    if spec.metric == "auto":
-        return "acc_norm" if "acc_norm" in result else "accuracy"
-    if spec.metric not in result:
-        raise PuzzleError(f"task {spec.path}: metric {spec.metric!r} does not apply to it (it has "
-                          f"{sorted(k for k in result if k.startswith('acc'))}); set metric: accuracy")
-    return spec.metric
+    return choose_metric(spec.metric, result, spec.path)
 
