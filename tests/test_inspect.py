@@ -96,3 +96,26 @@ def test_inspect_model_dir_and_builtin(tmp_path: Path, capsys: pytest.CaptureFix
     assert report["totals"]["params"] == sum(p.numel() for p in model.parameters())
     assert main(["inspect"]) == 0
     assert "total parameters" in capsys.readouterr().out
+
+
+def test_inspect_gguf_parses_the_file_once(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf = pytest.importorskip("gguf")
+    from gguf_helpers import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    made = []
+    real = gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(made) == 1
+    assert report["gguf_architecture"] == "llama" and report["gguf_tensor_types"]["Q8_0"] > 0
+    assert report["config"]["hidden_size"] == 256 and len(report["layers"]) == 2
+    assert main(["inspect", str(path)]) == 0 and "GGUF architecture llama" in capsys.readouterr().out
+    assert len(made) == 2  # one more call, one more parse

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
 from puzzle.formats import detect_format, load_model_config
 from puzzle.formats.engines import servability_json, servability_lines
-from puzzle.formats.gguf import gguf_summary
+from puzzle.formats.gguf import config_from_reader, gguf_summary, open_gguf
 from puzzle.model.inspection import format_report, inspect_config
 from puzzle.model.presets import tiny_llama_config
 
@@ -30,12 +32,17 @@ def _architecture(fmt: str, source_architecture: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.path is None:
         config, title, fmt = tiny_llama_config(), "built-in tiny Llama (random weights; pass a PATH to inspect yours)", "builtin"
+        stored: dict[str, Any] = {}
     else:
-        config, fmt = load_model_config(args.path), detect_format(args.path)
+        fmt = detect_format(args.path)
+        if fmt == "gguf":  # one parse of the file gives the config and what it stores
+            reader = open_gguf(args.path)
+            config, stored = config_from_reader(reader, Path(args.path)), gguf_summary(reader, args.path)
+        else:
+            config, stored = load_model_config(args.path), {}
         title = f"{args.path} ({fmt}, {_architecture(fmt, config.source_architecture)})"
-    report = inspect_config(config)
+    report = {**inspect_config(config), **stored}
     if fmt == "gguf":  # what the file stores: its architecture and the tensor types that will be dequantized
-        report = {**report, **gguf_summary(args.path)}
         types = ", ".join(f"{n} x{k}" for n, k in report["gguf_tensor_types"].items())
         title += f"; GGUF architecture {report['gguf_architecture']}, tensor types {types}"
     if args.json:

@@ -81,9 +81,9 @@ def tensor_types(reader: Any) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in reader.tensors))
 
 
-def gguf_summary(path: str | Path) -> dict[str, Any]:
-    """For `puzzle inspect`: the file's architecture and its tensor types with their counts."""
-    reader = open_gguf(path)
+def gguf_summary(reader: Any, path: str | Path) -> dict[str, Any]:
+    """For `puzzle inspect`: the file's architecture and its tensor types with their counts (from the reader
+    the config was read from: the file is parsed once)."""
     return {"gguf_architecture": _field(reader, Path(path), "general.architecture"),
             "gguf_tensor_types": tensor_types(reader)}
 
