@@ -48,7 +48,7 @@ def test_library_ranks_compares_entries_and_records_each_rank(tmp_path: Path) ->
     one, two = res["ranks_1"], res["ranks_2"]
     assert one["entries"] == two["entries"] > 0 and one["trained_tokens"] == two["trained_tokens"] > 0
     assert [r["rank"] for r in two["ranks"]] == [0, 1] and sum(r["items"] for r in two["ranks"]) == two["entries"]
-    assert res["scaling_efficiency"] == round(res["speedup"] / 2, 3)
+    assert abs(res["scaling_efficiency"] - res["speedup"] / 2) <= 1e-3  # each rounded to 3 places on its own
     assert (tmp_path / "res" / "library_ranks_logs" / "ranks2.log").exists()
 
 
