@@ -8,7 +8,8 @@ from puzzle.model.blocks import FFNConfig as F
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
 from puzzle.runtime import Engine, generate
-from puzzle.runtime.fusion import fuse_projections, is_fused
+from puzzle.runtime.fp8 import quantize_fp8
+from puzzle.runtime.fusion import drop_fused, fuse_projections, is_fused
 
 
 def child():
@@ -53,6 +54,28 @@ def test_stale_fusion_is_dropped_or_rebuilt_after_a_cast():
     assert not hasattr(attn, "qkv_weight")
     fuse_projections(model)
     assert is_fused(attn) and attn.qkv_weight.dtype == torch.float64
+
+
+def _fused_names(model):
+    return {name for m in model.modules() for name in m._buffers if name in ("qkv_weight", "qkv_bias", "gate_up_weight")}
+
+
+def test_drop_fused_removes_the_buffers_and_keeps_the_weights():
+    """One removal for every caller: drop_fused here, FP8 quantization and tensor-parallel sharding use it."""
+    model = child()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    plain = generate(model, prompts, max_new_tokens=6, graphs="none")
+    fuse_projections(model)
+    assert _fused_names(model) == {"qkv_weight", "gate_up_weight"}
+    for m in model.modules():
+        drop_fused(m)
+    assert _fused_names(model) == set() and not any(is_fused(m) for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert generate(model, prompts, max_new_tokens=6, graphs="none").tokens == plain.tokens
+    fuse_projections(model)
+    quantize_fp8(model, fuse=False)  # the bf16 fusions would be stale views of the replaced linears
+    assert _fused_names(model) == set()
 
 
 def test_a_fused_model_exports_and_saves(tmp_path):

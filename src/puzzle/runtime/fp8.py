@@ -26,6 +26,7 @@ from torch import nn
 
 from puzzle.core.errors import PuzzleError
 from puzzle.model.decoder import GQAAttention, PuzzleModel, SwiGLU
+from puzzle.runtime.fusion import drop_fused
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3 value
@@ -156,8 +157,7 @@ def quantize_fp8(model: PuzzleModel, fuse: bool | None = None) -> PuzzleModel:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Fp8Linear.from_linear(child))
-        for name in ("qkv_weight", "qkv_bias", "gate_up_weight"):  # stale bf16 fusions (`runtime.fusion`)
-            module._buffers.pop(name, None)
+        drop_fused(module)  # stale bf16 fusions of the replaced linears
         if fuse and isinstance(module, GQAAttention):
             module.qkv_fp8 = _fuse([module.q_proj, module.k_proj, module.v_proj])
         elif fuse and isinstance(module, SwiGLU):

@@ -59,6 +59,14 @@ def is_fused(module: nn.Module) -> bool:
 _FUSED_BUFFERS = ("qkv_weight", "qkv_bias", "gate_up_weight")
 
 
+def drop_fused(module: nn.Module) -> None:
+    """Remove the module's fused q/k/v and gate/up buffers, if any: they are views of the projections as they
+    were, so whatever replaces or re-slices a projection (FP8 quantization, tensor-parallel sharding, a fresh
+    fusion) drops them, or the runtime would read stale weights. The projections keep their own weights."""
+    for name in _FUSED_BUFFERS:
+        module._buffers.pop(name, None)
+
+
 def fuse_projections(model: PuzzleModel, fuse: bool = True) -> PuzzleModel:
     """Give every GQA op a `qkv_weight` (+ `qkv_bias`) and every SwiGLU a `gate_up_weight` (those with FP8
     projections excepted: they fuse their own way); idempotent.
@@ -71,8 +79,7 @@ def fuse_projections(model: PuzzleModel, fuse: bool = True) -> PuzzleModel:
             continue
         if not isinstance(getattr(module, "q_proj", getattr(module, "gate_proj", None)), nn.Linear):
             continue  # FP8 projections fuse their own way (`puzzle.runtime.fp8`)
-        for name in _FUSED_BUFFERS:
-            module._buffers.pop(name, None)
+        drop_fused(module)
         if fuse and isinstance(module, GQAAttention):
             _fuse(module, [module.q_proj, module.k_proj, module.v_proj], "qkv")
         elif fuse:

@@ -33,6 +33,7 @@ from puzzle.core.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig
 from puzzle.model.decoder import GQAAttention, LinearAttention, LinearFFN, PuzzleModel, SwiGLU
 from puzzle.runtime.engine import Engine, GraphMode
+from puzzle.runtime.fusion import drop_fused
 
 
 def _split(n: int, rank: int, world: int) -> slice:
@@ -117,8 +118,7 @@ def _shard_gqa(op: GQAAttention, rank: int, world: int, group: dist.ProcessGroup
     op.k_proj, op.v_proj = _rows(op.k_proj, kv_rows), _rows(op.v_proj, kv_rows)
     op.o_proj = o_proj
     op.num_heads, op.num_kv_heads = len(q_heads), len(kv_heads)
-    for name in ("qkv_weight", "qkv_bias"):  # fused views of the unsharded weights (puzzle.runtime.fusion)
-        op._buffers.pop(name, None)
+    drop_fused(op)  # fused views of the unsharded weights
 
 
 def _shard_swiglu(op: SwiGLU, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
@@ -126,7 +126,7 @@ def _shard_swiglu(op: SwiGLU, rank: int, world: int, group: dist.ProcessGroup | 
     cols = _split(op.gate_proj.out_features, rank, world)
     op.gate_proj, op.up_proj = _rows(op.gate_proj, cols), _rows(op.up_proj, cols)
     op.down_proj = _linear(op.down_proj.weight[:, cols], None, AllReduceLinear, group=group)
-    op._buffers.pop("gate_up_weight", None)
+    drop_fused(op)  # fused views of the unsharded weights
 
 
 def _shard_input(layer: nn.Linear, rank: int, world: int, group: dist.ProcessGroup | None) -> AllReduceLinear:
