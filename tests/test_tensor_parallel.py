@@ -111,3 +111,25 @@ def test_workload_tensor_parallel_is_optional_and_validated() -> None:
     assert tp.tensor_parallel == 2 and Workload(**tp.to_dict()) == tp
     with pytest.raises(PuzzleError, match="workload 'chat': tensor_parallel must be a positive integer, got 0"):
         Workload("chat", 1, 128, 128, tensor_parallel=0)
+
+
+def test_one_shardability_check_for_the_runtime_and_the_costs_stage(tmp_path: Path) -> None:
+    """shard_model and the costs stage refuse the same split by the same rule (`check_tensor_parallel`),
+    each naming what it splits: a layer of the model, or a workload's variant."""
+    from puzzle.costs.stage import CostsConfig, run_costs
+
+    config = tiny_llama_config(num_heads=4, num_kv_heads=2, hidden_size=66, head_dim=16).with_blocks(
+        [BlockConfig(AttentionConfig.gqa(2), FFNConfig.swiglu(64)), BlockConfig(AttentionConfig.linear(),
+                                                                                FFNConfig.swiglu(64))])
+    with pytest.raises(PuzzleError, match=r"over 4 ranks cannot split layer 1: a linear sub-block needs "
+                                          r"hidden_size \(66\) divisible by 4; use a world size") as err:
+        shard_model(build_model(config, seed=0), 0, 4)
+    assert "\n" not in str(err.value)
+    w = Workload("chat", 1, 8, 4, tensor_parallel=4)
+    with pytest.raises(PuzzleError, match=r"workload 'chat': tensor_parallel=4 cannot split variant swiglu64: "
+                                          r"a linear sub-block needs hidden_size \(66\) divisible by 4; "
+                                          r"use a tensor_parallel degree") as err:
+        run_costs(tmp_path, CostsConfig(mode="estimate"), [w], list(config.blocks), model_config=config)
+    assert "\n" not in str(err.value)
+    run_costs(tmp_path, CostsConfig(mode="estimate"), [Workload("chat", 1, 8, 4, tensor_parallel=2)],
+              list(config.blocks), model_config=config)  # 2 divides everything: no refusal

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from puzzle.core.errors import PuzzleError
 from puzzle.core.workloads import Workload
 from puzzle.model.blocks import (
     AttentionConfig,
-    BlockConfig,
     FFNConfig,
     ModelConfig,
     attention_param_count,
@@ -29,22 +27,6 @@ from puzzle.runtime.tensor_parallel import rank_kv_heads
 # together) and a fixed launch + synchronisation latency per all-reduce; both written into the costs file.
 NVLINK_BANDWIDTH = 900e9  # bytes/s
 ALLREDUCE_LATENCY_S = 10e-6
-
-
-def check_shardable(model: ModelConfig, blocks: list[BlockConfig], w: Workload) -> None:
-    """One line naming the workload when `w.tensor_parallel` ranks cannot split the parent or a variant evenly."""
-    n = w.tensor_parallel
-    fix = "use a tensor_parallel degree that divides it"
-    if model.num_attention_heads % n:
-        raise PuzzleError(f"workload {w.name!r}: tensor_parallel={n} needs the query heads "
-                          f"({model.num_attention_heads}) divisible by {n}; {fix}")
-    for b in blocks:
-        if "linear" in (b.attention.kind, b.ffn.kind) and model.hidden_size % n:
-            raise PuzzleError(f"workload {w.name!r}: tensor_parallel={n} needs hidden_size ({model.hidden_size}) "
-                              f"divisible by {n} for the linear variants; {fix}")
-        if b.ffn.kind == "swiglu" and b.ffn.intermediate_size % n:
-            raise PuzzleError(f"workload {w.name!r}: tensor_parallel={n} cannot split variant {b.ffn.name} "
-                              f"(intermediate size {b.ffn.intermediate_size}); {fix}")
 
 
 def rank_kv(att: AttentionConfig, model: ModelConfig, world: int) -> int:

@@ -29,7 +29,6 @@ from puzzle.costs.schema import ESTIMATE_KEY, METHODS, SCHEMA, read_costs_file
 from puzzle.costs.sharding import (
     ALLREDUCE_LATENCY_S,
     NVLINK_BANDWIDTH,
-    check_shardable,
     max_batch_per_gpu,
     per_gpu_section,
 )
@@ -39,6 +38,7 @@ from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.model.memory import max_batch_size, mean_decode_context, memory_model
 from puzzle.runtime.engine import GraphMode, resolve_graph_mode
+from puzzle.runtime.tensor_parallel import check_tensor_parallel
 from puzzle.runtime.timing import device_key, device_name
 from puzzle.stages.library.store import Library
 
@@ -194,7 +194,9 @@ def run_costs(run_dir: Path, cfg: CostsConfig, workloads: list[Workload],
     kind, device = resolve_mode(cfg)
     for w in workloads:  # before anything is timed: a TP workload this machine cannot measure fails now
         if w.tensor_parallel > 1:
-            check_shardable(model_config, blocks, w)
+            check_tensor_parallel(model_config, w.tensor_parallel, blocks,
+                                  where=f"workload {w.name!r}: tensor_parallel={w.tensor_parallel}",
+                                  knob="tensor_parallel degree")
             if device is not None:
                 check_ranks(w, device, cfg.dtype)  # FP8 is refused here too, before the first timing
     key = ESTIMATE_KEY if kind == "estimate" else device_key(device)

@@ -23,6 +23,7 @@ group (gloo on CPU, NCCL on GPU); every rank must feed the same tokens.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.core.errors import PuzzleError
-from puzzle.model.blocks import AttentionConfig
+from puzzle.model.blocks import AttentionConfig, BlockConfig, ModelConfig
 from puzzle.model.decoder import GQAAttention, LinearAttention, LinearFFN, PuzzleModel, SwiGLU
 from puzzle.runtime.engine import Engine, GraphMode
 from puzzle.runtime.fusion import drop_fused
@@ -136,26 +137,29 @@ def _shard_input(layer: nn.Linear, rank: int, world: int, group: dist.ProcessGro
     return shard  # type: ignore[return-value]
 
 
-def check_tensor_parallel(model: PuzzleModel, world: int) -> None:
-    """Raise a one-line PuzzleError when `world` ranks cannot split this model's sub-blocks evenly."""
-    config = model.config
+def check_tensor_parallel(config: ModelConfig, world: int, blocks: Sequence[BlockConfig] | None = None,
+                          where: str | None = None, knob: str = "world size") -> None:
+    """Raise a one-line PuzzleError when `world` ranks cannot split the query heads or a block evenly.
+
+    blocks: what is split (default: the model's layers, named "layer i"; given: variants, named by their FFN).
+    where / knob: how the message names the split and the setting to change (default: "tensor parallelism
+    over n ranks" / "world size"; the costs stage names the workload and its tensor_parallel degree).
+    """
     if world < 1:
         raise PuzzleError(f"tensor-parallel world size must be at least 1, got {world}")
+    where = where or f"tensor parallelism over {world} ranks"
+    fix = f"use a {knob} that divides it"
     if config.num_attention_heads % world:
-        raise PuzzleError(f"tensor parallelism over {world} ranks needs the query heads "
-                          f"({config.num_attention_heads}) divisible by {world}; "
-                          "use a world size that divides them")
-    for i, layer in enumerate(model.layers):
-        ops = [block.op for block in (layer.attention, layer.ffn) if block is not None]
-        for op in ops:
-            if isinstance(op, (LinearAttention, LinearFFN)) and config.hidden_size % world:
-                raise PuzzleError(f"layer {i}: a linear sub-block needs hidden_size ({config.hidden_size}) "
-                                  f"divisible by the tensor-parallel world size {world}; "
-                                  "use a world size that divides it")
-            if isinstance(op, SwiGLU) and op.gate_proj.out_features % world:
-                raise PuzzleError(f"layer {i}: SwiGLU intermediate size {op.gate_proj.out_features} is not "
-                                  f"divisible by the tensor-parallel world size {world}; "
-                                  "use a world size that divides it")
+        raise PuzzleError(f"{where} needs the query heads ({config.num_attention_heads}) divisible by {world}; {fix}")
+    named = [(f"layer {i}", b) for i, b in enumerate(config.blocks)] if blocks is None else \
+        [(f"variant {b.ffn.name}", b) for b in blocks]
+    for name, b in named:
+        if "linear" in (b.attention.kind, b.ffn.kind) and config.hidden_size % world:
+            raise PuzzleError(f"{where} cannot split {name}: a linear sub-block needs hidden_size "
+                              f"({config.hidden_size}) divisible by {world}; {fix}")
+        if b.ffn.kind == "swiglu" and b.ffn.intermediate_size % world:
+            raise PuzzleError(f"{where} cannot split {name}: SwiGLU intermediate size {b.ffn.intermediate_size} "
+                              f"is not divisible by {world}; {fix}")
 
 
 @torch.no_grad()
@@ -166,7 +170,7 @@ def shard_model(model: PuzzleModel, rank: int, world: int,
     Every rank must call it with the same weights; the copy's `forward` all-reduces over `group` (default:
     the world group) and returns the full logits on every rank. `world == 1` returns an unsharded copy.
     """
-    check_tensor_parallel(model, world)
+    check_tensor_parallel(model.config.with_blocks(model.block_configs), world)
     if not 0 <= rank < world:
         raise PuzzleError(f"tensor-parallel rank {rank} is outside 0..{world - 1}")
     sharded = copy.deepcopy(model)
