@@ -345,3 +345,17 @@ def test_the_search_side_of_costs_imports_without_torch():
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('puzzle'))\n")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_default_roofline_is_the_h200_datasheet():
+    """The estimate's default peaks are read from `runtime.datasheet`, not typed twice."""
+    from puzzle.runtime.datasheet import datasheet, datasheet_named
+
+    h200 = datasheet("NVIDIA H200")
+    assert h200 is not None and datasheet_named("H200 SXM") is h200
+    bf16, fp8 = CostsConfig(mode="estimate"), CostsConfig(mode="estimate", dtype="fp8")
+    assert (bf16.peak_flops, bf16.mem_bandwidth) == (h200.peak("bfloat16"), h200.bandwidth)
+    assert (fp8.peak_flops, fp8.mem_bandwidth) == (h200.peak("fp8"), h200.bandwidth)
+    assert CostsConfig(mode="estimate", dtype="fp8", peak_flops=1e15).peak_flops == 1e15  # a set peak is kept
+    with pytest.raises(KeyError, match="no datasheet named 'B300'"):
+        datasheet_named("B300")

@@ -37,12 +37,15 @@ from puzzle.costs.tensor_parallel import check_ranks, measure_tensor_parallel, t
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.model.memory import max_batch_size, mean_decode_context, memory_model
+from puzzle.runtime.datasheet import datasheet_named
 from puzzle.runtime.engine import GraphMode, resolve_graph_mode
 from puzzle.runtime.tensor_parallel import check_tensor_parallel
 from puzzle.runtime.timing import device_key, device_name
 from puzzle.stages.library.store import Library
 
-BF16_PEAK, FP8_PEAK = 989e12, 1979e12  # H100/H200 SXM dense tensor-core FLOP/s (datasheet)
+# The estimate's default roofline: the H200 SXM datasheet (dense tensor-core FLOP/s, HBM3e bandwidth).
+ROOFLINE_GPU = datasheet_named("H200 SXM")
+BF16_PEAK, FP8_PEAK = ROOFLINE_GPU.peak_flops["bfloat16"], ROOFLINE_GPU.peak_flops["fp8"]
 
 
 @dataclass
@@ -70,8 +73,8 @@ class CostsConfig:
     # Extra timing rounds for variants that break the width order (fewer KV heads or a narrower FFN timed
     # slower) by more than their spread; what still breaks it after them is fitted (`puzzle.costs.consistency`).
     consistency_remeasure: int = 2
-    peak_flops: float = 989e12  # analytic roofline (H100/H200 dense bf16; fp8: 1979e12 unless set)
-    mem_bandwidth: float = 4.8e12  # analytic roofline (H200 HBM3e)
+    peak_flops: float = BF16_PEAK  # analytic roofline (ROOFLINE_GPU dense bf16; fp8: FP8_PEAK unless set)
+    mem_bandwidth: float = ROOFLINE_GPU.bandwidth  # analytic roofline (ROOFLINE_GPU HBM3e)
 
     def __post_init__(self) -> None:
         for name in ("repeats", "input_sets", "decode_inner", "neighbours", "stack_bytes", "max_stack", "bucket",

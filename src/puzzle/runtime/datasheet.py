@@ -57,6 +57,14 @@ def datasheet(device_name: str) -> DeviceSpec | None:
     return None
 
 
+def datasheet_named(product: str) -> DeviceSpec:
+    """The datasheet of a product by the name it is listed under ("H200 SXM")."""
+    for _, spec in DATASHEETS:
+        if spec.name == product:
+            return spec
+    raise KeyError(f"no datasheet named {product!r}")
+
+
 def datasheet_of_roofline(peak_flops: float, bandwidth: float, dtype: str = "bfloat16") -> DeviceSpec | None:
     """The datasheet GPU whose dense `dtype` peak and bandwidth are these (an analytic roofline's numbers ->
     the GPU they describe); None when no datasheet matches within 1%."""
