@@ -223,6 +223,23 @@ def test_decode_at_repeats_one_step_at_a_fixed_context():
     assert engine.length == 9 and torch.equal(engine.logits, first)
 
 
+def test_left_padding_is_one_tensor_shared_with_the_cache():
+    """`Engine.pad` is the cache's `start`: a prefill sets both at once, the same object every step (what a
+    captured graph reads), and `decode_at` clears both."""
+    model = child_model()
+    engine = Engine(model, 2, 16, graphs="none")
+    pad = engine.pad
+    assert pad is engine.cache.start
+    engine.prefill(torch.tensor([[0, 0, 1], [4, 5, 6]]), torch.tensor([2, 0]))
+    assert engine.pad is pad and pad.tolist() == [2, 0]
+    engine.decode(torch.tensor([7, 8]))
+    assert engine.pad is pad and engine.cache.start is pad and pad.tolist() == [2, 0]
+    engine.decode_at(9, torch.tensor([7, 8]))
+    assert engine.pad is pad and pad.tolist() == [0, 0]
+    engine.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert engine.cache.start is pad and pad.tolist() == [0, 0]
+
+
 def test_benchmark_only_graph_mode_is_a_one_line_error():
     with pytest.raises(PuzzleError, match="benchmarks/_graph_modes.py.*auto, fused, manual, none"):
         Engine(child_model(), 1, 8, graphs="compile")

@@ -102,7 +102,6 @@ class Engine:
                                                        batch_size)
         b, s, dev = batch_size, max_seq_len, self.device
         self.valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # [B, S] slots holding real tokens
-        self.pad = torch.zeros(b, dtype=torch.long, device=dev)  # [B] left-padding per row
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)  # [1] the slot this decode step writes
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=dev)  # [B, 1] this step's input tokens
         self.logits = torch.zeros(b, config.vocab_size, dtype=torch.float32, device=dev)  # [B, V]
@@ -119,6 +118,13 @@ class Engine:
             self._regions = FusedRegions(gemv=gemv, decode_kernel=self.decode_kernel)
         else:
             self._regions = FusedRegions(backend=None, decode_kernel=True) if self.decode_kernel else EAGER
+
+    @property
+    def pad(self) -> torch.Tensor:
+        """[B] each row's left padding: the cache's `start` (its first valid slot, which the decode kernel
+        reads from), one tensor for positions, masks and the kernel; the same object for the engine's life,
+        as captured CUDA graphs need."""
+        return self.cache.start
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -137,7 +143,6 @@ class Engine:
             raise PuzzleError(f"prompt of {p} tokens leaves no room to generate within {self.max_seq_len}")
         padded = pad_lens is not None and bool((pad_lens > 0).any())
         self.pad.copy_(pad_lens.to(self.device) if pad_lens is not None else torch.zeros_like(self.pad))
-        self.cache.start.copy_(self.pad)  # the decode kernel skips each row's pad slots
         if self.captured and b * p <= PREFILL_GRAPH_TOKENS:
             self._prefill_replay(input_ids, padded)
         else:
@@ -248,7 +253,7 @@ class Engine:
         each call rewrites slot ctx - 1 from `tokens` [B] and attends over slots [0, ctx) (every slot valid).
         For timing (`puzzle.costs`): the cache holds whatever the last prefill left, not a real context."""
         self.valid.fill_(True)
-        self.cache.start.zero_()
+        self.pad.zero_()  # no padding: positions are the slots, the decode kernel reads from slot 0
 
         def step() -> None:
             self.length = ctx - 1

@@ -91,7 +91,8 @@ class StaticKVCache:
         self.kv_dtype = kv_dtype or dtype
         self.fresh = False  # the next write starts a sequence (FP8: sets the scales)
         self.slots = torch.zeros(1, dtype=torch.long, device=self.device)  # [T] write indices
-        # [B] each row's first valid slot (its left padding): a decode kernel reads slots [start, slots[-1]]
+        # [B] each row's first valid slot (its left padding; `Engine.pad` is this tensor): a decode kernel
+        # reads slots [start, slots[-1]]
         self.start = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.attend_len = max_seq_len
         self.layers: list[LayerCache | None] = []
