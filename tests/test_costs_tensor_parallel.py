@@ -188,3 +188,18 @@ def test_tp2_costs_measured_over_nccl(tmp_path):
         for name, rec in data[part].items():
             assert rec["decode_step_s"] >= 0 and not rec["oom"], (name, rec)
     assert data["calibration"]["parent_measured"]["decode_step_s"] > 0
+
+
+def test_one_gpu_share_at_degree_one_is_the_whole_variant():
+    """The estimate prices every degree with the per-GPU shares: at n = 1 they are the whole variant's."""
+    from puzzle.costs.estimate import attention_kv_bytes
+    from puzzle.costs.sharding import rank_attention_params, rank_ffn_params, rank_kv
+    from puzzle.model.blocks import attention_param_count, ffn_param_count
+
+    parent = tiny_llama_config(num_heads=6, num_kv_heads=3, hidden_size=96, attention_bias=True)
+    h, d, nq = parent.hidden_size, parent.head_dim, parent.num_attention_heads
+    for att in (A.gqa(3), A.gqa(1), A.gqa(6), A.linear(), A.no_op()):
+        assert rank_attention_params(att, parent, 1) == attention_param_count(att, h, d, nq, True), att
+        assert 2 * rank_kv(att, parent, 1) * d * 2 == attention_kv_bytes(att, d, 2), att
+    for ffn in (F.swiglu(96), F.swiglu(40), F.linear(), F.no_op()):
+        assert rank_ffn_params(ffn, parent, 1) == ffn_param_count(ffn, h), ffn

@@ -74,9 +74,7 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
         kv = attention_kv_bytes(att, d, eb)
         rec = variant_record(params, kv)
         if att.kind != "no_op":
-            # one GPU's share: all of it at n == 1
-            rp, rkv = (params, kv) if n == 1 else (rank_attention_params(att, model, n),
-                                                   2 * rank_kv(att, model, n) * d * eb)
+            rp, rkv = rank_attention_params(att, model, n), 2 * rank_kv(att, model, n) * d * eb  # one GPU's share
             attn_pf = 2 * b * nq * d * p * p if att.kind == "gqa" else 0  # causal QK^T + PV
             rec["prefill_s"] = _roofline(2 * rp * b * p + attn_pf, rp * eb + act(b * p) + b * p * rkv, cfg) \
                 + reduce(att, b * p)
@@ -91,10 +89,10 @@ def estimate_workload(model: ModelConfig, atts: list[AttentionConfig], ffns: lis
         spec = ffn_kind(ffn.kind)
         if spec.has_module:
             per_token = 2 * params if spec.flops_per_token is None else spec.flops_per_token(h, ffn.intermediate_size)
-            rp = params if n == 1 else rank_ffn_params(ffn, model, n)
-            per_token = per_token / n if n > 1 and is_row_parallel(ffn) else per_token  # split kinds: 1/n of the work
-            rec["prefill_s"] = _roofline(per_token * b * p, rp * eb + act(b * p), cfg) + reduce(ffn, b * p)
-            rec["decode_step_s"] = _roofline(per_token * b, rp * eb + act(b), cfg) + reduce(ffn, b)
+            rp = rank_ffn_params(ffn, model, n)
+            split = n if is_row_parallel(ffn) else 1  # split kinds: 1/n of the work; other kinds stay whole
+            rec["prefill_s"] = _roofline(per_token * b * p / split, rp * eb + act(b * p), cfg) + reduce(ffn, b * p)
+            rec["decode_step_s"] = _roofline(per_token * b / split, rp * eb + act(b), cfg) + reduce(ffn, b)
         else:
             rec["prefill_s"] = rec["decode_step_s"] = 0.0
         out["ffn"][ffn.name] = rec
