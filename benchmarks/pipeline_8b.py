@@ -40,7 +40,10 @@ from _pipeline_projection import project_70b, stage_table
 from puzzle.core.artifacts import read_json, write_json
 from puzzle.core.errors import PuzzleError
 from puzzle.core.rundir import RunDir
+from puzzle.demo.tokenizer import train_tokenizer
+from puzzle.formats.loading import SIDECAR
 from puzzle.pipeline import STAGES, load_run_config, run_pipeline, select_stages
+from puzzle.stages.data import source_files
 
 GIB = 2**30
 SHAPES: dict[str, dict[str, Any]] = {
@@ -68,30 +71,9 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def text_files(sources: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        files += sorted(f for f in p.rglob("*.txt") if f.is_file()) if p.is_dir() else [p]
-    return files
-
-
 def train_bpe(sources: list[str], out_dir: Path, vocab_size: int) -> Path:
-    """A byte-level BPE tokenizer (the demo's recipe) trained on the run's .txt sources; reused if present."""
-    if (out_dir / "tokenizer.json").is_file():
-        return out_dir
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(f) for f in text_files(sources) if f.suffix == ".txt"], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(out_dir))
-    return out_dir
+    """The demo's byte-level BPE tokenizer trained on the run's .txt sources (folders recursively); reused."""
+    return train_tokenizer([f for f in source_files(sources) if f.suffix == ".txt"], out_dir, vocab_size)
 
 
 def make_parent(shape: str, out: Path, tokenizer_dir: Path, device: torch.device, seed: int = 0) -> dict[str, Any]:
@@ -194,7 +176,7 @@ def stage_work(stage: str, run: RunDir, cfg: Any) -> dict[str, Any]:
         tokens = sum(int(s.get("tokens", 0)) for s in splits.values()) if isinstance(splits, dict) else None
         return {"tokens": tokens or None}
     if stage == "library":
-        index = _json(run.library / "library.json") or {"entries": []}
+        index = _json(run.library_index) or {"entries": []}
         trained = [e for e in index["entries"] if e["metrics"].get("tokens", 0) > 0]
         per_variant = max((e["metrics"]["tokens"] for e in trained), default=0)
         return {"tokens": per_variant, "entries": len(index["entries"]), "trained_variants": len(trained),
@@ -204,12 +186,12 @@ def stage_work(stage: str, run: RunDir, cfg: Any) -> dict[str, Any]:
                 "waves": len({(e["metrics"]["wall_s"], e["metrics"]["wave_items"]) for e in index["entries"]}),
                 "max_params_per_wave": cfg.library.max_params_per_wave}
     if stage == "score":
-        scores = _json(run.root / "scores" / "scores.json") or {"layers": []}
+        scores = _json(run.scores_file) or {"layers": []}
         candidates = sum(len(layer["candidates"]) for layer in scores["layers"])
         seqs = min(cfg.score.num_sequences, _rows(run, "valid"))
         return {"tokens": seqs * cfg.data.seq_len * candidates, "candidates": candidates, "sequences": seqs}
     if stage == "uptrain":
-        logs = [_json(p) for p in sorted(run.root.glob("children/*/uptrained/training_log.json"))]
+        logs = [_json(p) for p in (run.training_log(c.name) for c in run.child_dirs()) if p.is_file()]
         tokens = sum(log["train"][-1]["tokens"] for log in logs if log and log["train"])
         return {"tokens": tokens, "steps": sum(log["steps"] for log in logs if log), "children": len(logs)}
     if stage == "eval":
@@ -265,8 +247,9 @@ def child_params(run: RunDir) -> int | None:
     """Parameters of the (first) realized child."""
     from puzzle.formats import load_model_config
 
-    for path in sorted(run.root.glob("children/*/puzzle.json")):
-        return load_model_config(path.parent).param_count()
+    for child in run.child_dirs():
+        if (child / SIDECAR).is_file():
+            return load_model_config(child).param_count()
     return None
 
 
@@ -298,12 +281,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     t0 = time.perf_counter()
-    tok_dir = train_bpe(list(args.data), work / "tokenizer", TOKENIZER_VOCAB[args.shape])
+    try:
+        tok_dir = train_bpe(list(args.data), work / "tokenizer", TOKENIZER_VOCAB[args.shape])
+    except PuzzleError as e:  # a source with no readable files
+        p.error(str(e))
     tokenizer_s = time.perf_counter() - t0
-    parent = make_parent(args.shape, work / "parent-hf", tok_dir, device)
+    parent_src = work / "parent-hf"  # the HF model the import stage reads
+    parent = make_parent(args.shape, parent_src, tok_dir, device)
     print(f"parent: {parent['params'] / 1e9:.2f}B params, init {parent['init_s']} s, save {parent['save_s']} s",
           file=sys.stderr, flush=True)
-    cfg = load_run_config(run_config(args, work / "run", work / "parent-hf", parent["params"]))
+    run = RunDir(work / "run")
+    cfg = load_run_config(run_config(args, run.root, parent_src, parent["params"]))
     previous = _json(args.out) if args.out.is_file() else None
     rows = {r["stage"]: r for r in (previous or {}).get("stages", [])} if previous else {}
     common = {"meta": metadata(), "benchmark": "pipeline_8b", "shape": args.shape, "device": str(device),
@@ -322,7 +310,7 @@ def main() -> int:
         if failed:
             break
         if free:
-            free_disk(stage, RunDir(cfg.run_dir), work / "parent-hf")
+            free_disk(stage, run, parent_src)
     print(stage_table(result))
     return 1 if failed else 0
 
@@ -332,7 +320,7 @@ def write_result(out: Path, common: dict[str, Any], rows: dict[str, dict[str, An
     stages = [rows[s] for s in STAGES if s in rows]
     result: dict[str, Any] = {
         **common, "child_params": child_params(RunDir(cfg.run_dir)),
-        "config": _json(Path(cfg.run_dir) / "config.json"),
+        "config": _json(RunDir(cfg.run_dir).config),
         "stages": stages, "stages_wall_s": round(sum(r.get("wall_s", 0.0) for r in stages), 2),
         "script_wall_s": round(time.perf_counter() - t_start, 2),
     }
