@@ -3,8 +3,10 @@ one-line refusals, and the per-GPU sizes against a real `shard_model`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -21,6 +23,7 @@ from puzzle.costs.table import cost_table_from_json
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.model.decoder import build_model
 from puzzle.model.presets import tiny_llama_config
+from puzzle.runtime import tensor_parallel as tp_parallel
 from puzzle.runtime.tensor_parallel import shard_model
 
 A, F = AttentionConfig, FFNConfig
@@ -75,6 +78,58 @@ def _timer_worker(rank: int, world: int, store: str) -> None:
 
 def test_tp_timer_samples_agree_over_the_ranks(tmp_path):
     mp.spawn(_timer_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def _live_float_bytes() -> int:
+    """Bytes of every floating-point tensor storage alive in this process, each storage once."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _memory_worker(rank: int, world: int, store: str) -> None:
+    """tp_timer on 2 ranks: while it shards, at most one full model (plus a slice) is alive on the rank; while
+    it times, the unsharded weights are gone; the timed shard gives the unsharded model's logits."""
+    os.environ.pop("TORCHELASTIC_RUN_ID", None)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        full_bytes = sum(p.numel() * p.element_size() for p in build_model(PARENT, seed=0).parameters())
+        built, peak, timed = [], [0], []
+        real_build, real_linear, real_time = tp_costs.build_model, tp_parallel._linear, tp_costs.time_engine
+
+        def build(*args, **kwargs):
+            model = real_build(*args, **kwargs)
+            built.append(weakref.ref(model.layers[0].attention.op.q_proj.weight))  # an unsharded weight
+            peak[0] = max(peak[0], _live_float_bytes() - base)
+            return model
+
+        def linear(*args, **kwargs):  # each slice the sharding makes: the moment two copies would coexist
+            peak[0] = max(peak[0], _live_float_bytes() - base)
+            return real_linear(*args, **kwargs)
+
+        def time(engine, *args, **kwargs):
+            assert all(ref() is None for ref in built), "an unsharded weight is alive during timing"
+            timed.append(engine.model)
+            return real_time(engine, *args, **kwargs)
+
+        tp_costs.build_model, tp_parallel._linear, tp_costs.time_engine = build, linear, time
+        base = _live_float_bytes()
+        tp_costs.tp_timer(rank, world)(PARENT, WL, 9, CPU, torch.device("cpu"), torch.Generator().manual_seed(0))
+        tp_costs.build_model, tp_parallel._linear, tp_costs.time_engine = real_build, real_linear, real_time
+        assert built and timed and 0.9 * full_bytes < peak[0] < 1.5 * full_bytes, (peak[0], full_bytes)
+        ids = torch.randint(0, PARENT.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        want = build_model(PARENT, seed=0).eval()(ids).logits  # [B, T, V]
+        with torch.no_grad():
+            torch.testing.assert_close(timed[0](ids).logits, want, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp_timer_holds_one_full_model_per_rank_and_times_a_correct_shard(tmp_path):
+    mp.spawn(_memory_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
 
 
 def _weights(section: dict, part: str, name: str) -> int:

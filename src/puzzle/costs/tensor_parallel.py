@@ -88,9 +88,9 @@ def tp_timer(rank: int, world: int) -> TimeModel:
               gen: torch.Generator) -> tuple[list[float], list[float]]:
         engine = None
         try:  # an out-of-memory model is out of memory on every rank, or the others would wait forever
-            full = build_model(config, device=device, dtype=torch_dtype(compute_dtype_name(cfg.dtype)), seed=0)
-            sharded = shard_model(full.eval(), rank, world)
-            del full
+            # sharded in place: each projection gives way to its slice, never two full models on a rank
+            model = build_model(config, device=device, dtype=torch_dtype(compute_dtype_name(cfg.dtype)), seed=0)
+            sharded = shard_model(model.eval(), rank, world, inplace=True)
             engine = tensor_parallel_engine(sharded, w.batch_size, max(w.prompt_len, ctx) + 1,
                                             graphs=tp_graph_mode(cfg.graphs, device), bucket=1)  # type: ignore[arg-type]
         except torch.cuda.OutOfMemoryError:

@@ -163,17 +163,19 @@ def check_tensor_parallel(config: ModelConfig, world: int, blocks: Sequence[Bloc
 
 
 @torch.no_grad()
-def shard_model(model: PuzzleModel, rank: int, world: int,
-                group: dist.ProcessGroup | None = None) -> PuzzleModel:
+def shard_model(model: PuzzleModel, rank: int, world: int, group: dist.ProcessGroup | None = None,
+                inplace: bool = False) -> PuzzleModel:
     """A copy of `model` holding rank `rank`'s tensor-parallel slice of every sub-block (rules: module doc).
 
     Every rank must call it with the same weights; the copy's `forward` all-reduces over `group` (default:
     the world group) and returns the full logits on every rank. `world == 1` returns an unsharded copy.
+    inplace: shard `model` itself and return it: each split projection is replaced by its slice as it goes,
+    so the rank never holds a second full copy (a 70B parent on 8 GPUs: one full model per rank at most).
     """
     check_tensor_parallel(model.config.with_blocks(model.block_configs), world)
     if not 0 <= rank < world:
         raise PuzzleError(f"tensor-parallel rank {rank} is outside 0..{world - 1}")
-    sharded = copy.deepcopy(model)
+    sharded = model if inplace else copy.deepcopy(model)
     if world == 1:
         return sharded
     for layer in sharded.layers:
