@@ -50,10 +50,10 @@ def test_tp2_costs_measured_over_gloo_have_the_tp1_keys(tmp_path):
             assert rec["prefill_s"] >= 0 and rec["decode_step_s"] >= 0 and not rec["oom"], (name, rec)
             if name != "no_op":
                 assert rec["stack"] == CPU.neighbours, (name, rec)
-    # A variant's time is a difference of two stacks' medians: on a busy CPU, gloo jitter can push one to its
-    # floor (0), so positivity is checked on the sums and on the whole parent, timed without a difference.
+    # A variant's time is a difference of two stacks' medians: on a busy CPU, gloo jitter can push every one of
+    # this tiny model's to its floor (0; seen about once in ten full-suite runs), so positivity is checked on
+    # what is timed without a difference: the fixed part and the whole parent.
     for phase in ("prefill_s", "decode_step_s"):
-        assert sum(two[part][name][phase] for part in ("attention", "ffn") for name in two[part]) > 0
         assert two["fixed"][phase] > 0 and two["calibration"]["parent_measured"][phase] > 0
     assert two["calibration"]["method"] == "scale"
     section = two["tensor_parallel"]
