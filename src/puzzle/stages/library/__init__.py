@@ -163,10 +163,10 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
                 write_entry(library_dir, entry, tensors)
                 trained_tokens += int(entry.metrics.get("tokens") or 0)
             failed += result.failed
-        # What each GPU did and held (rank 0 records it in library.json): the work split and peak memory per rank.
+        # What each GPU did and held (rank 0 records it in library.json), and what failed there: one collective.
         ranks = rank_resources(info, time.perf_counter() - started, items=len(mine), waves=len(groups),
-                               trained_tokens=trained_tokens)
-        failed = sorted(f for rank_failed in all_gather_objects(failed) for f in rank_failed)
+                               trained_tokens=trained_tokens, failed=failed)
+        failed = sorted(f for r in ranks for f in r.pop("failed"))  # type: ignore[attr-defined]
         barrier()
         if failed:
             raise PuzzleError(
