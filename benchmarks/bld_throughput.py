@@ -59,22 +59,25 @@ def measure(model: ModelConfig, layers: list[int], round_to: int, seq_len: int, 
         out = Path(all_gather_objects(tmp)[0]) / "library"
         if dev.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         build_library(out, load, train, valid, cfg)
         wall = time.perf_counter() - start
         index = json.loads((out / "library.json").read_text()) if (out / "library.json").exists() else {}
         entries = index.get("entries", [])
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
         barrier()  # keep rank 0's directory until everyone is done
     trained = sum(1 for e in entries if e["metrics"]["tokens"] > 0)
     return {"mode": "one_at_a_time" if one_at_a_time else "fused", "layers": layers, "entries": len(entries),
             "trained_variants": trained, "steps": steps, "batch": batch, "seq_len": seq_len,
             "wall_s": round(wall, 3), "parent_tokens_per_s": round(steps * batch * seq_len / wall, 1),
             "variant_tokens_per_s": round(trained * steps * batch * seq_len / wall, 1),
-            "peak_gib_rank0": peak, "ranks": index.get("ranks"),
-            "val_nmse_after": {f"{e['layer']}/{e['kind']}/{json.dumps(e['attention'])}/{json.dumps(e['ffn'])}":
-                               e["metrics"]["val_nmse_after"] for e in entries}}
+            "peak_gib_rank0": (index.get("ranks") or [{}])[0].get("peak_memory_gib"), "ranks": index.get("ranks"),
+            "val_nmse_after": val_nmse_by_entry(entries)}
+
+
+def val_nmse_by_entry(entries: list[dict]) -> dict[str, float]:
+    """library.json entries -> {layer/kind/attention/ffn: validation nMSE after BLD}, comparable across runs."""
+    return {f"{e['layer']}/{e['kind']}/{json.dumps(e['attention'])}/{json.dumps(e['ffn'])}": e["metrics"]["val_nmse_after"]
+            for e in entries}
 
 
 def compare_entries(mine: dict[str, float], reference: dict[str, float]) -> dict:

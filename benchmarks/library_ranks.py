@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import metadata
+from bld_throughput import compare_entries, val_nmse_by_entry
 
 from puzzle.core.artifacts import write_json
 
@@ -56,10 +57,9 @@ def run_timed(command: list[str], env: dict[str, str], log: Path) -> tuple[int, 
     return rc, time.perf_counter() - start
 
 
-def entries(library: Path) -> dict[str, dict[str, Any]]:
-    index = json.loads((library / "library.json").read_text())
-    return {f"{e['layer']}/{e['kind']}/{json.dumps(e['attention'])}/{json.dumps(e['ffn'])}": e["metrics"]
-            for e in index["entries"]}
+def entries(library: Path) -> dict[str, float]:
+    """The finished library's validation nMSE after BLD per entry (bld_throughput's keys)."""
+    return val_nmse_by_entry(json.loads((library / "library.json").read_text())["entries"])
 
 
 def snapshot(library: Path) -> dict[str, str]:
@@ -87,15 +87,6 @@ def summary(run: Path, wall: float) -> dict[str, Any]:
     stage = max((r["wall_s"] for r in index.get("ranks") or []), default=None)  # in-stage: no start-up, no loading
     return {"wall_s": round(wall, 2), "stage_wall_s": stage, "entries": len(index["entries"]), "trained_tokens": tokens,
             "trained_tokens_per_s": round(tokens / wall, 1), "ranks": index.get("ranks")}
-
-
-def compare(one: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    same = sorted(set(one) & set(other))
-    diffs = [abs(one[k]["val_nmse_after"] - other[k]["val_nmse_after"]) for k in same]
-    rel = [d / max(abs(one[k]["val_nmse_after"]), 1e-12) for d, k in zip(diffs, same, strict=True)]
-    return {"same_entries": set(one) == set(other), "compared": len(same),
-            "val_nmse_after_max_abs_diff": max(diffs, default=None), "val_nmse_after_max_rel_diff": max(rel, default=None),
-            "val_nmse_after_mean_one": sum(one[k]["val_nmse_after"] for k in same) / max(len(same), 1)}
 
 
 def kill_and_restart(base: Path, work: Path, ranks: int, overrides: list[str], env: dict[str, str],
@@ -149,7 +140,7 @@ def main() -> int:
     out: dict[str, Any] = {"meta": metadata(), "benchmark": "library_ranks", "base": str(args.base),
                            "ranks": args.ranks}
     walls: dict[int, float] = {}
-    found: dict[int, dict[str, dict[str, Any]]] = {}
+    found: dict[int, dict[str, float]] = {}
     for n in (1, args.ranks):
         run = fresh_copy(args.base, work / f"ranks{n}")
         rc, wall = run_timed(library_command(run, n, args.overrides), env, logs / f"ranks{n}.log")
@@ -167,7 +158,8 @@ def main() -> int:
     stage = [out[f"ranks_{k}"]["stage_wall_s"] for k in (1, n)]
     out["stage_speedup"] = round(stage[0] / stage[1], 3) if all(stage) else None
     out["per_gpu_tokens_per_s"] = {str(k): round(out[f"ranks_{k}"]["trained_tokens_per_s"] / k, 1) for k in (1, n)}
-    out["vs_one_gpu"] = compare(found[1], found[n])
+    out["vs_one_gpu"] = {**compare_entries(found[n], found[1]),
+                         "val_nmse_after_mean_one": sum(found[1].values()) / max(len(found[1]), 1)}
     print(f"speed-up {speedup:.2f}x on {n} GPUs; entries vs one GPU: {out['vs_one_gpu']}", flush=True)
     write_json(args.out, out)
     if not args.skip_kill:
