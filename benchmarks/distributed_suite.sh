@@ -23,13 +23,7 @@ GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 log="$RES/distributed_suite.log"
 TRUN=(python3 -m torch.distributed.run --standalone --nproc-per-node "$N")  # arrays, not functions: `timeout`
 ONE=(env CUDA_VISIBLE_DEVICES=0 python3)                                    # runs programs only
-step() {  # step SECONDS NAME COMMAND...
-  local limit=$1 name=$2; shift 2
-  local start; start=$(date +%s)
-  echo "== $name" | tee -a "$log"
-  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -E 'it/s\]$|^\s*$' | tail -60 >> "$log"
-  echo "== $name: rc=${PIPESTATUS[0]} wall_s=$(( $(date +%s) - start ))" | tee -a "$log"
-}
+source "$(dirname "$0")/_suite_step.sh"  # step SECONDS NAME COMMAND...
 gkd_modes() {  # gkd_modes NAME PARENT MICRO ARGS...: one GPU (and its noise floor), then DDP and FSDP2 on N
   local name=$1 parent=$2 micro=$3; shift 3
   set -- --micro "$micro" "$@"

@@ -14,13 +14,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -e ../shared ] || ln -sfn "$PWD/.carry/shared" ../shared
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 PUZZLE_GIT_STATE_FILE=$PWD/.carry/git_state.json
 log="$OUT/runtime_suite.log"
-step() {  # step SECONDS NAME COMMAND...
-  local limit=$1 name=$2; shift 2
-  local start; start=$(date +%s)
-  echo "== $name" | tee -a "$log"
-  timeout "$limit" "$@" 2>&1 | grep -v -E 'it/s\]$' | tail -40 >> "$log"
-  echo "== $name: rc=${PIPESTATUS[0]} wall_s=$(( $(date +%s) - start ))" | tee -a "$log"
-}
+STEP_TAIL=40
+source "$(dirname "$0")/_suite_step.sh"  # step SECONDS NAME COMMAND...
 run_step() {
   case $1 in
     gpu-tests) step 150 gpu-tests python3 -m pytest -q -m gpu ;;
