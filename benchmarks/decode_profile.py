@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,26 +94,25 @@ def release(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def engine_at_context(model: torch.nn.Module, batch: int, context: int, kwargs: dict[str, Any]) -> Engine:
-    """An engine whose next decode step reads `context` cache slots, without a prefill of batch x context tokens
-    (whose activations would not fit at 256 x 2k): a 16-token prefill, then every slot marked valid, as the
-    costs stage times a workload's mean context (`Engine.decode_at`). The cache values do not change the time."""
+def engine_at_context(model: torch.nn.Module, batch: int, context: int,
+                      kwargs: dict[str, Any]) -> tuple[Engine, Callable[[], None]]:
+    """An engine whose decode steps read `context` cache slots, and its repeatable step, without a prefill of
+    batch x context tokens (whose activations would not fit at 256 x 2k): a 16-token prefill, then
+    `Engine.decode_at`, as the costs stage times a workload's mean context. The cache values do not change the
+    time."""
     dev = model.embed_tokens.weight.device
     engine = Engine(model, batch, context + 8, **kwargs)
     engine.prefill(torch.randint(0, model.config.vocab_size, (batch, 16), device=dev))
-    engine.valid.fill_(True)
-    engine.cache.start.zero_()
-    engine.length = context - 1
-    return engine
+    step = engine.decode_at(context, torch.zeros(batch, dtype=torch.long, device=dev))
+    engine.length = context - 1  # where each step() starts: for a caller that runs the step body itself
+    return engine, step
 
 
 @torch.inference_mode()
 def inter_token_at_context_s(model: torch.nn.Module, batch: int, context: int, kwargs: dict[str, Any],
                              steps: int = 20, repeats: int = 3) -> float:
     """Best-of-`repeats` mean wall time of a decode step (graph replay) reading `context` cached tokens."""
-    engine = engine_at_context(model, batch, context, kwargs)
-    tok = torch.zeros(batch, dtype=torch.long, device=engine.device)
-    step = engine.decode_at(context, tok)
+    engine, step = engine_at_context(model, batch, context, kwargs)
     for _ in range(3):
         step()
     best = float("inf")
@@ -134,7 +134,7 @@ def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], batch: int = 
     from torch.profiler import ProfilerActivity, profile
 
     dev = model.embed_tokens.weight.device
-    engine = engine_at_context(model, batch, context, kwargs)
+    engine, _ = engine_at_context(model, batch, context, kwargs)
     n = engine.attend_len(engine.length)
     engine.slot.fill_(engine.length)
     engine.cache.set_slots(engine.slot, attend_len=n)
