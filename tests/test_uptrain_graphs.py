@@ -214,13 +214,19 @@ def _graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(GraphedStep, "_warm_step", _eager_warm)
 
 
-def test_training_through_the_graph_runner_logs_and_resumes_like_eager(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def _eager_baseline(tmp_path: Path) -> tuple:
+    """(parent, child to train, train, valid, the eager run's result): what each graph-runner test compares with."""
     parent = tiny_parent()
     base_child = damaged_child(parent)
     train, valid = token_arrays()
     eager = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(cuda_graphs="off"), tmp_path / "e",
                       CPU1)
+    return parent, base_child, train, valid, eager
+
+
+def test_training_through_the_graph_runner_logs_and_resumes_like_eager(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    parent, base_child, train, valid, eager = _eager_baseline(tmp_path)
     _graphs_on_cpu(monkeypatch)
     monkeypatch.setattr(GraphedStep, "_capture", _fake_capture)
     graphed = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(), tmp_path / "g", CPU1)
@@ -237,11 +243,7 @@ def test_training_through_the_graph_runner_logs_and_resumes_like_eager(tmp_path:
 
 
 def test_a_failed_capture_trains_on_eagerly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    parent = tiny_parent()
-    base_child = damaged_child(parent)
-    train, valid = token_arrays()
-    eager = train_gkd(copy.deepcopy(base_child), parent, train, valid, cfg_of(cuda_graphs="off"), tmp_path / "e",
-                      CPU1)
+    parent, base_child, train, valid, eager = _eager_baseline(tmp_path)
     _graphs_on_cpu(monkeypatch)
 
     def refuse(self: GraphedStep) -> None:
