@@ -118,7 +118,7 @@ _ROPE_STEMS = (".attn_q", ".attn_k")  # rows llama.cpp's RoPE reads interleaved
 
 
 def gguf_name(key: str) -> str | None:
-    """Our state-dict key -> its GGUF tensor name, e.g. layers.3.ffn.op.up_proj.weight -> blk.3.ffn_up.weight;
+    """A puzzle state-dict key -> its GGUF tensor name, e.g. layers.3.ffn.op.up_proj.weight -> blk.3.ffn_up.weight;
     None where llama.cpp has no place for the weight."""
     stem, _, suffix = key.rpartition(".")
     if stem in _TOP_NAMES:
