@@ -267,3 +267,42 @@ def test_kv_init_has_no_default_below_the_config() -> None:
     for fn in (init_attention, calibrate, build_candidate):
         assert inspect.signature(fn).parameters["kv_init"].default is inspect.Parameter.empty, fn.__name__
     assert LibraryConfig().kv_init == "pca"
+
+
+def test_provider_reads_each_sub_block_once_per_layer(decoupled: Library, parent: torch.nn.Module,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring asks for every attention x FFN pair of a layer: each sub-block file is read once per layer, the
+    pairs share the module, and the next layer reads its own."""
+    from puzzle.stages.library import store
+    from puzzle.stages.library.provider import library_provider
+
+    reads: list[str] = []
+    real = store.load_tensors
+    monkeypatch.setattr(store, "load_tensors", lambda path: reads.append(Path(path).name) or real(path))
+    provide = library_provider(decoupled, parent)
+    pairs = decoupled.candidates(0)
+    got = {block.name: provide(0, block) for block in pairs}
+    files = {e.file for e in decoupled.entries_for(0) if e.file is not None}
+    assert sorted(reads) == sorted(Path(f).name for f in files)  # every weight file of layer 0, once
+    by_ffn: dict[str, set[int]] = {}
+    for block in pairs:
+        if got[block.name][1] is not None:
+            by_ffn.setdefault(block.ffn.name, set()).add(id(got[block.name][1]))
+    assert by_ffn and all(len(ids) == 1 for ids in by_ffn.values())
+    reads.clear()
+    provide(1, BlockConfig(AttentionConfig.gqa(1), FFNConfig.swiglu(48)))
+    assert len(reads) == 2  # a new layer reads its own files
+
+
+def test_loaded_sub_blocks_hold_the_stored_tensors_not_a_random_init(decoupled: Library) -> None:
+    ffn = decoupled.ffn_block(0, FFNConfig.swiglu(48), CONFIG)
+    stored = store_tensors(decoupled, 0, "ffn", "swiglu48")
+    for name, param in ffn.state_dict().items():
+        assert param.device.type == "cpu" and torch.equal(param, stored[name]), name
+
+
+def store_tensors(library: Library, layer: int, kind: str, variant: str) -> dict[str, torch.Tensor]:
+    from puzzle.core.artifacts import load_tensors
+
+    entry = next(e for e in library.entries_for(layer) if e.kind == kind and e.variant == variant)
+    return load_tensors(library.dir / entry.file)

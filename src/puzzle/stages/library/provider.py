@@ -14,8 +14,20 @@ BlockProvider = Callable[[int, BlockConfig], tuple[AttentionBlock | None, FFNBlo
 
 def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
     """Candidate sub-blocks from the library (`Library.block`, either mode). Where the library holds no entry
-    for a sub-block that equals the parent's own variant, the parent's sub-block is used: it *is* that block."""
+    for a sub-block that equals the parent's own variant, the parent's sub-block is used: it *is* that block.
+
+    Within one layer each sub-block is read once and the same module is given to every candidate that holds
+    it (scoring asks for every attention x FFN pair of a layer: reading each FFN once per attention variant
+    made an 8B-shape layer take 16 s). Moving one of them to a device moves it for all of them."""
     config = parent.config
+    memo: dict[tuple[int, str, str], Any] = {}  # (layer, kind, variant) -> sub-block, for the current layer only
+
+    def sub(layer: int, kind: str, name: str, read: Callable[[], Any]) -> Any:
+        if any(key[0] != layer for key in memo):
+            memo.clear()
+        if (layer, kind, name) not in memo:
+            memo[(layer, kind, name)] = read()
+        return memo[(layer, kind, name)]
 
     def provide(layer: int, block: BlockConfig) -> tuple[AttentionBlock | None, FFNBlock | None]:
         own = config.blocks[layer]
@@ -23,9 +35,11 @@ def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
         if ("block", block.name) in have:  # a coupled pair
             return library.block(layer, block, config)
         att = parent.layers[layer].attention if block.attention == own.attention and \
-            ("attention", block.attention.name) not in have else library.attention_block(layer, block.attention, config)
+            ("attention", block.attention.name) not in have else \
+            sub(layer, "attention", block.attention.name,
+                lambda: library.attention_block(layer, block.attention, config))
         ffn = parent.layers[layer].ffn if block.ffn == own.ffn and ("ffn", block.ffn.name) not in have \
-            else library.ffn_block(layer, block.ffn, config)
+            else sub(layer, "ffn", block.ffn.name, lambda: library.ffn_block(layer, block.ffn, config))
         return att, ffn
 
     return provide

@@ -12,6 +12,7 @@ sidecar exists is complete.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,8 +196,8 @@ class Library:
             tensors = _strip(self._tensors(self._block_entry(layer, attention, pair_ffn)), "attention.")
         if not tensors:
             self.entry(layer, "attention", attention.name)  # raises the helpful error
-        module = build_attention_block(model_config, attention)
-        return _load(module, tensors, f"layer {layer} attention {attention.name}")
+        return _load(lambda: build_attention_block(model_config, attention), tensors,
+                     f"layer {layer} attention {attention.name}")
 
     def ffn_block(self, layer: int, ffn: FFNConfig, model_config: ModelConfig,
                   pair_attention: AttentionConfig | None = None) -> FFNBlock | None:
@@ -209,8 +210,7 @@ class Library:
             tensors = _strip(self._tensors(self._block_entry(layer, pair_attention, ffn)), "ffn.")
         if not tensors:
             self.entry(layer, "ffn", ffn.name)
-        module = build_ffn_block(model_config, ffn)
-        return _load(module, tensors, f"layer {layer} ffn {ffn.name}")
+        return _load(lambda: build_ffn_block(model_config, ffn), tensors, f"layer {layer} ffn {ffn.name}")
 
     def block(self, layer: int, block: BlockConfig, model_config: ModelConfig
               ) -> tuple[AttentionBlock | None, FFNBlock | None]:
@@ -222,10 +222,12 @@ class Library:
                 self.ffn_block(layer, block.ffn, model_config))
 
 
-def _load(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    dtype = next(iter(tensors.values())).dtype
-    module = module.to(dtype)
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+def _load(build: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """The module built on the meta device and given the stored tensors as its parameters: no random init and
+    no second copy (initialising an 8B-shape FFN on the CPU takes seconds, and scoring loads hundreds)."""
+    with torch.device("meta"):
+        module = build()
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     if missing or unexpected:
         raise PuzzleError(
             f"library weights for {what} do not fit the model (missing {missing}, unexpected {unexpected}); "
