@@ -27,6 +27,7 @@ import contextlib
 import gc
 import json
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -298,12 +299,27 @@ def main() -> int:
               "gpu_total_gib": round(torch.cuda.get_device_properties(0).total_memory / GIB, 1)
               if device.type == "cuda" else None, "parent": parent, "tokenizer_s": round(tokenizer_s, 2)}
     failed = False
+    signal.signal(signal.SIGTERM, _stopped)  # `timeout` sends SIGTERM: record the time spent, then stop
     for stage in select_stages(args.start, args.until):
+        earlier = rows.get(stage, {}).get("interrupted_after_s", 0.0)  # a previous call's part of this stage
+        t0 = time.perf_counter()
         try:
             rows[stage] = measure_stage(cfg, stage)
         except (PuzzleError, RuntimeError) as e:  # an OOM included: keep what was measured, say where it broke
             rows[stage] = {"stage": stage, "error": f"{type(e).__name__}: {e}"[:2000], **peaks()}
             failed = True
+        except Stopped:  # the stage resumes where it stopped in the next call; its time so far is kept
+            rows[stage] = {"stage": stage, "interrupted_after_s": round(earlier + time.perf_counter() - t0, 2)}
+            write_result(args.out, common, rows, cfg, t_start)
+            print(f"stopped during {stage}; rerun with --from {stage} to finish it", file=sys.stderr)
+            return 1
+        if earlier:  # a stage split over calls: its wall time is both parts, each recorded
+            rows[stage]["calls_wall_s"] = [earlier, rows[stage]["wall_s"]]
+            rows[stage]["wall_s"] = round(earlier + rows[stage]["wall_s"], 2)
+            if rows[stage].get("tokens"):
+                rows[stage]["tokens_per_s"] = round(rows[stage]["tokens"] / rows[stage]["wall_s"], 1)
+            if rows[stage].get("param_tokens"):
+                rows[stage]["param_tokens_per_s"] = rows[stage]["param_tokens"] / rows[stage]["wall_s"]
         print(json.dumps(rows[stage]), file=sys.stderr, flush=True)
         # Written after every stage: a run stopped by a time limit keeps the stages it finished.
         result = write_result(args.out, common, rows, cfg, t_start)
@@ -313,6 +329,14 @@ def main() -> int:
             free_disk(stage, run, parent_src)
     print(stage_table(result))
     return 1 if failed else 0
+
+
+class Stopped(BaseException):  # not Exception: no broad handler inside a stage may swallow it
+    """SIGTERM arrived (a time limit): the current stage is cut short."""
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    raise Stopped
 
 
 def write_result(out: Path, common: dict[str, Any], rows: dict[str, dict[str, Any]], cfg: Any,

@@ -82,3 +82,64 @@ def test_a_failing_stage_is_recorded_and_the_measured_ones_kept(tmp_path: Path,
     assert [r["stage"] for r in rows] == ["import", "data", "library", "score"]
     assert "out of memory" in rows[-1]["error"] and "wall_s" not in rows[-1]
     assert json.loads(out.read_text())["projection_70b_8gpu"]["stages"][-1]["error"]
+
+
+def test_a_stage_stopped_by_a_time_limit_adds_both_calls_times(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`timeout` stops a call mid-stage (SIGTERM); the next call's --from finishes the stage, whose wall time is
+    the two parts together, not only the second (which would hide the first call's work)."""
+    import signal
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import pipeline_8b
+
+    real = pipeline_8b.run_pipeline
+    stop_once = {"library"}
+
+    def run(cfg: object, start: str | None = None, until: str | None = None) -> object:
+        if start in stop_once:
+            stop_once.clear()
+            time.sleep(0.3)
+            signal.raise_signal(signal.SIGTERM)
+        return real(cfg, start=start, until=until, log=lambda msg: None)
+
+    monkeypatch.setattr(pipeline_8b, "run_pipeline", run)
+    write_corpus(tmp_path / "corpus")
+    out = tmp_path / "r.json"
+    argv = ["pipeline_8b.py", "--shape", "tiny", "--data", str(tmp_path / "corpus"), "--work", str(tmp_path / "work"),
+            "--out", str(out), "--uptrain-steps", "2", "--until", "score"]
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(sys, "argv", argv)
+        assert pipeline_8b.main() == 1
+        stopped = {r["stage"]: r for r in json.loads(out.read_text())["stages"]}["library"]
+        assert stopped["interrupted_after_s"] >= 0.3 and "wall_s" not in stopped
+        table = pipeline_8b.stage_table(json.loads(out.read_text()))
+        assert "stopped after" in table
+        monkeypatch.setattr(sys, "argv", [*argv, "--from", "library"])
+        assert pipeline_8b.main() == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    library = {r["stage"]: r for r in json.loads(out.read_text())["stages"]}["library"]
+    first, second = library["calls_wall_s"]
+    assert first == stopped["interrupted_after_s"] and library["wall_s"] == round(first + second, 2)
+    assert library["tokens_per_s"] == round(library["tokens"] / library["wall_s"], 1)
+
+
+def test_projection_efficiencies_come_from_the_measured_files(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _pipeline_projection as proj
+
+    e, source = proj.fsdp_efficiency(tmp_path)  # nothing measured: the stated assumption
+    assert e == proj.FSDP_EFFICIENCY and "assumed" in source
+    d = tmp_path / proj.DISTRIBUTED
+    d.mkdir()
+    (d / "gkd_8b_1gpu.json").write_text(json.dumps({"tokens_per_s": 1000.0}))
+    (d / "gkd_8b_fsdp2.json").write_text(json.dumps({"tokens_per_s": 1500.0}))
+    assert proj.fsdp_efficiency(tmp_path)[0] == 0.75
+    for n, wall in ((1, 20.0), (2, 12.5)):
+        (d / f"bld_8b_{n}gpu.json").write_text(json.dumps({"results": [{"model": "llama8b",
+                                                                         "fused": {"wall_s": wall}}]}))
+    e_bld, source = proj.bld_efficiency(tmp_path)
+    assert e_bld == 0.8 and "bld_8b_2gpu.json" in source
