@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--neighbours", type=int, default=4, help="layers of a neighbourhood stack")
     ap.add_argument("--stack-bytes", type=int, default=256 << 20)
+    ap.add_argument("--rescore", type=Path, help="a result of this script whose run stopped before the end: its "
+                    "predictions for the models it did time (every stack is timed before the models)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -234,10 +236,17 @@ def main() -> None:
     out: dict[str, Any] = {"meta": metadata(), "benchmark": "cost_additivity", "workload": w.to_dict(),
                            "decode_context": ctx, "device": torch.cuda.get_device_name() if device.type == "cuda"
                            else "cpu", "plan": plan, "timed": {}}
-    for name, cfg in configs.items():
-        out["timed"][name] = measure(name, cfg, w, ctx, device, dtype, args.repeats, args.inner, name in models)
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    out["per_variant_s"] = per_variant(out["timed"], plan)
+    if args.rescore:
+        out = json.loads(args.rescore.read_text())
+        if any(name not in out["timed"] for name in ("base", "fixed", "parent", *(f"nbr:{k}" for k in plan["neighbourhood"]))):
+            sys.exit(f"{args.rescore} lacks the stacks or the parent; nothing to predict from")
+        models = {name: cfg for name, cfg in models.items() if name in out["timed"]}
+        out["rescored"] = {"meta": metadata(), "models": list(models), "from": str(args.rescore)}
+    else:
+        for name, cfg in configs.items():
+            out["timed"][name] = measure(name, cfg, w, ctx, device, dtype, args.repeats, args.inner, name in models)
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    out["per_variant_s"] = per_variant(out["timed"], out["plan"])
     out["predictions"] = predictions(out["per_variant_s"], out["timed"], models)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for method, p in out["predictions"].items():

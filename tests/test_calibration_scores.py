@@ -47,3 +47,32 @@ def test_the_script_reads_every_committed_result(tmp_path, capsys):
     assert {"cost_model_ref_s.json", "runtime_throughput.json"} <= set(scores["cost_model"])
     assert "cost_additivity_b1.json:neighbourhood" in scores["cost_additivity"]
     assert "fitted on, not evidence" in capsys.readouterr().out
+
+
+def test_cost_additivity_rescores_a_run_stopped_before_its_last_models(tmp_path, monkeypatch):
+    """A run cut short after the stacks and some models: --rescore predicts those models exactly as the whole run
+    would have (each model's prediction depends on the stacks and the parent only)."""
+    import cost_additivity
+
+    def fake_measure(name, config, w, ctx, device, dtype, repeats, inner, loop=False):  # bytes stand in for time
+        return {"step_s": 1e-3 + config.param_count() * 1e-9 + 1e-6 * len(name), "rel_spread": 0.0}
+
+    monkeypatch.setattr(cost_additivity, "measure", fake_measure)
+    full, cut, rescored = tmp_path / "full.json", tmp_path / "cut.json", tmp_path / "rescored.json"
+    monkeypatch.setattr(sys, "argv", ["cost_additivity.py", "--tiny", "--out", str(full)])
+    cost_additivity.main()
+    whole = json.loads(full.read_text())
+    partial = {**whole, "timed": {k: v for k, v in whole["timed"].items() if k not in ("child4", "child5", "child6")}}
+    del partial["predictions"], partial["per_variant_s"]
+    cut.write_text(json.dumps(partial))
+    monkeypatch.setattr(sys, "argv", ["cost_additivity.py", "--tiny", "--rescore", str(cut), "--out", str(rescored)])
+    cost_additivity.main()
+    again = json.loads(rescored.read_text())
+    assert again["rescored"]["models"] == ["parent", "child1", "child2", "child3"]
+    for method, result in again["predictions"].items():
+        for name, row in result["models"].items():
+            assert row == pytest.approx(whole["predictions"][method]["models"][name]), (method, name)
+    del partial["timed"]["parent"]
+    cut.write_text(json.dumps(partial))
+    with pytest.raises(SystemExit, match="lacks the stacks or the parent"):
+        cost_additivity.main()
