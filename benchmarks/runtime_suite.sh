@@ -6,8 +6,9 @@
 #   python benchmarks/_meta.py > .carry/git_state.json      # here, before the calls (provenance of the copy)
 #   bash benchmarks/runtime_suite.sh gpu-tests decode-attention gkd-step-rate
 #   bash benchmarks/runtime_suite.sh fp8-costs decode-profile
-# Issue 18's remaining measurements (about 10 and 10 minutes):
+# Issue 18's remaining measurements (about 10, 6 and 10 minutes):
 #   bash benchmarks/runtime_suite.sh decode-context decode-sweep fp8-costs-compiled
+#   bash benchmarks/runtime_suite.sh prefill additivity-256
 #   bash benchmarks/runtime_suite.sh additivity
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,12 +32,16 @@ run_step() {
                     --out "$OUT/decode_attention_sweep.json" ;;
     fp8-costs-compiled) step 300 fp8-costs-compiled python3 benchmarks/fp8_costs.py --graphs auto \
                           --out "$OUT/fp8_costs_compiled.json" ;;
+    prefill) step 200 prefill python3 benchmarks/prefill_peak.py --out "$OUT/prefill_peak.json" ;;
+    additivity-256) step 300 additivity-b256 python3 benchmarks/cost_additivity.py --batch 256 \
+                      --out "$OUT/cost_additivity_b256.json" ;;
     additivity) for b in 1 64 256; do
                   step 200 "additivity-b$b" python3 benchmarks/cost_additivity.py --batch $b --out "$OUT/cost_additivity_b$b.json"
                 done ;;
   esac
 }
-ALL="gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile decode-context decode-sweep fp8-costs-compiled additivity"
+ALL="gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile decode-context decode-sweep"
+ALL="$ALL fp8-costs-compiled prefill additivity-256 additivity"
 steps=${*:-gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile}
 for one in $steps; do  # every name is checked before anything runs
   case " $ALL " in *" $one "*) ;;
