@@ -65,6 +65,17 @@ def qkv_write(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | Non
     return h, q
 
 
+def qkv_rope_write(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | None, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, fresh: bool = False
+                   ) -> tuple[torch.Tensor, ...]:
+    """`qkv_write` that also returns the new k, v [B, Nkv, T, D]: a fresh causal prefill attends over them
+    (`attend_new`) rather than over the cache, which may be FP8. Returns (h, q, k, v)."""
+    h, q, k, v = qkv_rope(block, h, update, cos, sin)
+    store(k_cache, v_cache, slots, k, v, k_scale, v_scale, fresh)
+    return h, q, k, v
+
+
 def rope_write(op: GQAAttention, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, slots: torch.Tensor, k_scale: torch.Tensor | None = None,
                v_scale: torch.Tensor | None = None, fresh: bool = False) -> torch.Tensor:

@@ -14,6 +14,8 @@ One layer loop (`run_layers`) runs every forward pass; what it calls per sub-blo
   torch.compile region that fuses its small kernels, then manual capture), "manual" (eager kernels, manual
   capture), "none" (eager; always on CPU). See `resolve_graph_mode` for the measured numbers. A whole-step
   torch.compile ("reduce-overhead") lives with the benchmarks (benchmarks/_graph_modes.py).
+- The prefill runs the plain kernels (prefill="eager", the default) or the same compiled regions as the "fused"
+  decode step at its T tokens (prefill="compiled": the elementwise kernels between the GEMMs fuse).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ GRAPH_MODES: tuple[str, ...] = ("auto", "fused", "manual", "none")  # what confi
 # Prefills of at most this many tokens (batch x prompt) are captured in CUDA graphs: below it the eager
 # prefill is bound by kernel launches; above it by the GPU, and a graph would only hold on to more memory.
 PREFILL_GRAPH_TOKENS = 4096
+PrefillMode = Literal["eager", "compiled"]
+PREFILL_MODES: tuple[str, ...] = ("eager", "compiled")
 
 
 def run_layers(model: PuzzleModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -77,14 +81,20 @@ class Engine:
 
     def __init__(self, model: PuzzleModel, batch_size: int, max_seq_len: int, graphs: GraphMode = "auto",
                  bucket: int = 256, fuse: bool | None = None, kv_dtype: torch.dtype | None = None,
-                 decode_attention: DecodeAttention = "auto") -> None:
+                 decode_attention: DecodeAttention = "auto", prefill: PrefillMode = "eager") -> None:
         """fuse: run q/k/v and gate/up as single GEMVs (`puzzle.runtime.fusion`); None = on CUDA only.
         kv_dtype: how the KV cache stores keys and values (None: the model's dtype; torch.float8_e4m3fn: FP8,
         `puzzle.runtime.kv_cache`). FP8 linears come with the model (`puzzle.runtime.fp8.quantize_fp8`).
         decode_attention: "triton" (the flash-decoding kernel, `puzzle.runtime.decode_attention`: reads only the
         filled slots; one CUDA graph for every step), "sdpa" (SDPA over the bucketed prefix under a mask) or
         "auto" (triton on CUDA for an FP8 cache or from batch 128 up, sdpa otherwise: `decode_attention.resolve`).
-        Prefill: SDPA."""
+        Prefill attention: SDPA. prefill: "eager" (the plain kernels) or "compiled": every sub-block's region
+        (pending residual add + norm + projection + RoPE + cache write; SwiGLU's silu(gate) * up; o_proj; the
+        head) is one inductor-compiled graph, as in the "fused" decode step, so the elementwise kernels between
+        the GEMMs fuse. The regions compile with dynamic=False: once per distinct (batch, prompt length) and
+        sub-block variant, which suits serving one workload; every new prompt length compiles anew."""
+        if prefill not in PREFILL_MODES:
+            raise PuzzleError(f"unknown prefill mode {prefill!r}; use {', '.join(PREFILL_MODES)}")
         config = model.config
         if max_seq_len > config.max_position_embeddings:
             raise PuzzleError(
@@ -96,6 +106,9 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.graph_mode = resolve_graph_mode(graphs, self.device)
+        self.prefill_mode = prefill
+        # the prefill's sub-blocks: GEMMs (no GEMVs), SDPA over the new keys or the masked prefix
+        self._prefill_regions = FusedRegions() if prefill == "compiled" else EAGER
         fuse_projections(model, self.device.type == "cuda" if fuse is None else fuse)
         self.cache = StaticKVCache(config, batch_size, max_seq_len, self.device, self.dtype, kv_dtype)
         self.decode_kernel = resolve_decode_attention(decode_attention, self.device, self.cache.quantized,
@@ -167,15 +180,16 @@ class Engine:
             mask = (mask | torch.eye(p, dtype=torch.bool, device=dev)[None])[:, None]  # [B, 1, P, P]
         h = self.model.embed(input_ids)
         cos, sin = self.model.rope(positions, h.dtype)
-        h, update = run_layers(self.model, h, cos, sin, mask, self.cache, EAGER)
-        EAGER.head(self.model, h, update, self.logits)
+        h, update = run_layers(self.model, h, cos, sin, mask, self.cache, self._prefill_regions)
+        self._prefill_regions.head(self.model, h, update, self.logits)
 
     def _prefill_replay(self, input_ids: torch.Tensor, padded: bool) -> None:
         key = (input_ids.shape[1], padded)
         if key not in self._prefill_graphs:
             ids = torch.zeros_like(input_ids, device=self.device)  # the graph's static input [B, P]
             ids.copy_(input_ids)
-            self._prefill_graphs[key] = (self._capture(lambda: self._prefill_body(ids, padded), warmup=1), ids)
+            warmup = 2 if self._prefill_regions.compiled else 1  # as the decode step: compile, then one clean run
+            self._prefill_graphs[key] = (self._capture(lambda: self._prefill_body(ids, padded), warmup), ids)
         graph, ids = self._prefill_graphs[key]
         ids.copy_(input_ids)
         graph.replay()

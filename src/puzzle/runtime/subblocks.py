@@ -59,8 +59,9 @@ def head_logits(model: PuzzleModel, h: torch.Tensor, update: torch.Tensor | None
 class FusedRegions:
     """The sub-blocks as compiled regions ("regional" compilation), and at batch 1 as GEMV kernels.
 
-    backend None: the same decomposition as plain functions, the runtime's eager kernels (prefill, and the
-    decode step in graph modes "manual" and "none").
+    backend None: the same decomposition as plain functions, the runtime's eager kernels (the default prefill,
+    and the decode step in graph modes "manual" and "none"). A compiled prefill (`Engine(prefill="compiled")`)
+    runs the same regions at its T tokens (SDPA and SwiGLU's down projection outside them).
 
     Each sub-block is compiled on its own, from the previous sub-block's pending residual add up to its
     cache write (GQA: then the attention over the cached prefix runs outside, and o_proj is one more
@@ -88,6 +89,7 @@ class FusedRegions:
         self.gemv = gemv
         self.decode_kernel = decode_kernel
         self._qkv_write = wrap(attention.qkv_write)
+        self._qkv_rope_write = wrap(attention.qkv_rope_write)  # fresh causal prefill: SDPA reads the new k/v
         self._rope_write = wrap(attention.rope_write)
         self._attention_out = wrap(attention.output)
         self._swiglu_in = wrap(swiglu_in)
@@ -111,9 +113,9 @@ class FusedRegions:
         with the decode kernel a one-token step ignores it (the kernel reads each row's valid slots itself).
         """
         if mask is None:
-            h, q, k, v = attention.qkv_rope(block, h, update, cos, sin)
-            cache.write(k, v)
-            return h, block.op.o_proj(attention.attend_new(q, k, v))
+            h, q, k, v = self._qkv_rope_write(block, h, update, cos, sin, cache.k, cache.v, cache.owner.slots,
+                                              cache.k_scale, cache.v_scale, cache.owner.fresh)
+            return h, self.attention_out(block, attention.attend_new(q, k, v))
         weight = getattr(block.op, "qkv_weight", None)
         if self.gemv and weight is not None:
             h, qkv = norm_gemv(h, weight, update, block.norm.weight, block.norm.eps)
