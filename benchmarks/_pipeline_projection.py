@@ -32,8 +32,8 @@ RANKS = 8
 FSDP_EFFICIENCY = 0.9  # assumed where the measurement below is missing
 H200_GIB = 139.8  # usable GPU memory of one H200
 SCALING = {"import": "params", "data": "fixed", "library": "params/ranks (BLD)", "score": "params",
-           "costs": "params", "search": "layers", "realize": "params", "uptrain": "params/ranks (FSDP)",
-           "eval": "params", "report": "fixed"}
+           "costs": "params", "search": "layers", "refine": "params/ranks (BLD)", "realize": "params",
+           "uptrain": "params/ranks (FSDP)", "eval": "params", "report": "fixed"}
 DISTRIBUTED = "distributed_h200x2"  # 1 vs 2 H200 over NCCL, Llama-8B shape (benchmarks/distributed_suite.sh)
 
 

@@ -186,6 +186,11 @@ def stage_work(stage: str, run: RunDir, cfg: Any) -> dict[str, Any]:
                 "param_tokens": sum(e["metrics"]["params"] * e["metrics"]["tokens"] for e in trained),
                 "waves": len({(e["metrics"]["wall_s"], e["metrics"]["wave_items"]) for e in index["entries"]}),
                 "max_params_per_wave": cfg.library.max_params_per_wave}
+    if stage == "refine":  # opt-in: nothing when refine.enabled is false
+        index = _json(run.refine_library / RunDir.LIBRARY_INDEX) or {"entries": []}
+        trained = [e for e in index["entries"] if e["metrics"].get("tokens", 0) > 0]
+        return {"tokens": sum(e["metrics"]["tokens"] for e in trained), "trained_variants": len(trained),
+                "param_tokens": sum(e["metrics"]["params"] * e["metrics"]["tokens"] for e in trained)}
     if stage == "score":
         scores = _json(run.scores_file) or {"layers": []}
         candidates = sum(len(layer["candidates"]) for layer in scores["layers"])
@@ -240,7 +245,7 @@ def free_disk(stage: str, run: RunDir, parent_src: Path) -> None:
         for f in parent_src.glob("*.safetensors"):
             f.unlink()
     if stage == "realize":  # uptrain, eval and report read the children and the library's JSON only
-        for f in run.library.rglob("*.safetensors"):
+        for f in [*run.library.rglob("*.safetensors"), *run.refine_library.rglob("*.safetensors")]:
             f.unlink()
 
 

@@ -25,6 +25,7 @@ from puzzle.stages.data import DataConfig
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
 from puzzle.stages.realize import RealizeConfig
+from puzzle.stages.refine.stage import RefineConfig
 from puzzle.stages.report.stage import ReportConfig
 from puzzle.stages.scoring.stage import ScoreConfig
 from puzzle.stages.search.stage import SearchConfig
@@ -128,6 +129,9 @@ CASES = [
      {"num_solutions": 3}, "time_limit_s=5",
      {"constraints": [{"kind": "throughput", "target": "2x", "workload": "tg"}], "num_solutions": 3,
       "time_limit_s": 5.0}),
+    ("refine", ("puzzle.commands.refine", "run_refine"), RefineConfig,  # enabled in each layer: off, it returns
+     {"enabled": True, "tokens_per_variant": 5}, {"enabled": True, "lr": 1e-3}, "tokens_per_variant=7",
+     {"enabled": True, "tokens_per_variant": 7, "lr": 1e-3}),
     ("realize", ("puzzle.commands.realize", "chosen_solutions"), RealizeConfig,
      {"max_children": 2, "solutions": ["a"]}, {"solutions": ["b"]}, "max_children=1",
      {"max_children": 1, "solutions": ["b"]}),

@@ -68,6 +68,7 @@ def test_every_stage_writes_its_artifacts(full_run: tuple[RunConfig, dict], pare
     run = Path(cfg.run_dir)
     assert list(timings) == [*STAGES, "total"]
     assert timings["total"] < 60, timings
+    assert not (run / "refine").exists()  # refine is opt-in (refine.enabled): off, it writes nothing
 
     # import: the native parent, identical in architecture to the HF source, with its tokenizer
     parent = load_model(run / "parent")

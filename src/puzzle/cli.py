@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("puzzle.commands.score", "replace-1-block scoring of every candidate"),
     "costs": ("puzzle.commands.costs", "measure every candidate's cost on this device"),
     "search": ("puzzle.commands.search", "choose one block per layer with a mixed-integer programme"),
+    "refine": ("puzzle.commands.refine", "coupled BLD of the blocks the search chose, re-scored and re-searched"),
     "realize": ("puzzle.commands.realize", "assemble a chosen child from library weights"),
     "uptrain": ("puzzle.commands.uptrain", "global knowledge distillation of a child from its parent"),
     "eval": ("puzzle.commands.eval", "quality and throughput of parent and children"),

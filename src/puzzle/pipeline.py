@@ -1,8 +1,9 @@
 """`puzzle run`: every stage in order, each skipped when its outputs are current and resumed when interrupted.
 
-import -> data -> library -> score -> costs -> search -> realize -> uptrain -> eval -> report
+import -> data -> library -> score -> costs -> search -> refine -> realize -> uptrain -> eval -> report
+(refine is opt-in: `refine.enabled: true`; off, it does nothing)
 
-Under torchrun every rank runs this; the distributed stages (library, uptrain) use every rank and the rest
+Under torchrun every rank runs this; the distributed stages (library, refine, uptrain) use every rank and the rest
 run on rank 0 while the others wait. World size 1 is the same code path.
 """
 
@@ -28,13 +29,14 @@ from puzzle.stages.data import DataConfig
 from puzzle.stages.evaluate.stage import EvalConfig
 from puzzle.stages.library import LibraryConfig
 from puzzle.stages.realize import RealizeConfig, chosen_solutions
+from puzzle.stages.refine.stage import RefineConfig
 from puzzle.stages.report.stage import ReportConfig
 from puzzle.stages.scoring.stage import ScoreConfig
 from puzzle.stages.search.stage import SearchConfig
 from puzzle.stages.uptrain.stage import UptrainConfig
 
-STAGES = ("import", "data", "library", "score", "costs", "search", "realize", "uptrain", "eval", "report")
-DISTRIBUTED_STAGES = {"library", "uptrain"}
+STAGES = ("import", "data", "library", "score", "costs", "search", "refine", "realize", "uptrain", "eval", "report")
+DISTRIBUTED_STAGES = {"library", "refine", "uptrain"}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     costs: CostsConfig = field(default_factory=CostsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     realize: RealizeConfig = field(default_factory=RealizeConfig)
     uptrain: UptrainConfig = field(default_factory=UptrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -90,12 +93,14 @@ def stage_functions(cfg: RunConfig, run_dir: Path | RunDir) -> dict[str, Callabl
     def call(module: str, function: str, *args: object) -> Callable[[], object]:
         return lambda: getattr(importlib.import_module(module), function)(*args)
 
+    refined = cfg.refine.enabled  # realize (and so uptrain) read refine/solutions.json
+
     def realize() -> None:
-        for name in chosen_solutions(run, cfg.realize):
-            call("puzzle.stages.realize", "run_realize", run.root, name)()
+        for name in chosen_solutions(run, cfg.realize, refined):
+            call("puzzle.stages.realize", "run_realize", run.root, name, refined)()
 
     def uptrain() -> None:
-        for name in chosen_solutions(run, cfg.realize):
+        for name in chosen_solutions(run, cfg.realize, refined):
             call("puzzle.stages.uptrain.stage", "run_uptrain", run.root, run.child(name), cfg.uptrain)()
 
     return {
@@ -106,6 +111,8 @@ def stage_functions(cfg: RunConfig, run_dir: Path | RunDir) -> dict[str, Callabl
         "costs": call("puzzle.costs.stage", "run_costs", run.root, cfg.costs, list(cfg.workloads)),
         # The search times its children in the graphs mode eval will time them in (search.verify_rounds).
         "search": call("puzzle.stages.search.stage", "run_search", run.root, cfg.search, cfg.eval.graphs),
+        "refine": call("puzzle.stages.refine.stage", "run_refine", run.root, cfg.refine, cfg.library, cfg.search,
+                       cfg.eval.graphs),
         "realize": realize,
         "uptrain": uptrain,
         "eval": call("puzzle.stages.evaluate.stage", "run_eval", run.root, cfg.eval, list(cfg.workloads)),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from puzzle.core.config import load_stage_config
 from puzzle.stages.realize import RealizeConfig, chosen_solutions, run_realize
+from puzzle.stages.refine.stage import RefineConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,12 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="SOLUTION|key=value",
                         help="solution names from search/solutions.json (e.g. child-0) and/or key=value overrides "
                              "(e.g. max_children=2); no names: realize.solutions, else the best of each target")
+    parser.add_argument("--refined", action=argparse.BooleanOptionalAction, default=None,
+                        help="read refine/solutions.json and use its coupled blocks (default: the run's "
+                             "refine.enabled)")
 
 
 def run(args: argparse.Namespace) -> int:
     names = [item for item in args.items if "=" not in item]
     overrides = [item for item in args.items if "=" in item]
     cfg = load_stage_config(RealizeConfig, args.run_dir, "realize", args.config, overrides)
-    for name in names or chosen_solutions(args.run_dir, cfg):
-        print(f"realize: {run_realize(args.run_dir, name)}")
+    refined = args.refined
+    if refined is None:
+        refined = load_stage_config(RefineConfig, args.run_dir, "refine", args.config).enabled
+    for name in names or chosen_solutions(args.run_dir, cfg, refined):
+        print(f"realize: {run_realize(args.run_dir, name, refined)}")
     return 0

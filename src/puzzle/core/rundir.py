@@ -12,6 +12,8 @@ whole layout here:
       scores/                     score: scores.json, scores.csv, layers/layer_NNNN.json
       costs/                      costs: <device>-<workload>.json per workload
       search/                     search: solutions.json, solutions.csv, verify.json
+      refine/                     refine (opt-in): library/ (coupled BLD of the chosen pairs, the library format),
+                                  scores.json (re-scored rows), solutions.json (the search on them), layers/
       children/<name>/            realize: an HF Nemotron-NAS directory (config.json, ...); uptrained/ holds its GKD
                                   result (an HF directory + training_log.json)
       eval/                       eval: eval.json
@@ -133,6 +135,26 @@ class RunDir:
     @property
     def verify(self) -> Path:
         return self.search / "verify.json"
+
+    @property
+    def refine(self) -> Path:
+        return self.root / "refine"
+
+    @property
+    def refine_library(self) -> Path:
+        return self.refine / "library"
+
+    @property
+    def refine_scores(self) -> Path:
+        return self.refine / "scores.json"
+
+    @property
+    def refine_solutions(self) -> Path:
+        return self.refine / "solutions.json"
+
+    def refine_score_layer(self, layer: int) -> Path:
+        """One layer's re-scored rows, written as soon as the layer is done (a resumed refine skips it)."""
+        return self.refine / "layers" / f"layer_{layer:04d}.json"
 
     @property
     def children(self) -> Path:

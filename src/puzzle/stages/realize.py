@@ -31,8 +31,9 @@ from puzzle.formats.nemotron_nas import nemotron_ffn_missing
 from puzzle.formats.tokenizers import has_tokenizer, load_tokenizer
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.decoder import PuzzleModel
-from puzzle.stages.library.provider import library_provider
+from puzzle.stages.library.provider import library_provider, refined_provider
 from puzzle.stages.library.store import Library
+from puzzle.stages.refine.outputs import refined_solutions
 
 
 @dataclass
@@ -45,24 +46,30 @@ class RealizeConfig:
             raise PuzzleError(f"realize.max_children must be at least 1, got {self.max_children}")
 
 
-def chosen_solutions(run_dir: Path | RunDir, cfg: RealizeConfig) -> list[str]:
+def solutions_file(run_dir: Path | RunDir, refined: bool = False) -> Path:
+    """search/solutions.json, or with `refined` (refine.enabled) refine/solutions.json, checked to be current."""
+    return refined_solutions(run_dir) if refined else RunDir(run_dir).solutions
+
+
+def chosen_solutions(run_dir: Path | RunDir, cfg: RealizeConfig, refined: bool = False) -> list[str]:
     """The solutions to realize: the configured names, else the best MIP solution of each target."""
-    solutions = read_json(RunDir(run_dir).solutions)["solutions"]
+    solutions = read_json(solutions_file(run_dir, refined))["solutions"]
     if cfg.solutions:
         return list(cfg.solutions)
     best = [s["name"] for s in solutions if s.get("rank", 0) == 0]
     return best[: cfg.max_children]
 
 
-def build_child(parent: PuzzleModel, library: Any, blocks: list[BlockConfig]) -> PuzzleModel:
+def build_child(parent: PuzzleModel, library: Any, blocks: list[BlockConfig], refined: Any = None) -> PuzzleModel:
     """The child, built *in place* from `parent` (so a 70B parent is never held twice): the parent's
     embeddings / final norm / LM head, and per layer the library's sub-blocks (the parent's own where
-    the library has no entry for the parent's variant)."""
+    the library has no entry for the parent's variant); `refined` (the refine stage's `Library`) first where it
+    holds the layer's block."""
     if len(blocks) != parent.config.num_layers:
         raise PuzzleError(f"the solution has {len(blocks)} layers but the parent has {parent.config.num_layers}; "
                           "rerun `puzzle score` and `puzzle search` for this parent")
     p0 = next(parent.parameters())
-    provide = library_provider(library, parent)
+    provide = library_provider(library, parent) if refined is None else refined_provider(refined, library, parent)
     for i, block in enumerate(blocks):
         att, ffn = provide(i, block)  # reads layer i before it is replaced
         parent.set_layer(i, *(m.to(device=p0.device, dtype=p0.dtype) if m is not None else None for m in (att, ffn)))
@@ -79,21 +86,24 @@ def find_solution(solutions: dict[str, Any], name: str) -> dict[str, Any]:
     raise PuzzleError(f"no solution named {name!r} in search/solutions.json; choose one of {names}")
 
 
-def run_realize(run_dir: Path | RunDir, solution_name: str) -> Path:
-    """Write children/<solution_name>/ (does nothing when it is current)."""
+def run_realize(run_dir: Path | RunDir, solution_name: str, refined: bool = False) -> Path:
+    """Write children/<solution_name>/ (does nothing when it is current); `refined` (refine.enabled): the
+    solution from refine/solutions.json, built with the refine stage's coupled blocks where it has them."""
     run = RunDir(run_dir)
-    solutions_path = run.solutions
+    solutions_path = solutions_file(run, refined)
     if not solutions_path.exists():
         raise PuzzleError(f"{solutions_path} does not exist; run `puzzle search {run.root}` first")
     solution = find_solution(read_json(solutions_path), solution_name)
     out_dir = run.child(solution_name)
     inputs_hash = hash_json({"solution": solution, "library": hash_paths([run.library_index]),
-                             "parent": fingerprint_files(run.parent, recursive=True)})
+                             "parent": fingerprint_files(run.parent, recursive=True),
+                             **({"refined": hash_paths([run.refine_library / RunDir.LIBRARY_INDEX])} if refined else {})})
     if stage_is_current(out_dir, inputs_hash) and RunDir.model_config(out_dir).exists():
         return out_dir
     parent = load_model(run.parent)
     library = Library.open(run.library)
-    child = build_child(parent, library, [BlockConfig.from_dict(b) for b in solution["blocks"]])
+    coupled = Library.open(run.refine_library) if refined else None
+    child = build_child(parent, library, [BlockConfig.from_dict(b) for b in solution["blocks"]], coupled)
     # A tokenizer that is there but does not load is an error; a parent with none (e.g. random weights) gives
     # a child with none, and the run says so.
     tokenizer = load_tokenizer(run.parent) if has_tokenizer(run.parent) else None
@@ -109,6 +119,7 @@ def run_realize(run_dir: Path | RunDir, solution_name: str) -> Path:
         "scores": solution.get("scores"),
         "predicted": solution.get("predicted"),
         "blocks": solution["blocks"],
+        **({"refined_layers": solution.get("refined_layers", [])} if refined else {}),
     }
     missing = nemotron_ffn_missing(child.block_configs)
     if missing:

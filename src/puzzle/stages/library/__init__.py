@@ -43,7 +43,7 @@ from puzzle.stages.data import load_tokens
 from puzzle.stages.library.search_space import SearchSpaceConfig, layer_spaces
 from puzzle.stages.library.store import Library, LibraryEntry, read_sidecar, write_entry, write_index
 from puzzle.stages.library.summary import write_summary
-from puzzle.stages.library.train import is_trained, train_wave
+from puzzle.stages.library.train import WarmStart, is_trained, train_wave
 from puzzle.stages.library.worksplit import item_cost, split_items, waves
 
 __all__ = ["Library", "LibraryConfig", "LibraryEntry", "SearchSpaceConfig", "build_library", "run_library"]
@@ -110,10 +110,14 @@ ParentLoader = Callable[[torch.device, torch.dtype], PuzzleModel]
 
 
 def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, train: np.ndarray,
-                  valid: np.ndarray, cfg: LibraryConfig, inputs_hash: str = "") -> Path:
+                  valid: np.ndarray, cfg: LibraryConfig, inputs_hash: str = "",
+                  items: list[LibraryEntry] | None = None,
+                  warm_start: Callable[[PuzzleModel], WarmStart] | None = None) -> Path:
     """BLD of every item of the search space; `inputs_hash` identifies the parent and data.
 
     `parent` is a model, or a function (device, dtype) -> model so each rank loads straight onto its GPU.
+    `items` replaces the search space's items (the refine stage's chosen pairs); `warm_start(parent)` gives
+    each item's starting sub-blocks instead of the parent-derived init.
     """
     library_dir = Path(library_dir)
     if train.ndim != 2 or valid.ndim != 2 or train.shape[0] == 0 or valid.shape[0] == 0:
@@ -126,7 +130,8 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         settings = {k: v for k, v in to_dict(cfg).items()
                     if k not in ("progress", "device", "max_params_per_wave", "max_items_per_wave", "log_every")}
-        stage_hash = hash_json({"cfg": settings, "inputs": inputs_hash, "dtype": str(dtype)})
+        fixed = {"items": sorted(it.name for it in items)} if items is not None else {}
+        stage_hash = hash_json({"cfg": settings, "inputs": inputs_hash, "dtype": str(dtype), **fixed})
         if stage_is_current(library_dir, stage_hash):
             if info.is_main:
                 print(f"library: {library_dir} is current, nothing to do")
@@ -139,8 +144,9 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         if int(max(train.max(), valid.max())) >= parent.config.vocab_size:
             raise PuzzleError(f"the data holds token ids >= the parent's vocabulary size "
                               f"{parent.config.vocab_size}; rerun `puzzle data` with the parent's tokenizer")
-        spaces = layer_spaces(cfg.search_space, parent.config)
-        items = all_items(spaces)
+        if items is None:
+            items = all_items(layer_spaces(cfg.search_space, parent.config))
+        warm = warm_start(parent) if warm_start is not None else None
         # Rank 0 decides what is finished, so every rank splits the same pending list.
         if info.is_main:  # temporaries of a killed run (no rank writes yet): never entries, so drop them
             for tmp in library_dir.glob("layer*/.*.tmp"):
@@ -158,7 +164,7 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         trained_tokens = 0
         for w, group in enumerate(groups):
             desc = f"rank {info.rank} wave {w + 1}/{len(groups)}"
-            result = train_wave(parent, group, train, valid, cfg, device, dtype, train_hash, desc, info.rank)
+            result = train_wave(parent, group, train, valid, cfg, device, dtype, train_hash, desc, info.rank, warm)
             for entry, tensors in result.done:
                 write_entry(library_dir, entry, tensors)
                 trained_tokens += int(entry.metrics.get("tokens") or 0)

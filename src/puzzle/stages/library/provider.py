@@ -43,3 +43,16 @@ def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
         return att, ffn
 
     return provide
+
+
+def refined_provider(refined: Any, library: Any, parent: PuzzleModel) -> BlockProvider:
+    """The refine stage's coupled entries (`refined`, a `Library`) where one exists for (layer, block), else what
+    `library_provider(library, parent)` gives: the decoupled halves or the parent's own sub-blocks."""
+    base = library_provider(library, parent)
+
+    def provide(layer: int, block: BlockConfig) -> tuple[AttentionBlock | None, FFNBlock | None]:
+        if any(e.kind == "block" and e.variant == block.name for e in refined.entries_for(layer)):
+            return refined.block(layer, block, parent.config)
+        return base(layer, block)
+
+    return provide

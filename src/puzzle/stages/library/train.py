@@ -7,8 +7,10 @@ Loss = normalised MSE ||y_child - y_parent||^2 / ||y_parent||^2 on the sub-block
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -234,10 +236,23 @@ class WaveResult:
     failed: list[str]  # "layer3/ffn-linear: loss nan at step 12"
 
 
+# item -> its (attention, FFN) sub-blocks to start from instead of the parent-derived init (None: a no-op half)
+WarmStart = Callable[[LibraryEntry], tuple[nn.Module | None, nn.Module | None]]
+
+
+def warm_candidate(item: LibraryEntry, warm_start: WarmStart, device: torch.device) -> Candidate:
+    """A trainable fp32 copy of the warm-start modules (copied: a provider may share one module between items)."""
+    att, ffn = warm_start(item)
+    own = [copy.deepcopy(m).to(device=device, dtype=torch.float32).requires_grad_(True) if m is not None else None
+           for m in (att, ffn)]
+    return Candidate(item, *own)
+
+
 def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray, valid: np.ndarray,
                cfg: LibraryConfig, device: torch.device, save_dtype: torch.dtype, train_hash: str,
-               desc: str, rank: int) -> WaveResult:
-    """Initialise, validate, train and re-validate every item of one wave; NaN stops only that item."""
+               desc: str, rank: int, warm_start: WarmStart | None = None) -> WaveResult:
+    """Initialise (from the parent, or `warm_start`), validate, train and re-validate every item of one wave;
+    NaN stops only that item."""
     start = time.perf_counter()
     seq_len = train.shape[1]
     train_batches = Batches(train, cfg.batch_size, cfg.seed, shuffle=True)
@@ -249,9 +264,12 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
 
-    stats = calibrate(parent, items, calib_batches, cfg.init_batches, device, cfg.kv_init)
-    cands = [build_candidate(parent, it, stats, cfg.ridge, cfg.kv_init) for it in items]
-    del stats
+    if warm_start is not None:
+        cands = [warm_candidate(it, warm_start, device) for it in items]
+    else:
+        stats = calibrate(parent, items, calib_batches, cfg.init_batches, device, cfg.kv_init)
+        cands = [build_candidate(parent, it, stats, cfg.ridge, cfg.kv_init) for it in items]
+        del stats
     init_loss = validate(parent, cands, valid_batches, n_valid, device, autocast)
 
     steps = max(1, math.ceil(cfg.tokens_per_variant / (cfg.batch_size * seq_len)))
@@ -300,7 +318,8 @@ def train_wave(parent: PuzzleModel, items: list[LibraryEntry], train: np.ndarray
             failed[c.item.name] = f"{c.item.name}: validation loss {after[c.item.name]} after training"
             continue
         metrics = {
-            "init": _init_names(c.item, parent.config.blocks[c.item.layer], cfg.kv_init),
+            "init": "warm_start" if warm_start is not None else _init_names(c.item, parent.config.blocks[c.item.layer],
+                                                                            cfg.kv_init),
             "val_nmse_init": init_loss[c.item.name],
             "val_nmse_after": after[c.item.name] if trained else init_loss[c.item.name],
             "train_nmse_last": last_loss.get(c.item.name),

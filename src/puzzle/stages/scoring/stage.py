@@ -97,24 +97,9 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
     if stage_is_current(out_dir, inputs_hash) and run.scores_file.exists():
         return run.scores_file
 
-    device, dtype = _resolve_device(cfg.device), _resolve_dtype(cfg.dtype)
-    parent = load_model(run.parent, device=str(device), dtype=dtype)
+    parent = scoring_parent(run, cfg)
     library = Library.open(run.library)
-    valid = load_tokens(run.data, "valid")  # read-only memmap [N, T]
-    tokens = torch.from_numpy(np.array(valid[: cfg.num_sequences], dtype=np.int64))
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise PuzzleError(f"{run.data} has no validation sequences; rerun `puzzle data` with a valid split")
-    batches = lm_batches(tokens, cfg.batch_size)
-    items: list[TaskItem] = []
-    if cfg.task_file or cfg.long_context is not None:
-        tok = load_tokenizer(run.parent)
-    if cfg.task_file:
-        items += load_task_file(cfg.task_file, tok.encode, tok.bos_id, cfg.max_task_items)
-    if cfg.long_context is not None:
-        haystack = load_tokens(run.data, cfg.long_context.haystack_split("score"))  # the test split stays unseen
-        items += long_context_task_items(cfg.long_context, haystack, tok, parent.config.max_position_embeddings)
-    if items:
-        batches += task_batches(items, cfg.batch_size, parent.config.max_position_embeddings)
+    tokens, batches, items = score_batches(run, cfg, parent)
 
     # Resume: finished layers are kept as per-layer files stamped with the inputs hash.
     layer_dir = out_dir / "layers"
@@ -150,6 +135,32 @@ def run_score(run_dir: Path, cfg: ScoreConfig) -> Path:
     write_text(out_dir / "scores.csv", scores_csv(scores))
     mark_stage_done(out_dir, "score", inputs_hash)
     return run.scores_file
+
+
+def scoring_parent(run: RunDir, cfg: ScoreConfig) -> Any:
+    """The parent on score.device in score.dtype (a PuzzleModel)."""
+    return load_model(run.parent, device=str(_resolve_device(cfg.device)), dtype=_resolve_dtype(cfg.dtype))
+
+
+def score_batches(run: RunDir, cfg: ScoreConfig, parent: Any) -> tuple[torch.Tensor, list[Any], list[TaskItem]]:
+    """(held-out tokens [N, T], the batches every candidate is scored on, the task items) as `run_score` builds
+    them; the refine stage re-scores on the same ones."""
+    valid = load_tokens(run.data, "valid")  # read-only memmap [N, T]
+    tokens = torch.from_numpy(np.array(valid[: cfg.num_sequences], dtype=np.int64))
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise PuzzleError(f"{run.data} has no validation sequences; rerun `puzzle data` with a valid split")
+    batches = lm_batches(tokens, cfg.batch_size)
+    items: list[TaskItem] = []
+    if cfg.task_file or cfg.long_context is not None:
+        tok = load_tokenizer(run.parent)
+    if cfg.task_file:
+        items += load_task_file(cfg.task_file, tok.encode, tok.bos_id, cfg.max_task_items)
+    if cfg.long_context is not None:
+        haystack = load_tokens(run.data, cfg.long_context.haystack_split("score"))  # the test split stays unseen
+        items += long_context_task_items(cfg.long_context, haystack, tok, parent.config.max_position_embeddings)
+    if items:
+        batches += task_batches(items, cfg.batch_size, parent.config.max_position_embeddings)
+    return tokens, batches, items
 
 
 def long_context_task_items(cfg: LongContextConfig, tokens: np.ndarray, tokenizer: Any, max_len: int) -> list[TaskItem]:

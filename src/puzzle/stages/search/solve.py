@@ -125,9 +125,10 @@ class SearchInputs:
     metric_values: dict[str, list[np.ndarray]] = field(default_factory=dict)  # every metric, for reporting
 
 
-def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig) -> SearchInputs:
+def load_inputs(run_dir: Path | RunDir, cfg: SearchConfig, scores_file: Path | None = None) -> SearchInputs:
+    """The MIP's inputs from scores (`scores_file`, default scores/scores.json) and the run's costs."""
     run = RunDir(run_dir)
-    scores = read_json(run.scores_file)
+    scores = read_json(scores_file or run.scores_file)
     candidates, objective = objective_from_scores(scores, cfg.metric, cfg.metric_weights)
     parent_blocks = [BlockConfig.from_dict(b) for b in scores["parent_blocks"]]
     keep = None
