@@ -134,12 +134,14 @@ def test_resume_trains_only_missing_entries(tmp_path: Path, parent: torch.nn.Mod
     assert not list(out.rglob("*.tmp"))
 
 
-def test_nan_stops_only_that_item(tmp_path: Path, parent: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stage", ["library", "refine"])
+def test_nan_stops_only_that_item(tmp_path: Path, parent: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                                  stage: str) -> None:
     monkeypatch.setattr(lib_init, "ridge_fit", lambda xtx, xty, ridge: torch.full_like(xty.T, float("nan")))
     cfg = lib_cfg(layers=[0], ffn_fractions=[1.0, 0.5], attention_linear=False)
     cfg.tokens_per_variant = 4 * 8 * 32
-    with pytest.raises(PuzzleError, match="layer0/ffn-linear"):
-        build_library(tmp_path / "library", parent, tokens(64, 0), tokens(8, 1), cfg)
+    with pytest.raises(PuzzleError, match=f"layer0/ffn-linear.*lower {stage}.lr .*`puzzle {stage}`"):
+        build_library(tmp_path / "library", parent, tokens(64, 0), tokens(8, 1), cfg, stage=stage)
     kept = {p.stem for p in (tmp_path / "library" / "layer000").glob("*.json")}
     assert kept == {"attention-gqa2", "attention-gqa1", "attention-no_op", "ffn-swiglu128", "ffn-swiglu64",
                     "ffn-no_op"}

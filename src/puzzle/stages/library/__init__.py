@@ -112,7 +112,7 @@ ParentLoader = Callable[[torch.device, torch.dtype], PuzzleModel]
 def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, train: np.ndarray,
                   valid: np.ndarray, cfg: LibraryConfig, inputs_hash: str = "",
                   items: list[LibraryEntry] | None = None,
-                  warm_start: Callable[[PuzzleModel], WarmStart] | None = None) -> Path:
+                  warm_start: Callable[[PuzzleModel], WarmStart] | None = None, stage: str = "library") -> Path:
     """BLD of every item of the search space; `inputs_hash` identifies the parent and data.
 
     `parent` is a model, or a function (device, dtype) -> model so each rank loads straight onto its GPU.
@@ -177,13 +177,13 @@ def build_library(library_dir: str | Path, parent: PuzzleModel | ParentLoader, t
         if failed:
             raise PuzzleError(
                 f"BLD diverged for {len(failed)} item(s): {'; '.join(failed)}; the other entries are kept: "
-                "lower library.lr or raise library.grad_clip and rerun to train only the missing ones"
+                f"lower {stage}.lr or raise library.grad_clip and rerun `puzzle {stage}` to train only the missing ones"
             )
         if info.is_main:
             done = [_finished(library_dir, it, train_hash) for it in items]
             missing = [it.name for it, d in zip(items, done, strict=True) if d is None]
             if missing:
-                raise PuzzleError(f"library entries missing after training: {missing}; rerun `puzzle library`")
+                raise PuzzleError(f"{stage} entries missing after training: {missing}; rerun `puzzle {stage}`")
             info_dict = {"mode": cfg.search_space.mode, "parent": parent.config.to_dict(),
                          "train_hash": train_hash, "config": to_dict(cfg), "ranks": ranks}
             write_index(library_dir, done, info_dict)

@@ -100,7 +100,7 @@ def run_refine(run_dir: Path | RunDir, cfg: RefineConfig, library: LibraryConfig
         bld_inputs = hash_json({"library": hash_file(run.library_index), "data": hash_file(run.data_manifest)})
         build_library(run.refine_library, parent_loader, load_tokens(run.data, "train"),
                       load_tokens(run.data, "valid"), refine_library_config(cfg, library), bld_inputs,
-                      items=items, warm_start=decoupled_warm_start(decoupled))
+                      items=items, warm_start=decoupled_warm_start(decoupled), stage="refine")
         error = None
         if info.is_main:
             try:
