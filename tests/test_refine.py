@@ -169,12 +169,11 @@ def test_puzzle_run_with_refine_realizes_the_refined_search(e2e: RunConfig) -> N
 def test_report_and_summary_describe_the_refined_solutions(e2e: RunConfig, tmp_path) -> None:
     """With refine on, realize builds children from refine/solutions.json: the report and summary read the same
     file, not the first search's; with it off, search/solutions.json."""
-    from puzzle.stages.refine.outputs import solutions_in_use
     from puzzle.stages.report.serving import serving_lines
 
     on = RunDir(tmp_path / "on")
     shutil.copytree(e2e.run_dir, on.root)
-    assert solutions_in_use(on) == on.refine_solutions
+    assert on.solutions_in_use() == on.refine_solutions
     refined = read_json(on.refine_solutions)
     refined["solutions"][0]["name"] = "refined-only"  # a name the first search never gave
     write_json(on.refine_solutions, refined)
@@ -182,5 +181,5 @@ def test_report_and_summary_describe_the_refined_solutions(e2e: RunConfig, tmp_p
     config = read_json(on.config)
     config["refine"]["enabled"] = False
     write_json(on.config, config)
-    assert solutions_in_use(on) == on.solutions
+    assert on.solutions_in_use() == on.solutions
     assert not any(line.startswith("refined-only ") for line in serving_lines(on))

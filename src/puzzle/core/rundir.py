@@ -22,6 +22,7 @@ whole layout here:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,14 @@ class RunDir:
     @property
     def refine_solutions(self) -> Path:
         return self.refine / "solutions.json"
+
+    def solutions_in_use(self) -> Path:
+        """The solutions the children were realized from: refine/solutions.json when the run's config
+        (config.json) enables refine and the file exists, else search/solutions.json. What the report and the
+        summary describe, so that they speak of the children realize built."""
+        config = json.loads(self.config.read_text()) if self.config.is_file() else {}
+        enabled = bool((config.get("refine") or {}).get("enabled", False))
+        return self.refine_solutions if enabled and self.refine_solutions.is_file() else self.solutions
 
     def refine_score_layer(self, layer: int) -> Path:
         """One layer's re-scored rows, written as soon as the layer is done (a resumed refine skips it)."""

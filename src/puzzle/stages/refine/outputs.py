@@ -25,12 +25,3 @@ def refined_solutions(run_dir: Path | RunDir) -> Path:
                           f"scores/ or library/; run `puzzle refine {run.root}` (or set refine.enabled=false)")
     return run.refine_solutions
 
-
-def solutions_in_use(run_dir: Path | RunDir) -> Path:
-    """The solutions the children were realized from: refine/solutions.json when the run's config
-    (RUN/config.json) enables refine and the file exists, else search/solutions.json. What the report and the
-    summary describe, so that they speak of the children realize built."""
-    run = RunDir(run_dir)
-    config = read_json(run.config) if run.config.is_file() else {}
-    enabled = bool((config.get("refine") or {}).get("enabled", False))
-    return run.refine_solutions if enabled and run.refine_solutions.is_file() else run.solutions

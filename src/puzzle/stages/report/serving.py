@@ -9,14 +9,13 @@ from puzzle.core.rundir import RunDir
 from puzzle.formats.engines import servability_lines
 from puzzle.formats.loading import load_model_config
 from puzzle.model.blocks import BlockConfig
-from puzzle.stages.refine.outputs import solutions_in_use
 
 
 def serving_lines(run_dir: Path | RunDir) -> list[str]:
     """'child-0 serves with: trtllm, llama.cpp, transformers' and one line per engine that cannot; [] before the
     search (or without an imported parent, whose whole-model settings the answer needs)."""
     run = RunDir(run_dir)
-    solutions = solutions_in_use(run)
+    solutions = run.solutions_in_use()
     if not solutions.exists() or not run.parent.exists():
         return []
     parent = load_model_config(run.parent)

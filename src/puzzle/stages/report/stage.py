@@ -23,7 +23,6 @@ from puzzle.costs.consistency import adjustment_rows
 from puzzle.costs.source import costs_source, prediction_costs, prediction_label, short_source
 from puzzle.formats import load_model_config
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.stages.refine.outputs import solutions_in_use
 from puzzle.stages.report import plots as report_plots
 from puzzle.stages.report.long_context import long_context_figure, long_context_section
 from puzzle.stages.report.summary import metric_label, task_score, workload_label
@@ -78,7 +77,7 @@ def gather(run_dir: Path | RunDir) -> ReportInputs:
     run = RunDir(run_dir)
     inp = ReportInputs()
     inp.eval = _json(run.eval_file, inp.notes, "evaluation")
-    inp.solutions = _json(solutions_in_use(run), inp.notes, "search")
+    inp.solutions = _json(run.solutions_in_use(), inp.notes, "search")
     for path in run.costs_files():
         data = _json(path, inp.notes, "costs") or {}
         name = data.get("workload", {}).get("name", path.stem)
@@ -366,7 +365,7 @@ def run_report(run_dir: Path | RunDir, cfg: ReportConfig | None = None) -> Path:
 def _inputs_hash(run: RunDir, cfg: ReportConfig, plots: bool) -> str:
     """Every file `gather` reads (small JSON files only), the config and whether plots can be drawn."""
     children = run.child_dirs()
-    candidates = [run.eval_file, solutions_in_use(run), *run.costs_files(), *run.library_entry_files(),
+    candidates = [run.eval_file, run.solutions_in_use(), *run.costs_files(), *run.library_entry_files(),
                   RunDir.model_config(run.parent), *(RunDir.model_config(c) for c in children),
                   *(run.training_log(c.name) for c in children)]
     files = sorted(p for p in candidates if p.is_file())

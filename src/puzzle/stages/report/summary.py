@@ -15,7 +15,6 @@ from puzzle.core.artifacts import read_json
 from puzzle.core.notices import read_warnings
 from puzzle.core.rundir import RunDir
 from puzzle.costs.source import costs_source, prediction_costs, prediction_label
-from puzzle.stages.refine.outputs import solutions_in_use
 from puzzle.stages.report.serving import serving_lines
 
 
@@ -44,7 +43,7 @@ def summary_rows(run_dir: Path | RunDir) -> tuple[list[str], list[list[str]], st
     """(header, rows, workload) of the summary table."""
     run = RunDir(run_dir)
     evaluation = _load(run.eval_file).get("models", {})
-    solutions = _load(solutions_in_use(run))
+    solutions = _load(run.solutions_in_use())
     predicted_parent = solutions.get("parent", {})
     workload = next(iter(predicted_parent), None)
     # Prefer the workload the search was constrained on.
@@ -128,7 +127,7 @@ def print_summary(run_dir: Path | RunDir) -> None:
         return
     run = RunDir(run_dir)
     header, rows, workload = summary_rows(run)
-    parent = _load(solutions_in_use(run)).get("parent", {}).get(workload or "", {})
+    parent = _load(run.solutions_in_use()).get("parent", {}).get(workload or "", {})
     if not parent:
         source = "no predictions: the search has not run"
     else:
@@ -143,7 +142,7 @@ def print_summary(run_dir: Path | RunDir) -> None:
     print(source)
     for line in serving_lines(run):  # which engines serve each child (puzzle.formats.engines)
         print(line)
-    verify = _load(solutions_in_use(run)).get("verify", {})
+    verify = _load(run.solutions_in_use()).get("verify", {})
     if verify.get("status") == "skipped":
         print(f"search meas.: not timed at search ({verify.get('reason')})")
     elif verify:
