@@ -9,6 +9,7 @@
 # Issue 18's remaining measurements (about 10, 6 and 10 minutes):
 #   bash benchmarks/runtime_suite.sh decode-context decode-sweep fp8-costs-compiled
 #   bash benchmarks/runtime_suite.sh prefill additivity-256
+#   bash benchmarks/runtime_suite.sh additivity-256-deep      # batch 256 missed 3% with 4-layer neighbourhoods
 #   bash benchmarks/runtime_suite.sh additivity
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -35,13 +36,15 @@ run_step() {
     prefill) step 200 prefill python3 benchmarks/prefill_peak.py --out "$OUT/prefill_peak.json" ;;
     additivity-256) step 300 additivity-b256 python3 benchmarks/cost_additivity.py --batch 256 \
                       --out "$OUT/cost_additivity_b256.json" ;;
+    additivity-256-deep) step 400 additivity-b256-n8 python3 benchmarks/cost_additivity.py --batch 256 --neighbours 8 \
+                           --out "$OUT/cost_additivity_b256_n8.json" ;;  # does a deeper neighbourhood add up at 256?
     additivity) for b in 1 64 256; do
                   step 200 "additivity-b$b" python3 benchmarks/cost_additivity.py --batch $b --out "$OUT/cost_additivity_b$b.json"
                 done ;;
   esac
 }
 ALL="gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile decode-context decode-sweep"
-ALL="$ALL fp8-costs-compiled prefill additivity-256 additivity"
+ALL="$ALL fp8-costs-compiled prefill additivity-256 additivity-256-deep additivity"
 steps=${*:-gpu-tests decode-attention gkd-step-rate fp8-costs decode-profile}
 for one in $steps; do  # every name is checked before anything runs
   case " $ALL " in *" $one "*) ;;
