@@ -89,37 +89,46 @@ def summary(run: Path, wall: float) -> dict[str, Any]:
             "trained_tokens_per_s": round(tokens / wall, 1), "ranks": index.get("ranks")}
 
 
+def kill_one_rank(command: list[str], env: dict[str, str], log: Path, library: Path, find_s: float, end_s: float,
+                  poll_s: float = 0.05) -> tuple[int | None, int]:
+    """Start a torchrun library job; once a first entry is on disk (or after find_s), SIGKILL one worker (the
+    highest pid: one rank only, so the agent must notice and stop the job itself); wait up to end_s for the agent.
+    Returns (the killed pid or None, the agent's exit code)."""
+    with open(log, "w") as out:
+        agent = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        victim, deadline = None, time.monotonic() + find_s
+        try:
+            while not list(library.glob("layer*/*.json")) and agent.poll() is None and time.monotonic() < deadline:
+                time.sleep(poll_s)
+            workers = workers_of(agent.pid)
+            if workers and agent.poll() is None:
+                victim = max(workers)
+                os.kill(victim, signal.SIGKILL)
+            agent.wait(timeout=end_s)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    return victim, agent.returncode
+
+
 def kill_and_restart(base: Path, work: Path, ranks: int, overrides: list[str], env: dict[str, str],
                      logs: Path) -> dict[str, Any]:
     run = fresh_copy(base, work / "killed")
     library = run / "library"
     command = library_command(run, ranks, overrides)
-    with open(logs / "killed_first.log", "w") as out:
-        agent = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        victim, deadline = None, time.monotonic() + 300
-        try:
-            while not list(library.glob("layer*/*.json")) and agent.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            workers = workers_of(agent.pid)
-            if workers and agent.poll() is None:
-                victim = max(workers)
-                os.kill(victim, signal.SIGKILL)
-            agent.wait(timeout=300)
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+    victim, first_exit = kill_one_rank(command, env, logs / "killed_first.log", library, find_s=300, end_s=300)
     finished = {p.stem for p in library.glob("layer*/*.json")}
     kept = {k: v for k, v in snapshot(library).items() if Path(k).stem in finished}
     index_before = (library / "library.json").exists()  # must not be: the stage had not finished
     rc, wall = run_timed(command, env, logs / "killed_restart.log")
     after = snapshot(library) if rc == 0 else {}
-    result = {"killed_pid": victim, "first_exit_code": agent.returncode, "finished_before_restart": len(finished),
+    result = {"killed_pid": victim, "first_exit_code": first_exit, "finished_before_restart": len(finished),
               "index_before_restart": index_before,
               "restart_exit_code": rc, "restart_wall_s": round(wall, 2),
               "finished_entries_unchanged": bool(kept) and all(after.get(k) == v for k, v in kept.items()),
               "entries_after_restart": len(entries(library)) if rc == 0 else None}
-    result["ok"] = (victim is not None and agent.returncode != 0 and not index_before and rc == 0
+    result["ok"] = (victim is not None and first_exit != 0 and not index_before and rc == 0
                     and result["finished_entries_unchanged"])
     return result
 

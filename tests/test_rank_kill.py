@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from pipeline_helpers import NUM_LAYERS, make_parent, run_config, snapshot, writ
 from puzzle.pipeline import load_run_config, run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from library_ranks import workers_of  # torchrun's workers, read from /proc
+from library_ranks import kill_one_rank  # kills one of torchrun's workers, found through /proc
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
 
@@ -40,24 +38,9 @@ def test_a_rank_killed_mid_library_then_a_restart_loses_no_finished_entry(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     library = run / "library"
     log = tmp_path / "killed.log"
-    with open(log, "w") as out:
-        agent = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        victim = None
-        try:
-            deadline = time.monotonic() + 90
-            while not _entries(library) and agent.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            workers = workers_of(agent.pid)
-            if workers and agent.poll() is None:
-                victim = max(workers)  # one rank only: the agent must notice and stop the job itself
-                os.kill(victim, signal.SIGKILL)
-            agent.wait(timeout=120)
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+    victim, first_exit = kill_one_rank(command, env, log, library, find_s=90, end_s=120, poll_s=0.02)
     assert victim is not None, f"no worker to kill (the stage ended first?):\n{log.read_text()[-3000:]}"
-    assert agent.returncode != 0, "the job went on after one of its ranks was killed"
+    assert first_exit != 0, "the job went on after one of its ranks was killed"
 
     total = NUM_LAYERS * 8
     finished = _entries(library)
