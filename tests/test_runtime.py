@@ -281,12 +281,14 @@ def test_batch1_fused_decode_runs_the_gemv_kernels_like_eager_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_prefill_graph_replays_new_prompts_like_eager():
-    """A captured prefill replays on new prompts of the same length (and captures anew for another length)."""
+@pytest.mark.parametrize("prefill", ["eager", "compiled"])
+def test_prefill_graph_replays_new_prompts_like_eager(prefill: str):
+    """A captured prefill replays on new prompts of the same length (and captures anew for another length); a
+    compiled prefill's regions compile in the capture's warm-up."""
     from puzzle.runtime import left_pad
 
     model = child_model().to("cuda")
-    engine = Engine(model, 2, 32, graphs="fused")
+    engine = Engine(model, 2, 32, graphs="fused", prefill=prefill)
     eager = Engine(model, 2, 32, graphs="none")
     for prompts in ([[1, 2, 3], [9, 8, 7, 6, 5]], [[4, 4, 4], [1, 3, 5, 7, 9]], [[2] * 9, [5] * 9]):
         ids, pads = left_pad(prompts)
