@@ -31,14 +31,13 @@ def library_provider(library: Any, parent: PuzzleModel) -> BlockProvider:
 
     def provide(layer: int, block: BlockConfig) -> tuple[AttentionBlock | None, FFNBlock | None]:
         own = config.blocks[layer]
-        have = {(e.kind, e.variant) for e in library.entries_for(layer)}
-        if ("block", block.name) in have:  # a coupled pair
+        if library.has(layer, "block", block.name):  # a coupled pair
             return library.block(layer, block, config)
         att = parent.layers[layer].attention if block.attention == own.attention and \
-            ("attention", block.attention.name) not in have else \
+            not library.has(layer, "attention", block.attention.name) else \
             sub(layer, "attention", block.attention.name,
                 lambda: library.attention_block(layer, block.attention, config))
-        ffn = parent.layers[layer].ffn if block.ffn == own.ffn and ("ffn", block.ffn.name) not in have \
+        ffn = parent.layers[layer].ffn if block.ffn == own.ffn and not library.has(layer, "ffn", block.ffn.name) \
             else sub(layer, "ffn", block.ffn.name, lambda: library.ffn_block(layer, block.ffn, config))
         return att, ffn
 
@@ -51,7 +50,7 @@ def refined_provider(refined: Any, library: Any, parent: PuzzleModel) -> BlockPr
     base = library_provider(library, parent)
 
     def provide(layer: int, block: BlockConfig) -> tuple[AttentionBlock | None, FFNBlock | None]:
-        if any(e.kind == "block" and e.variant == block.name for e in refined.entries_for(layer)):
+        if refined.has(layer, "block", block.name):
             return refined.block(layer, block, parent.config)
         return base(layer, block)
 

@@ -146,6 +146,10 @@ class Library:
     def layers(self) -> list[int]:
         return sorted({e.layer for e in self.entries})
 
+    def has(self, layer: int, kind: EntryKind, variant: str) -> bool:
+        """Whether the library holds this (layer, kind, variant) entry (`variant`: a sub-block's or pair's name)."""
+        return (layer, kind, variant) in self._by_key
+
     def entries_for(self, layer: int, kind: EntryKind | None = None) -> list[LibraryEntry]:
         return [e for e in self.entries if e.layer == layer and (kind is None or e.kind == kind)]
 

@@ -28,7 +28,7 @@ def needs_coupling(layer: int, block: BlockConfig, parent: BlockConfig, library:
         return False
     if block.attention.kind == "no_op" and block.ffn.kind == "no_op":
         return False
-    return not any(e.kind == "block" and e.variant == block.name for e in library.entries_for(layer))
+    return not library.has(layer, "block", block.name)
 
 
 def refine_items(solutions: dict[str, Any], parent_blocks: list[BlockConfig], library: Library) -> list[LibraryEntry]:
