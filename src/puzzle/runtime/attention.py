@@ -60,8 +60,7 @@ def qkv_write(block: AttentionBlock, h: torch.Tensor, update: torch.Tensor | Non
     The part of a GQA sub-block before attention: one compiled region in "fused" mode, so RoPE on k and
     the cache write (with an FP8 cache's quantization: scales given, see `kv_cache.store`) become one kernel.
     """
-    h, q, k, v = qkv_rope(block, h, update, cos, sin)
-    store(k_cache, v_cache, slots, k, v, k_scale, v_scale, fresh)
+    h, q, _, _ = qkv_rope_write(block, h, update, cos, sin, k_cache, v_cache, slots, k_scale, v_scale, fresh)
     return h, q
 
 
