@@ -169,6 +169,25 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _trained_entries(index_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A library index (empty when absent) and its entries that trained (tokens > 0)."""
+    index = _json(index_path) or {"entries": []}
+    return index, [e for e in index["entries"] if e["metrics"].get("tokens", 0) > 0]
+
+
+def _param_tokens(entries: list[dict[str, Any]]) -> int:
+    """Parameters x training tokens, summed: BLD's work, comparable across waves and stages."""
+    return sum(e["metrics"]["params"] * e["metrics"]["tokens"] for e in entries)
+
+
+def add_rates(row: dict[str, Any], wall: float) -> None:
+    """tokens/s and parameter-tokens/s of a stage row over `wall` seconds, where it has that work."""
+    if row.get("tokens"):
+        row["tokens_per_s"] = round(row["tokens"] / wall, 1)
+    if row.get("param_tokens"):
+        row["param_tokens_per_s"] = row["param_tokens"] / wall
+
+
 def stage_work(stage: str, run: RunDir, cfg: Any) -> dict[str, Any]:
     """Tokens (and, for BLD, trained parameters) a stage processed, read back from its artifacts."""
     if stage == "data":
@@ -177,20 +196,18 @@ def stage_work(stage: str, run: RunDir, cfg: Any) -> dict[str, Any]:
         tokens = sum(int(s.get("tokens", 0)) for s in splits.values()) if isinstance(splits, dict) else None
         return {"tokens": tokens or None}
     if stage == "library":
-        index = _json(run.library_index) or {"entries": []}
-        trained = [e for e in index["entries"] if e["metrics"].get("tokens", 0) > 0]
+        index, trained = _trained_entries(run.library_index)
         per_variant = max((e["metrics"]["tokens"] for e in trained), default=0)
         return {"tokens": per_variant, "entries": len(index["entries"]), "trained_variants": len(trained),
                 "trained_params": sum(e["metrics"]["params"] for e in trained),
                 "variant_tokens": sum(e["metrics"]["tokens"] for e in trained),
-                "param_tokens": sum(e["metrics"]["params"] * e["metrics"]["tokens"] for e in trained),
+                "param_tokens": _param_tokens(trained),
                 "waves": len({(e["metrics"]["wall_s"], e["metrics"]["wave_items"]) for e in index["entries"]}),
                 "max_params_per_wave": cfg.library.max_params_per_wave}
     if stage == "refine":  # opt-in: nothing when refine.enabled is false
-        index = _json(run.refine_library / RunDir.LIBRARY_INDEX) or {"entries": []}
-        trained = [e for e in index["entries"] if e["metrics"].get("tokens", 0) > 0]
+        _, trained = _trained_entries(run.refine_library / RunDir.LIBRARY_INDEX)
         return {"tokens": sum(e["metrics"]["tokens"] for e in trained), "trained_variants": len(trained),
-                "param_tokens": sum(e["metrics"]["params"] * e["metrics"]["tokens"] for e in trained)}
+                "param_tokens": _param_tokens(trained)}
     if stage == "score":
         scores = _json(run.scores_file) or {"layers": []}
         candidates = sum(len(layer["candidates"]) for layer in scores["layers"])
@@ -233,10 +250,7 @@ def measure_stage(cfg: Any, stage: str) -> dict[str, Any]:
     row: dict[str, Any] = {"stage": stage, "wall_s": round(wall, 2), **peaks()}
     work = stage_work(stage, RunDir(cfg.run_dir), cfg)
     row.update(work)
-    if work.get("tokens"):
-        row["tokens_per_s"] = round(work["tokens"] / wall, 1)
-    if work.get("param_tokens"):
-        row["param_tokens_per_s"] = work["param_tokens"] / wall
+    add_rates(row, wall)
     return row
 
 
@@ -321,10 +335,7 @@ def main() -> int:
         if earlier:  # a stage split over calls: its wall time is both parts, each recorded
             rows[stage]["calls_wall_s"] = [earlier, rows[stage]["wall_s"]]
             rows[stage]["wall_s"] = round(earlier + rows[stage]["wall_s"], 2)
-            if rows[stage].get("tokens"):
-                rows[stage]["tokens_per_s"] = round(rows[stage]["tokens"] / rows[stage]["wall_s"], 1)
-            if rows[stage].get("param_tokens"):
-                rows[stage]["param_tokens_per_s"] = rows[stage]["param_tokens"] / rows[stage]["wall_s"]
+            add_rates(rows[stage], rows[stage]["wall_s"])
         print(json.dumps(rows[stage]), file=sys.stderr, flush=True)
         # Written after every stage: a run stopped by a time limit keeps the stages it finished.
         result = write_result(args.out, common, rows, cfg, t_start)
