@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kernels import kernel_times
 from _meta import metadata
 from runtime_throughput import children
 
@@ -79,16 +80,9 @@ def kernel_profile(step: Any, device: torch.device, steps: int = 3) -> dict[str,
     """GPU time of every kernel of one step (graph replays included): per-name totals, sum, count."""
     if device.type != "cuda":
         return {}
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
     per: dict[str, list[float]] = defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name[:120]].append(e.device_time)
+    for name, times in kernel_times(step, device, steps).items():
+        per[name[:120]] += times  # names that share their first 120 characters are one row
     rows = {k: {"us": sum(v) / steps, "calls": len(v) / steps} for k, v in per.items()}
     return {"kernel_sum_us": sum(r["us"] for r in rows.values()),
             "kernel_calls": sum(r["calls"] for r in rows.values()), "kernels": rows}

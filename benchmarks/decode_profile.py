@@ -18,7 +18,6 @@ import inspect
 import json
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kernels import kernel_times
 from _meta import metadata
 
 from puzzle.core.workloads import Workload
@@ -131,8 +131,6 @@ def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], batch: int = 
                    steps: int = 5) -> list[dict[str, Any]]:
     """GPU microseconds per decode step of each kernel at `batch` streams of `context` cached tokens (eager calls
     of the step: regions compiled, no graph)."""
-    from torch.profiler import ProfilerActivity, profile
-
     dev = model.embed_tokens.weight.device
     engine, _ = engine_at_context(model, batch, context, kwargs)
     n = engine.attend_len(engine.length)
@@ -141,14 +139,7 @@ def kernel_profile(model: torch.nn.Module, kwargs: dict[str, Any], batch: int = 
     for _ in range(3):
         engine._step(n)
     sync(dev)
-    with profile(activities=[ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            engine._step(n)
-        sync(dev)
-    per: dict[str, list[float]] = defaultdict(list)
-    for e in prof.events():
-        if dev.type != "cuda" or e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name].append(e.device_time if dev.type == "cuda" else e.cpu_time)
+    per = kernel_times(lambda: engine._step(n), dev, steps)
     rows = [{"kernel": k[:140], "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps}
             for k, v in per.items()]
     return sorted(rows, key=lambda r: -r["us_per_step"])

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kernels import kernel_times
 from _meta import metadata
 
 from puzzle.core.workloads import Workload
@@ -97,19 +98,10 @@ def cublas_layer_s(cfg: ModelConfig, tokens: int, device: torch.device, dtype: t
 
 def kernel_groups(engine: Engine, ids: torch.Tensor) -> dict[str, Any]:
     """GPU time of one prefill by kernel, and grouped: GEMM (cuBLAS/cutlass), attention (flash/SDPA), other."""
-    from torch.profiler import ProfilerActivity, profile
-
     dev = ids.device
-    cuda = dev.type == "cuda"
     engine.prefill(ids)
     sync(dev)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        engine.prefill(ids)
-        sync(dev)
-    per: dict[str, float] = defaultdict(float)
-    for e in prof.events():
-        if not cuda or e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name] += e.device_time if cuda else e.cpu_time
+    per = {name: sum(times) for name, times in kernel_times(lambda: engine.prefill(ids), dev).items()}
     groups: dict[str, float] = defaultdict(float)
     for name, us in per.items():
         low = name.lower()
